@@ -1,0 +1,938 @@
+"""MDRA: Multi-Dimensional Relation Alignment, self-supervised pretraining.
+
+The whole method in one file: two augmented views, an online encoder (backbone f, projector g,
+predictor h) trained by back-propagation, an offline encoder (f', g') that is its moving average, a
+queue of past offline embeddings as negatives, and the relation-alignment loss computed in G
+subspaces (../MDRA_SPEC.md sections 2-6 and 8).
+
+Launch:
+    python mdra.py --data fashion-mnist --arch resnet18 --epochs 1       # one process, CPU or GPU
+    torchrun --nproc_per_node=8 mdra.py --data /path/to/imagenet          # the patent's recipe
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+        --nproc_per_node=8 mdra.py --data /path/to/imagenet               # node 0 of 2 (node 1: --node_rank=1)
+
+Starting again with the same --out-dir resumes from <out-dir>/checkpoint.pth.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import gzip
+import json
+import math
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+EMBED_DIM = 256  # D, the output of projector and predictor
+HIDDEN_DIM = 4096
+CHECKPOINT_VERSION = 1
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; reported as one sentence, without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The method (spec sections 3-5): small pure functions with the spec's symbols.
+# ------------------------------------------------------------------------------------------------
+
+def normalize_subspaces(x, groups):
+    """[..., D] -> [..., G, D/G]: split into G contiguous subspaces and L2-normalise each slice."""
+    return F.normalize(x.unflatten(-1, (groups, -1)), dim=-1)
+
+
+def _all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+@torch.no_grad()
+def sinkhorn(scores, mu=0.05, iters=3):
+    """Offline relation R with the balance constraint, by Sinkhorn-Knopp (spec section 3).
+
+    scores: K [..., B_local, N], cosine similarities of this rank's rows to the N negatives.
+    Returns R [..., B_local, N] = B * Diag(alpha) exp(K / mu) Diag(beta): every row sums to 1 and,
+    over the global batch, every column to B/N. Rows may live on several ranks; the max, the column
+    sums and B are all-reduced, so R equals the single-process result for the same global batch.
+    """
+    K = scores.float()
+    B = _all_reduce(torch.tensor(K.shape[-2], dtype=torch.float32, device=K.device))
+    N = K.shape[-1]
+    K_max = _all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
+    E = torch.exp((K - K_max) / mu)  # subtracting the max only guards against overflow
+    for _ in range(iters):
+        E /= _all_reduce(E.sum(dim=-2, keepdim=True))  # every column sums to 1 ...
+        E /= N                                          # ... then to 1/N
+        E /= E.sum(dim=-1, keepdim=True)                # every row sums to 1 ...
+        E /= B                                          # ... then to 1/B
+    return E * B
+
+
+def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3):
+    """L_MDRA (spec sections 3-4), the mean over this rank's rows.
+
+    q1, q2: [B_local, D] online predictions h(g(f(v))) of views 1 and 2 (un-normalised).
+    k1, k2: [B_local, D] offline projections g'(f'(v)) of views 1 and 2 (un-normalised).
+    queue:  [N, D] the negatives k_j.
+    Per subspace: P_a = softmax_j(q_a . k_j / tau), R_b = sinkhorn(k_b . k_j, mu), and
+    L_RA = 1/2 [CE(R_2, P_1) + CE(R_1, P_2)]; L_MDRA is the mean of L_RA over the G subspaces.
+    Everything runs in float32 outside autocast; gradients flow only through q.
+    """
+    with torch.autocast(q1.device.type, enabled=False):
+        negatives = normalize_subspaces(queue.float().detach(), groups)          # [N, G, D/G]
+
+        def relation_scores(z):                                                  # [G, B, N]
+            return torch.einsum("bgd,ngd->gbn", normalize_subspaces(z.float(), groups), negatives)
+
+        R1 = sinkhorn(relation_scores(k1.detach()), mu, sinkhorn_iters)
+        R2 = sinkhorn(relation_scores(k2.detach()), mu, sinkhorn_iters)
+        logits1 = relation_scores(q1) / tau
+        logits2 = relation_scores(q2) / tau
+        # cross_entropy with probability targets is -(1/rows) sum R log_softmax(logits); the rows
+        # are (subspace, sample) pairs, so its mean is already the mean over the G subspaces.
+        ce_2_1 = F.cross_entropy(logits1.flatten(0, 1), R2.flatten(0, 1))  # CE(R_2, P_1)
+        ce_1_2 = F.cross_entropy(logits2.flatten(0, 1), R1.flatten(0, 1))  # CE(R_1, P_2)
+        return 0.5 * (ce_2_1 + ce_1_2)
+
+
+def effective_rank(z):
+    """RankMe (Garrido et al., 2023): exp of the entropy of the normalised singular values of a
+    batch of embeddings. Near 1 means collapse; near min(B, D) means the dimensions are all used."""
+    s = torch.linalg.svdvals(z.float())
+    p = s / s.sum() + 1e-7
+    return torch.exp(-(p * p.log()).sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks (spec section 2)
+# ------------------------------------------------------------------------------------------------
+
+def resnet_names():
+    return sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+                  if "resnet" in n or "resnext" in n)
+
+
+def build_backbone(arch, small_stem):
+    """A torchvision ResNet without its fc; returns (module, feature width)."""
+    if arch not in resnet_names():
+        raise UsageError(f"--arch {arch} is not a torchvision ResNet; choose one of {', '.join(resnet_names())}.")
+    net = torchvision.models.get_model(arch, weights=None)
+    if small_stem:  # 3x3 stride-1 first conv and no max-pool keep small images from shrinking to 1 px
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, width
+
+
+def mlp(in_dim, hidden_dim=HIDDEN_DIM, out_dim=EMBED_DIM):
+    """Projector g and predictor h: Linear -> BatchNorm1d -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class Encoder(nn.Module):
+    """Backbone f and projector g; the offline encoder is a moving-average copy of this."""
+
+    def __init__(self, backbone, width):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp(width)
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+class Online(nn.Module):
+    """The online branch: q = h(g(f(v))) for both views. Each view is its own batch for BatchNorm."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = mlp(EMBED_DIM)
+
+    def forward(self, v1, v2):
+        return self.predictor(self.encoder(v1)), self.predictor(self.encoder(v2))
+
+
+def build_model(arch, small_stem):
+    """Returns (online, offline, feature width). The offline encoder starts as a copy, never gets
+    gradients, and runs in train mode (batch statistics), as in BYOL."""
+    backbone, width = build_backbone(arch, small_stem)
+    online = Online(Encoder(backbone, width))
+    offline = copy.deepcopy(online.encoder).requires_grad_(False)
+    return online, offline, width
+
+
+@torch.no_grad()
+def ema_update(online, offline, m):
+    """xi <- m xi + (1 - m) theta over the encoder's parameters; BatchNorm buffers are copied."""
+    torch._foreach_lerp_(list(offline.parameters()), list(online.encoder.parameters()), 1.0 - m)
+    torch._foreach_copy_(list(offline.buffers()), list(online.encoder.buffers()))
+
+
+@torch.no_grad()
+def enqueue(queue, ptr, keys):
+    """FIFO: write the newest keys over the oldest entries; returns the new pointer.
+    N is a multiple of the number of keys, so a write never wraps in the middle."""
+    queue[ptr:ptr + keys.shape[0]] = keys
+    return (ptr + keys.shape[0]) % queue.shape[0]
+
+
+def init_queue(size, groups, seed):
+    """Random entries, each subspace slice normalised; the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return normalize_subspaces(torch.randn(size, EMBED_DIM, generator=g), groups).flatten(1)
+
+
+def all_gather_rows(x):
+    """Concatenate x from all ranks in rank order (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimiser and schedules (spec section 6)
+# ------------------------------------------------------------------------------------------------
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al., 2017).
+
+    Parameter groups with lars_exclude=True (biases and BatchNorm) get neither weight decay nor the
+    trust ratio. torch.where keeps the ratio on the device: no host sync per parameter.
+    """
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=1e-3):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * p_norm / u_norm, 1.0)
+                    update = update * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def lars_param_groups(model, weight_decay):
+    """Biases and BatchNorm parameters (the 1-d ones) are excluded from decay and adaptation."""
+    regular = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    excluded = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [dict(params=regular, weight_decay=weight_decay),
+            dict(params=excluded, weight_decay=0.0, lars_exclude=True)]
+
+
+def warmup_cosine(base, total_steps, warmup_steps):
+    """Per-step values: linear from 0 to base over warmup_steps, then cosine from base to 0."""
+    steps = np.arange(total_steps, dtype=np.float64)
+    cosine = 0.5 * base * (1 + np.cos(np.pi * (steps - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return np.where(steps < warmup_steps, base * steps / max(1, warmup_steps), cosine)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data (spec section 6)
+# ------------------------------------------------------------------------------------------------
+
+SMALL_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "synthetic")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+SYNTHETIC_CLASSES = 10
+
+
+@dataclass
+class DataInfo:
+    name: str
+    num_classes: int
+    class_names: list
+    native_size: int   # the image size the data comes in (224 for an ImageFolder)
+    mean: tuple
+    std: tuple
+    small: bool        # a small-image data set: small stem and the small-data preset
+
+
+class ArrayImages(Dataset):
+    """Images held in memory as uint8 [n, H, W] (grey) or [n, H, W, 3]; yields (RGB PIL, label)."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets = images, [int(t) for t in labels]
+        self.names = [str(i) for i in range(len(images))]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
+
+
+class ImageFiles(Dataset):
+    """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError."""
+
+    def __init__(self, root):
+        folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path)
+        self.paths = [path for path, _ in folder.samples]
+        self.targets = [label for _, label in folder.samples]
+        self.names = [os.path.basename(path) for path in self.paths]
+        self.classes = folder.classes
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            return Image.open(f).convert("RGB"), self.targets[i]
+
+
+class SyntheticImages(Dataset):
+    """Deterministic labelled images for tests and benchmarks: a smooth random pattern per class plus
+    per-image noise, so that a representation can separate the classes."""
+
+    def __init__(self, size, img_size, offset=0):
+        self.size, self.img_size, self.offset = size, img_size, offset
+        self.targets = [i % SYNTHETIC_CLASSES for i in range(size)]
+        self.names = [str(i) for i in range(size)]
+        patterns = torch.rand(SYNTHETIC_CLASSES, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        self.patterns = F.interpolate(patterns, size=img_size, mode="bilinear", align_corners=False)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.offset + i)
+        noise = 0.25 * torch.randn(3, self.img_size, self.img_size, generator=g)
+        image = (self.patterns[self.targets[i]] + noise).clamp(0, 1)
+        return Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()), self.targets[i]
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format), gzipped or not, as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(data_dir, train):
+    prefix = "train" if train else "t10k"
+    for folder in (Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw", Path(FASHION_MNIST_SYSTEM_DIR)):
+        for suffix in ("", ".gz"):
+            images = folder / f"{prefix}-images-idx3-ubyte{suffix}"
+            labels = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+            if images.exists() and labels.exists():
+                return ArrayImages(read_idx(images), read_idx(labels))
+    ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+    return ArrayImages(ds.data.numpy(), ds.targets.tolist())
+
+
+def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
+    """The images of a --data name or ImageFolder root, and what is known about them.
+
+    split: "pretrain" (unlabelled use: STL-10 adds its unlabelled images), "train" or "val".
+    Each data set yields (RGB PIL image, label) and has .targets and .names (file names for an
+    ImageFolder, indices otherwise).
+    """
+    train = split in ("pretrain", "train")
+    try:
+        if data == "synthetic":
+            size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
+            images = SyntheticImages(size, img_size, offset=0 if train else 10**9)
+            return images, DataInfo("synthetic", SYNTHETIC_CLASSES, [f"class{i}" for i in range(SYNTHETIC_CLASSES)],
+                                     img_size, (0.5,) * 3, (0.25,) * 3, True)
+        if data == "fashion-mnist":
+            return load_fashion_mnist(data_dir, train), DataInfo(
+                data, 10, FASHION_MNIST_CLASSES, 28, (0.2860,) * 3, (0.3530,) * 3, True)
+        if data in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if data == "cifar10" else torchvision.datasets.CIFAR100
+            ds = cls(data_dir, train=train, download=True)
+            mean, std = (((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if data == "cifar10"
+                         else ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
+            return ArrayImages(ds.data, ds.targets), DataInfo(data, len(ds.classes), ds.classes, 32, mean, std, True)
+        if data == "stl10":
+            stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+            ds = torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
+            return ArrayImages(ds.data.transpose(0, 2, 3, 1), ds.labels), DataInfo(
+                data, 10, ds.classes, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True)
+    except (OSError, RuntimeError) as e:  # torchvision's download fails with these when offline
+        raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
+    root = Path(data)
+    if not root.is_dir():
+        raise UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
+                         "nor an existing ImageFolder directory.")
+    sub = root / ("train" if train else "val")
+    if sub.is_dir():
+        root = sub
+    elif not train:
+        raise UsageError(f"{data} has no val/ folder to evaluate on.")
+    try:
+        images = ImageFiles(root)
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(f"{root} is not an ImageFolder root with one folder of images per class ({e}).") from None
+    return images, DataInfo(root.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
+
+
+def read_image(images, index):
+    """images[index], or the next readable one if that file is corrupt. Returns (image, label,
+    number skipped) so the caller can count what was skipped instead of dying on it."""
+    for skipped in range(len(images)):
+        try:
+            image, label = images[(index + skipped) % len(images)]
+            return image, label, skipped
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    raise RuntimeError("no image of the data set can be read")
+
+
+def pretrain_transforms(info, img_size, solarize=0.0):
+    """The two view augmentations T1, T2 (spec section 6); only the blur and solarize differ."""
+    blur_kernel = int(0.1 * img_size) // 2 * 2 + 1
+    blur_p = (0.0, 0.0) if img_size <= 32 else (1.0, 0.1)
+    scale = (0.2, 1.0) if info.small else (0.08, 1.0)
+    views = []
+    for view, p_blur in enumerate(blur_p):
+        steps = [T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                 T.RandomHorizontalFlip(),
+                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                 T.RandomGrayscale(p=0.2)]
+        if p_blur > 0:
+            steps.append(T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=p_blur))
+        if view == 1 and solarize > 0:
+            steps.append(T.RandomSolarize(128, p=solarize))
+        steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
+        views.append(T.Compose(steps))
+    return views
+
+
+def eval_transform(info, img_size):
+    """Centre crop, no augmentation: resize 256 / crop 224 for ImageNet-size data, native size else."""
+    resize = img_size if info.small else round(img_size * 256 / 224)
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def sample_seed(seed, epoch, index):
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+
+
+class TwoViews(Dataset):
+    """Pretraining samples: indexed by (epoch, index), each seeds its own augmentation, so the views
+    depend only on (seed, epoch, index): not on workers, ranks, or whether the run was resumed."""
+
+    def __init__(self, images, view1, view2, seed):
+        self.images, self.view1, self.view2, self.seed = images, view1, view2, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, _, skipped = read_image(self.images, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.view1(image), self.view2(image), skipped
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) for this rank's part of each global micro-batch.
+
+    Global micro-batch b of an epoch is perm[b*G : (b+1)*G] of a per-epoch seeded permutation, and
+    rank r takes the r-th contiguous slice of it, so the global batch, in rank order, is the same for
+    any world size. Only whole micro-batches are used; start_batch skips those already trained on.
+    """
+
+    def __init__(self, size, global_batch, num_batches, world_size, rank, seed, shuffle=True):
+        self.size, self.global_batch, self.num_batches = size, global_batch, num_batches
+        self.local_batch = global_batch // world_size
+        self.rank, self.seed, self.shuffle = rank, seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return (self.num_batches - self.start_batch) * self.local_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        for b in range(self.start_batch, self.num_batches):
+            first = b * self.global_batch + self.rank * self.local_batch
+            for i in order[first:first + self.local_batch].tolist():
+                yield self.epoch, i
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes, devices, checkpoints
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is available.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process."""
+    device_name = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return DistEnv(0, 1, 0, torch.device(device_name))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_name == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return DistEnv(rank, world, local, device)
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def plain_state_dict(state_dict):
+    """Strip the prefixes DDP ("module.") and torch.compile ("_orig_mod.") add to keys."""
+    return {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a half-written file never replaces a good checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, formats=("mdra",)):
+    """Load a checkpoint safely (weights_only) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UsageError(f"{path} has format {found!r}; expected {' or '.join(map(repr, formats))}.")
+    return ckpt
+
+
+def load_strict(module, state_dict, what, allowed_missing=()):
+    """load_state_dict that names what does not fit, as one sentence."""
+    state_dict = plain_state_dict(state_dict)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allowed_missing))]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{name} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if keys]
+        raise UsageError(f"{what} does not match the model: {'; '.join(parts)}.")
+    module.load_state_dict(state_dict, strict=not allowed_missing)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Logger:
+    """Console lines and <out-dir>/log.jsonl, from rank 0 only."""
+
+    def __init__(self, out_dir, active):
+        self.active = active
+        self.path = Path(out_dir) / "log.jsonl"
+
+    def print(self, *msg):
+        if self.active:
+            print(*msg, flush=True)
+
+    def json(self, record):
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run_main(train_fn, argv, parser):
+    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return train_fn(args)
+    except UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def get_parser():
+    p = argparse.ArgumentParser(
+        prog="mdra.py", description="MDRA self-supervised pretraining (defaults: the patent's ImageNet run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="fashion-mnist",
+      help="ImageFolder root (its train/ if present) or one of: " + ", ".join(SMALL_DATASETS))
+    a("--data-dir", default="data", help="where named data sets are read from or downloaded to")
+    a("--synthetic-size", type=int, default=1024, help="number of training images of --data synthetic")
+    a("--arch", default="resnet50", help="any torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2")
+    a("--img-size", type=int, default=None, help="crop size; default: 224, or the native size of a small data set")
+    a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+      help="3x3 stride-1 stem without max-pool; default: on for small data sets and images <= 64 px")
+    a("--epochs", type=int, default=200, help="length of the schedule")
+    a("--max-steps", type=int, default=0,
+      help="stop after this many optimizer steps in total (resumed ones included); the schedule still follows --epochs")
+    a("--batch-size", type=int, default=None,
+      help="global micro-batch over all ranks; default 512 (ImageNet) or 256 (small data)")
+    a("--accum-steps", type=int, default=None,
+      help="micro-batches per optimizer step; default 8 (ImageNet: 512 x 8 = 4096) or 1 (small data)")
+    a("--lr", type=float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
+    a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
+    a("--warmup-epochs", type=float, default=10, help="linear warm-up before the cosine decay")
+    a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
+    a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is plain relation alignment")
+    a("--tau", type=float, default=0.04, help="temperature of the online relation P")
+    a("--mu", type=float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
+    a("--momentum", type=float, default=0.99, help="EMA momentum m of the offline encoder")
+    a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    a("--solarize", type=float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    a("--out-dir", default="runs/mdra", help="checkpoint.pth and log.jsonl go here; an existing checkpoint is resumed")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
+    a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
+    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+      help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
+    a("--seed", type=int, default=0)
+    a("--save-every", type=int, default=200, help="write the checkpoint every this many optimizer steps (and at each epoch end)")
+    a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
+    a("--log-every", type=int, default=20, help="log every this many optimizer steps")
+    a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
+    a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")
+    return p
+
+
+def resolve_args(args, info, env):
+    """Fill the data-dependent defaults (spec section 6) and check what cannot work."""
+    small = info.small
+    args.img_size = args.img_size or info.native_size
+    if args.small_stem is None:
+        args.small_stem = small or args.img_size <= 64
+    args.batch_size = args.batch_size or (256 if small else 512)
+    args.accum_steps = args.accum_steps or (1 if small else 8)
+    args.queue_size = args.queue_size or (4096 if small else 65536)
+    cuda = env.device.type == "cuda"
+    args.compile = cuda if args.compile is None else args.compile
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
+    if EMBED_DIM % args.groups:
+        raise UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
+    if args.batch_size % env.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
+    if args.queue_size % args.batch_size:
+        raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
+    for name in ("epochs", "batch_size", "accum_steps", "sinkhorn_iters", "log_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+RESUME_MUST_MATCH = ("arch", "small_stem", "img_size", "queue_size", "groups", "batch_size", "accum_steps")
+
+
+def train(args):
+    env = setup_distributed(args.device)
+    images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
+    args = resolve_args(args, info, env)
+    device, cuda = env.device, env.device.type == "cuda"
+    out_dir = Path(args.out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(out_dir, env.is_main)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True  # convolutions in TF32; the loss keeps exact float32 matmuls
+
+    steps_per_epoch = len(images) // (args.batch_size * args.accum_steps)
+    if steps_per_epoch == 0:
+        raise UsageError(f"the data set has {len(images)} images, fewer than one optimizer step "
+                         f"({args.batch_size} x {args.accum_steps}).")
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+    # The same seed on every rank makes the initial weights and queue identical everywhere.
+    torch.manual_seed(args.seed)
+    online, offline, width = build_model(args.arch, args.small_stem)
+    if args.sync_bn:
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        offline = nn.SyncBatchNorm.convert_sync_batchnorm(offline)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    online.to(device, memory_format=memory_format)
+    offline.to(device, memory_format=memory_format)
+    queue = init_queue(args.queue_size, args.groups, args.seed).to(device)
+    queue_ptr = 0
+
+    batch_images = args.batch_size * args.accum_steps
+    lr_schedule = warmup_cosine(args.lr * batch_images / 256, total_steps, int(args.warmup_epochs * steps_per_epoch))
+    optimizer = LARS(lars_param_groups(online, args.weight_decay), momentum=0.9)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    step = 0
+    ckpt_path = out_dir / "checkpoint.pth"
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        saved = ckpt["args"]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+                   for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+        if changed:
+            raise UsageError(f"{ckpt_path} comes from a different run ({', '.join(changed)}); "
+                             "use another --out-dir or the same settings.")
+        load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
+        load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        queue.copy_(ckpt["queue"])
+        queue_ptr, step = int(ckpt["queue_ptr"]), int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if cuda and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        log.print(f"resumed from {ckpt_path} at step {step}")
+    torch.manual_seed(args.seed + env.rank + step)  # per-rank randomness from here on
+
+    online_raw, offline_raw = online, offline
+    if args.compile:  # compiled in place, so state-dict keys stay plain
+        online.encoder.compile(backend=args.compile_backend)
+        online.predictor.compile(backend=args.compile_backend)
+        offline.compile(backend=args.compile_backend)
+    if env.world_size > 1:
+        online = DDP(online, device_ids=[device.index] if cuda else None,
+                     broadcast_buffers=False, gradient_as_bucket_view=True)
+    offline.train()
+
+    view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
+    dataset = TwoViews(images, view1, view2, args.seed)
+    sampler = EpochSampler(len(images), args.batch_size, steps_per_epoch * args.accum_steps,
+                           env.world_size, env.rank, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size // env.world_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers > 0 else None)
+
+    plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    last_saved = step
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
+
+    def check_finite(since):
+        if _all_reduce(nonfinite.int(), op=dist.ReduceOp.MAX).item():
+            raise SystemExit(f"mdra.py: error: the loss became non-finite between steps {since} and {step}; "
+                             f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none: none was written yet'}.")
+
+    def save(keep_epoch=None):
+        nonlocal last_saved
+        check_finite(last_saved)  # never write weights a non-finite loss has touched
+        last_saved = step
+        if not env.is_main:
+            return
+        state = {
+            "format": "mdra", "version": CHECKPOINT_VERSION, "arch": args.arch, "small_stem": args.small_stem,
+            "feature_dim": width, "args": plain_args, "epoch": step // steps_per_epoch, "step": step,
+            "backbone": online_raw.encoder.backbone.state_dict(), "online": online_raw.state_dict(),
+            "offline": offline_raw.state_dict(), "queue": queue.cpu(), "queue_ptr": queue_ptr,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})},
+            "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size,
+        }
+        save_checkpoint(state, ckpt_path)
+        if keep_epoch is not None:
+            save_checkpoint(state, out_dir / f"checkpoint_epoch{keep_epoch:04d}.pth")
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
+
+    def stop_requested():  # every rank must stop at the same step
+        flag = torch.tensor([len(stop_signal)])
+        if control is not None:
+            dist.all_reduce(flag, group=control)
+        return bool(flag.item())
+
+    sha = git_sha()
+    log.print(f"mdra.py git {sha} | world size {env.world_size} | device {device}"
+              f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''} | torch {torch.__version__}")
+    log.print("args " + json.dumps(plain_args))
+    log.print(f"{len(images)} images, {steps_per_epoch} optimizer steps per epoch of {batch_images} images, "
+              f"lr {args.lr * batch_images / 256:.4g} after {args.warmup_epochs:g} warm-up epochs")
+    log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device), "args": plain_args})
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    loss_sum = torch.zeros((), device=device)        # since the last log line
+    epoch_loss_sum = torch.zeros((), device=device)
+    skipped_total = 0
+    tic, data_time, logged_step = time.perf_counter(), 0.0, step
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        sampler.set_epoch(epoch, start_batch=(step % steps_per_epoch) * args.accum_steps)
+        batches = iter(loader)
+        epoch_loss_sum.zero_()
+        epoch_first_step, epoch_tic = step, time.perf_counter()
+        while step < min(last_step, (epoch + 1) * steps_per_epoch):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_schedule[step]
+            for micro in range(args.accum_steps):
+                t0 = time.perf_counter()
+                v1, v2, skipped = next(batches)
+                data_time += time.perf_counter() - t0
+                skipped_total += int(skipped.sum())
+                v1 = v1.to(device, non_blocking=True, memory_format=memory_format)
+                v2 = v2.to(device, non_blocking=True, memory_format=memory_format)
+                # DDP all-reduces gradients only on the last micro-batch of an optimizer step.
+                last_micro = micro == args.accum_steps - 1
+                with (contextlib.nullcontext() if last_micro or env.world_size == 1 else online.no_sync()):
+                    with autocast:
+                        q1, q2 = online(v1, v2)
+                        with torch.no_grad():
+                            k1, k2 = offline(v1), offline(v2)
+                    loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters)
+                    scaler.scale(loss / args.accum_steps).backward()
+                # The queue moves once per micro-batch, after the loss that used it.
+                keys = all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
+                queue_ptr = enqueue(queue, queue_ptr, keys)
+                loss = loss.detach()
+                nonfinite |= ~torch.isfinite(loss)
+                loss_sum += loss / args.accum_steps
+                epoch_loss_sum += loss / args.accum_steps
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(online_raw, offline_raw, args.momentum)  # the offline encoder moves once per optimizer step
+            step += 1
+
+            if step % args.log_every == 0 or step == last_step:
+                check_finite(logged_step)
+                elapsed, steps = time.perf_counter() - tic, step - logged_step
+                erank = effective_rank(keys).item()
+                record = {"epoch": epoch + 1, "step": step,
+                          "loss": (_all_reduce(loss_sum.clone()) / env.world_size / steps).item(),
+                          "lr": float(lr_schedule[step - 1]), "ema_momentum": args.momentum,
+                          "pairs_per_s": steps * batch_images / elapsed, "data_wait": data_time / elapsed,
+                          "rankme": erank, "eta_s": elapsed / steps * (last_step - step),
+                          "peak_mem_gb": peak_memory_gb(device), "skipped_images": skipped_total}
+                log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
+                          f"lr {record['lr']:.4g} m {args.momentum:.4f} {record['pairs_per_s']:.0f} pairs/s "
+                          f"data {100 * record['data_wait']:.0f}% rankme {erank:.1f}/{min(EMBED_DIM, keys.shape[0])} "
+                          f"eta {datetime.timedelta(seconds=round(record['eta_s']))} "
+                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skipped_total}" if skipped_total else ""))
+                log.json(record)
+                loss_sum.zero_()
+                tic, data_time, logged_step = time.perf_counter(), 0.0, step
+            if stop_requested():
+                save()
+                log.print(f"stopped by signal at step {step}; checkpoint: {ckpt_path.resolve()}")
+                sys.exit(128 + (stop_signal[0] if stop_signal else 0))
+            if step % args.save_every == 0:
+                save()
+
+        if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
+            break
+        epoch_record = {"event": "epoch", "epoch": epoch + 1, "step": step,
+                        "loss": (_all_reduce(epoch_loss_sum.clone()) / env.world_size / (step - epoch_first_step)).item(),
+                        "time_s": time.perf_counter() - epoch_tic, "skipped_images": skipped_total}
+        if args.knn_every and (epoch + 1) % args.knn_every == 0:
+            import eval_knn  # the evaluation lives in its own script
+            with torch.random.fork_rng(devices=[device] if cuda else []):  # leaves training's randomness untouched
+                epoch_record["knn"] = eval_knn.knn_monitor(online_raw.encoder.backbone, args, env)
+            log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in epoch_record["knn"].items()))
+        log.json(epoch_record)
+        keep = args.keep_every > 0 and (epoch + 1) % args.keep_every == 0
+        if keep or last_saved != step:
+            save(keep_epoch=epoch + 1 if keep else None)
+
+    if last_saved != step:
+        save()
+    log.print(f"done: {step} optimizer steps; checkpoint: {ckpt_path.resolve()}")
+    return ckpt_path
+
+
+def main(argv=None):
+    return run_main(train, argv, get_parser())
+
+
+if __name__ == "__main__":
+    main()
