@@ -1,0 +1,408 @@
+"""The two-view augmentation on batched tensors, on the GPU (mdra.py --gpu-aug).
+
+At 224 px the CPU loader, which decodes every JPEG and makes two augmented views of it with PIL, is
+slower than a GPU training step. With --gpu-aug the loader workers only read the files; JPEGs are
+decoded on the GPU in one batched call, and each view is made for the whole micro-batch at once:
+random resized crop, horizontal flip, colour jitter in a random order, greyscale, Gaussian blur,
+solarize and normalisation, every image with its own random parameters.
+
+The recipe is read from the CPU path's transforms (mdra.pretrain_transforms), and every parameter is
+drawn from the same distribution as torchvision's get_params draws it there; tests/test_gpu_aug.py
+checks the distributions against the CPU path and each colour operation against torchvision's. Two
+differences are deliberate: crops are resized bilinearly with area averaging (roi_align) rather than
+with PIL's bicubic filter, and intermediate results are not rounded to 8 bits.
+
+The parameters of a micro-batch come from a generator seeded by (seed, epoch, batch index) and are
+drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
+number of ranks or workers nor on whether the run was resumed. The same code runs on CPU tensors.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode
+from torchvision.ops import roi_align
+from torchvision.transforms.functional import pil_to_tensor
+
+import mdra
+
+JPEG_SIGNATURE = [0xFF, 0xD8, 0xFF]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loader side: the workers read files; JPEGs stay encoded for the GPU decoder.
+# ------------------------------------------------------------------------------------------------
+
+class UndecodedImages(Dataset):
+    """Pretraining samples keyed by (epoch, index), as mdra.TwoViews, but not augmented: yields
+    (uint8 tensor, number of unreadable files skipped).
+
+    With jpeg_bytes, a JPEG file of an ImageFolder is yielded as its bytes (1-d) for the GPU decoder.
+    Everything else (other formats, in-memory data sets, any file when the GPU cannot decode) is
+    decoded here as the CPU path decodes it, into [3, H, W].
+    """
+
+    def __init__(self, images, jpeg_bytes):
+        self.images = images
+        self.paths = getattr(images, "paths", None) if jpeg_bytes else None  # mdra.ImageFiles has paths
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        _, index = key
+        if self.paths is not None:
+            try:
+                with open(self.paths[index], "rb") as f:
+                    data = f.read()
+                if list(data[:3]) == JPEG_SIGNATURE:
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0
+            except OSError:  # unreadable: read_image below skips it as the CPU path does
+                pass
+        image, _, skipped = mdra.read_image(self.images, index)
+        return pil_to_tensor(image), skipped
+
+
+def collate_undecoded(samples):
+    """A list of uint8 tensors, or one [B, 3, H, W] tensor when all are decoded images of one size
+    (an in-memory data set), and the skipped counts."""
+    images, skipped = zip(*samples)
+    if all(x.ndim == 3 for x in images) and len({x.shape for x in images}) == 1:
+        images = torch.stack(images)
+    else:
+        images = list(images)
+    return images, torch.tensor(skipped)
+
+
+def decode(images, device):
+    """Decode on the device: 1-d tensors are encoded JPEGs, 3-d ones decoded images.
+
+    Returns (list of uint8 [3, H, W] on device, [B] count of undecodable files). A file that cannot be
+    decoded is replaced by the next decodable image of the batch, as mdra.read_image replaces an
+    unreadable file by the next readable one.
+    """
+    decoded = [x.to(device, non_blocking=True) if x.ndim == 3 else None for x in images]
+    encoded = [i for i, x in enumerate(images) if x.ndim == 1]
+    if encoded:
+        try:
+            batch = decode_jpegs([images[i] for i in encoded], device)
+        except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
+            batch = [_decode_one(images[i], device) for i in encoded]
+        for i, x in zip(encoded, batch):
+            decoded[i] = x
+    readable = [i for i, x in enumerate(decoded) if x is not None]
+    if not readable:
+        raise RuntimeError("no image of the batch can be decoded")
+    failed = torch.tensor([x is None for x in decoded], dtype=torch.long)
+    for i in failed.nonzero().flatten().tolist():
+        decoded[i] = decoded[next((j for j in readable if j > i), readable[0])]
+    return decoded, failed
+
+
+def decode_jpegs(data, device):
+    """torchvision's batched decoder, as RGB. On CUDA it writes its outputs from a stream of its own
+    without waiting for the current one, so outputs allocated on the training stream could land in
+    memory that queued kernels still read: they are allocated on a side stream instead, and kept
+    until the training stream is done with them (record_stream)."""
+    if device.type != "cuda":
+        return torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        images = torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(side)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
+def _decode_one(data, device):
+    """One JPEG on the device, else on the CPU (the GPU decoder rejects some, e.g. CMYK), else None."""
+    for where in (device, torch.device("cpu")):
+        try:
+            return decode_jpegs([data], where)[0].to(device)
+        except RuntimeError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe and its random parameters
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ViewRecipe:
+    """One view's augmentation, in the order the CPU path applies it. Ranges are (low, high)."""
+    size: tuple                       # output (H, W)
+    scale: tuple                      # RandomResizedCrop: fraction of the image area
+    ratio: tuple                      # RandomResizedCrop: aspect ratio w / h
+    flip_p: float = 0.0
+    jitter_p: float = 0.0
+    jitter: tuple = (None,) * 4       # ranges of brightness, contrast, saturation, hue (None: off)
+    grey_p: float = 0.0
+    blur_p: float = 0.0
+    blur_kernel: int = 1
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5   # on the [0, 1] scale
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+
+
+def recipe_from_transforms(compose):
+    """Read a view's recipe from the CPU path's T.Compose, so that the two paths cannot drift apart.
+    Any transform without a batched equivalent here is an error, not silently dropped."""
+    recipe = {}
+    for t in compose.transforms:
+        inner = t.transforms[0] if isinstance(t, T.RandomApply) and len(t.transforms) == 1 else None
+        if isinstance(t, T.RandomResizedCrop):
+            recipe.update(size=tuple(t.size), scale=tuple(t.scale), ratio=tuple(t.ratio))
+        elif isinstance(t, T.RandomHorizontalFlip):
+            recipe.update(flip_p=t.p)
+        elif isinstance(inner, T.ColorJitter):
+            ranges = tuple(None if r is None else tuple(r) for r in (inner.brightness, inner.contrast,
+                                                                     inner.saturation, inner.hue))
+            recipe.update(jitter_p=t.p, jitter=ranges)
+        elif isinstance(t, T.RandomGrayscale):
+            recipe.update(grey_p=t.p)
+        elif isinstance(inner, T.GaussianBlur):
+            if inner.kernel_size[0] != inner.kernel_size[1]:
+                raise ValueError(f"gpu_aug supports square blur kernels only, not {inner!r}")
+            recipe.update(blur_p=t.p, blur_kernel=inner.kernel_size[0], blur_sigma=tuple(inner.sigma))
+        elif isinstance(t, T.RandomSolarize):
+            # The CPU path solarizes 8-bit PIL images: its threshold is on the 0-255 scale.
+            recipe.update(solarize_p=t.p, solarize_threshold=t.threshold / 255)
+        elif isinstance(t, T.Normalize):
+            recipe.update(mean=tuple(t.mean), std=tuple(t.std))
+        elif not isinstance(t, T.ToTensor):
+            raise ValueError(f"gpu_aug has no batched version of {t!r}")
+    if "size" not in recipe:
+        raise ValueError("gpu_aug needs a RandomResizedCrop in the view's transforms")
+    return ViewRecipe(**recipe)
+
+
+def sample_params(recipe, n, generator):
+    """The random parameters of n images of one view, drawn from generator in a fixed order.
+
+    None depends on the image size (the crop keeps raw uniforms; crop_boxes turns them into a box),
+    so every rank can draw them for the whole global micro-batch and take its own rows.
+    """
+    def uniform(low_high, *shape):
+        low, high = low_high
+        return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    def coin(p):
+        return torch.rand(n, generator=generator, dtype=torch.float64) < p
+
+    log_ratio = torch.tensor(recipe.ratio, dtype=torch.float64).log()
+    return {
+        # RandomResizedCrop.get_params: 10 tries of (area fraction, log aspect ratio), then a position.
+        "area": uniform(recipe.scale, n, 10),
+        "log_ratio": uniform(log_ratio.tolist(), n, 10),
+        "position": uniform((0.0, 1.0), n, 2),
+        "flip": coin(recipe.flip_p),
+        "jitter": coin(recipe.jitter_p),
+        # ColorJitter.get_params: the order is torch.randperm(4); sorting uniforms is equally uniform.
+        "jitter_order": torch.rand(n, 4, generator=generator).argsort(dim=1),
+        "jitter_factors": torch.stack([uniform(r or (0.0, 0.0), n) for r in recipe.jitter], dim=1),
+        "grey": coin(recipe.grey_p),
+        "blur": coin(recipe.blur_p),
+        "sigma": uniform(recipe.blur_sigma, n),
+        "solarize": coin(recipe.solarize_p),
+    }
+
+
+def crop_boxes(params, heights, widths, ratio):
+    """RandomResizedCrop.get_params for a batch: the first of the 10 tries whose crop fits in the
+    image, else the central crop of the nearest allowed aspect ratio (or the whole image).
+
+    heights, widths: [n] image sizes. Returns [n, 4] float64 boxes (x1, y1, x2, y2) in pixel edges,
+    whole pixels as torchvision crops them.
+    """
+    H, W = heights.double(), widths.double()
+    target_area = (H * W)[:, None] * params["area"]
+    aspect = params["log_ratio"].exp()
+    w_try = (target_area * aspect).sqrt().round()  # torch.round and Python's round both round half to even
+    h_try = (target_area / aspect).sqrt().round()
+    fits = (w_try > 0) & (w_try <= W[:, None]) & (h_try > 0) & (h_try <= H[:, None])
+    first = fits.int().argmax(dim=1, keepdim=True)  # the index of the first fitting try
+    found = fits.any(dim=1)
+
+    in_ratio = W / H
+    low, high = min(ratio), max(ratio)
+    w = torch.where(found, w_try.gather(1, first)[:, 0], torch.where(in_ratio > high, (H * high).round(), W))
+    h = torch.where(found, h_try.gather(1, first)[:, 0], torch.where(in_ratio < low, (W / low).round(), H))
+    # A found crop lies uniformly among the integer positions that fit (torch.randint); else centred.
+    top = torch.where(found, (params["position"][:, 0] * (H - h + 1)).floor(), ((H - h) / 2).floor())
+    left = torch.where(found, (params["position"][:, 1] * (W - w + 1)).floor(), ((W - w) / 2).floor())
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The operations, on float images [N, 3, H, W] in [0, 1] with one parameter per image
+# ------------------------------------------------------------------------------------------------
+
+def resized_crops(images, boxes, size):
+    """Crop every box and resize it to size, bilinearly with area averaging (roi_align samples each
+    output pixel ceil(box / size) times per axis, which keeps downscaling from aliasing).
+
+    images: uint8 [N, C, H, W], or a list of N uint8 [C, H_i, W_i] of different sizes.
+    boxes: [V, N, 4] (x1, y1, x2, y2), one box per view and image. Returns float [V * N, C, *size]
+    on the 0-255 scale, view-major.
+    """
+    views, n = boxes.shape[:2]
+    if isinstance(images, torch.Tensor):
+        index = torch.arange(n, dtype=torch.float64).repeat(views)[:, None]
+        rois = torch.cat([index, boxes.flatten(0, 1)], dim=1).to(images.device, torch.float32)
+        return roi_align(images.float(), rois, size, sampling_ratio=-1, aligned=True)
+    # Images of different sizes cannot share a tensor: one call per image, for all its views.
+    rois = torch.cat([torch.zeros(views, n, 1, dtype=torch.float64), boxes], dim=2).to(torch.float32)
+    crops = [roi_align(image[None].float(), rois[:, i].to(image.device, non_blocking=True), size,
+                       sampling_ratio=-1, aligned=True) for i, image in enumerate(images)]
+    return torch.stack(crops, dim=1).flatten(0, 1)
+
+
+def per_image(values, x):
+    """A [N] parameter as [N, 1, 1, 1] in x's dtype and device, to broadcast over images."""
+    return values.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+
+
+def grayscale(x):
+    """ITU-R 601-2 luma with torchvision's weights for tensors: [N, 1, H, W]."""
+    r, g, b = x.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(dim=-3)
+
+
+def blend(x, y, factor):
+    """factor * x + (1 - factor) * y, clipped to the image range, per image (torchvision's _blend)."""
+    factor = per_image(factor, x)
+    return (factor * x + (1 - factor) * y).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x, factor):
+    return blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation(x, factor):
+    return blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by shift (a fraction of a turn) in HSV space, keeping saturation and value."""
+    r, g, b = x.unbind(dim=-3)
+    value, low = x.amax(dim=-3), x.amin(dim=-3)
+    chroma = value - low
+    safe_chroma = torch.where(chroma > 0, chroma, 1)
+    # Hue in sixths of a turn, from the largest channel (red wins ties, then green, as in torchvision).
+    hue = torch.where(value == r, (g - b) / safe_chroma,
+                      torch.where(value == g, 2 + (b - r) / safe_chroma, 4 + (r - g) / safe_chroma))
+    hue = (hue / 6 + per_image(shift, x)[:, 0]) % 1
+    saturation = chroma / torch.where(value > 0, value, 1)
+    # Back to RGB: channel c = value * (1 - saturation * clamp(min(k, 4 - k), 0, 1)),
+    # k = (n_c + 6 hue) mod 6 with n = 5, 3, 1 for red, green, blue.
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(3, 1, 1) + 6 * hue[:, None]) % 6
+    weight = torch.minimum(k, 4 - k).clamp(0, 1)
+    return value[:, None] * (1 - saturation[:, None] * weight)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's fn_idx order
+
+
+def color_jitter(x, apply, order, factors, enabled=(True,) * 4):
+    """ColorJitter with its own factors and order of the four operations per image.
+
+    apply [N] bool, order [N, 4] a permutation of the operations, factors [N, 4]; all on the CPU, so
+    that choosing the images of each stage needs no device synchronisation. enabled: which of the
+    operations the recipe has (ColorJitter skips those it was given no range for). x is changed in place.
+    """
+    for stage in range(4):
+        for op_index, op in enumerate(JITTER_OPS):
+            if not enabled[op_index]:
+                continue
+            rows = (apply & (order[:, stage] == op_index)).nonzero().flatten()
+            if len(rows):
+                on_device = rows.to(x.device, non_blocking=True)
+                x[on_device] = op(x[on_device], factors[rows, op_index])
+    return x
+
+
+def gaussian_blur(x, kernel_size, sigma):
+    """torchvision's Gaussian blur (normalised kernel at integer offsets, reflect padding) with one
+    sigma per image, as two 1-d passes over a grouped convolution."""
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    offsets = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / per_image(sigma, x).view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n * c, k]
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def augment_view(crops, params, recipe):
+    """Everything after the crop, in the CPU path's order: flip, colour jitter (p), greyscale (p),
+    blur (p), solarize (p), normalisation. crops: float [N, 3, H, W] in [0, 1]; params on the CPU."""
+    def chosen(name):
+        return params[name].to(crops.device, non_blocking=True).view(-1, 1, 1, 1)
+
+    x = torch.where(chosen("flip"), crops.flip(-1), crops)
+    x = color_jitter(x, params["jitter"], params["jitter_order"], params["jitter_factors"],
+                     enabled=[r is not None for r in recipe.jitter])
+    x = torch.where(chosen("grey"), grayscale(x).expand_as(x), x)
+    rows = params["blur"].nonzero().flatten()
+    if recipe.blur_kernel > 1 and len(rows):
+        on_device = rows.to(x.device, non_blocking=True)
+        x[on_device] = gaussian_blur(x[on_device], recipe.blur_kernel, params["sigma"][rows])
+    x = torch.where(chosen("solarize") & (x >= recipe.solarize_threshold), 1 - x, x)
+    mean = torch.tensor(recipe.mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(recipe.std, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------------------------------------
+# The two views of a micro-batch
+# ------------------------------------------------------------------------------------------------
+
+class DeviceTwoViews:
+    """Decodes a micro-batch from UndecodedImages and makes its two views on device.
+
+    view1, view2: the CPU path's transforms (mdra.pretrain_transforms), read as recipes.
+    """
+
+    def __init__(self, view1, view2, seed, rank, world_size, device):
+        self.recipes = (recipe_from_transforms(view1), recipe_from_transforms(view2))
+        if self.recipes[0].size != self.recipes[1].size:
+            raise ValueError("both views must have the same crop size")
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
+
+    def params(self, n, epoch, batch_index):
+        """This rank's n rows of the parameters of global micro-batch batch_index, for each view."""
+        generator = torch.Generator().manual_seed(mdra.sample_seed(self.seed, epoch, batch_index))
+        rows = slice(self.rank * n, (self.rank + 1) * n)
+        return [{k: v[rows] for k, v in sample_params(recipe, n * self.world_size, generator).items()}
+                for recipe in self.recipes]
+
+    def __call__(self, images, skipped, epoch, batch_index):
+        """images, skipped: a batch of collate_undecoded. Returns (v1, v2, skipped) as the CPU loader."""
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, non_blocking=True)
+            heights = torch.full((len(images),), images.shape[-2])
+            widths = torch.full((len(images),), images.shape[-1])
+        else:
+            images, failed = decode(images, self.device)
+            skipped = skipped + failed
+            heights = torch.tensor([x.shape[-2] for x in images])
+            widths = torch.tensor([x.shape[-1] for x in images])
+        params = self.params(len(images), epoch, batch_index)
+        boxes = torch.stack([crop_boxes(p, heights, widths, r.ratio) for p, r in zip(params, self.recipes)])
+        crops = (resized_crops(images, boxes, self.recipes[0].size) / 255).chunk(2)
+        v1, v2 = (augment_view(c, p, r) for c, p, r in zip(crops, params, self.recipes))
+        return v1, v2, skipped

@@ -1,0 +1,294 @@
+"""gpu_aug.py (mdra.py --gpu-aug): the batched two-view augmentation, on CPU tensors.
+
+Statistical tests compare with the CPU path (torchvision's transforms on PIL images). All randomness is
+seeded, so a test either always passes or always fails; the tolerances say how far two samples of the
+stated sizes may differ by chance (about 4.5 standard errors, or a two-sample Kolmogorov-Smirnov
+distance at the 0.1% level), so that they would catch a wrong distribution, not sampling noise.
+"""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision import transforms as T
+
+import gpu_aug
+import mdra
+
+# torchvision >= 0.29 announces that its decoders move to TorchCodec; they still work, and the GPU
+# machines run an older torchvision.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+IMAGENET = mdra.DataInfo("imagenet", 1000, [], 224, mdra.IMAGENET_MEAN, mdra.IMAGENET_STD, False)
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
+
+
+def ks_limit(n, m):
+    """The KS distance two samples of one distribution exceed with probability 0.1%."""
+    return math.sqrt(-math.log(0.0005) / 2) * math.sqrt((n + m) / (n * m))
+
+
+def assert_rate(hits, p):
+    n = len(hits)
+    assert abs(float(np.mean(hits)) - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-12
+
+
+def no_op_params(n, **overrides):
+    """augment_view parameters that leave the crops unchanged except for what is overridden."""
+    params = {"flip": torch.zeros(n, dtype=torch.bool), "jitter": torch.zeros(n, dtype=torch.bool),
+              "jitter_order": torch.arange(4).repeat(n, 1), "jitter_factors": torch.ones(n, 4),
+              "grey": torch.zeros(n, dtype=torch.bool), "blur": torch.zeros(n, dtype=torch.bool),
+              "sigma": torch.ones(n), "solarize": torch.zeros(n, dtype=torch.bool)}
+    params.update(overrides)
+    return params
+
+
+def jpeg_bytes(image, quality=90):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def test_recipe_is_read_from_the_cpu_transforms_of_each_view():
+    view1, view2 = (gpu_aug.recipe_from_transforms(t) for t in mdra.pretrain_transforms(IMAGENET, 224, solarize=0.2))
+    assert view1.size == (224, 224) and view1.scale == (0.08, 1.0) and view1.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert (view1.flip_p, view1.jitter_p, view1.grey_p) == (0.5, 0.8, 0.2)
+    assert [x for r in view1.jitter for x in r] == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.8, 1.2, -0.1, 0.1])
+    assert (view1.blur_p, view2.blur_p, view1.blur_kernel, view1.blur_sigma) == (1.0, 0.1, 23, (0.1, 2.0))
+    assert (view1.solarize_p, view2.solarize_p, view2.solarize_threshold) == (0.0, 0.2, 128 / 255)
+    assert view1.mean == mdra.IMAGENET_MEAN and view1.std == mdra.IMAGENET_STD
+    small = mdra.DataInfo("cifar10", 10, [], 32, (0.5,) * 3, (0.25,) * 3, True)
+    recipe = gpu_aug.recipe_from_transforms(mdra.pretrain_transforms(small, 32)[0])
+    assert recipe.scale == (0.2, 1.0) and recipe.blur_p == 0.0  # no blur at 32 px
+
+
+def test_a_transform_without_a_batched_version_is_an_error():
+    with pytest.raises(ValueError, match="RandomRotation"):
+        gpu_aug.recipe_from_transforms(T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]))
+
+
+def test_colour_operations_equal_torchvisions_image_by_image():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 12, 16)
+    x[0] = 0.5  # grey: hue undefined, saturation 0
+    x[1, :, :2] = 1.0  # ties between channels at the maximum
+    factors = {TF.adjust_brightness: torch.tensor([0.6, 0.8, 1.0, 1.2, 1.4, 0.7]),
+               TF.adjust_contrast: torch.tensor([0.6, 0.9, 1.0, 1.1, 1.4, 1.3]),
+               TF.adjust_saturation: torch.tensor([0.8, 0.9, 1.0, 1.05, 1.2, 0.85]),
+               TF.adjust_hue: torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.1, 0.5])}
+    ours = dict(zip(factors, gpu_aug.JITTER_OPS))
+    for theirs, f in factors.items():
+        expected = torch.stack([theirs(image, factor) for image, factor in zip(x, f.tolist())])
+        torch.testing.assert_close(ours[theirs](x, f), expected, atol=2e-6, rtol=0, msg=theirs.__name__)
+    torch.testing.assert_close(gpu_aug.grayscale(x), TF.rgb_to_grayscale(x), atol=0, rtol=0)
+
+
+def test_colour_jitter_applies_each_images_own_order_and_skips_unselected_images():
+    torch.manual_seed(1)
+    x = torch.rand(4, 3, 8, 8)
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]])
+    factors = torch.tensor([[1.3, 0.7, 1.1, 0.08], [0.7, 1.2, 0.9, -0.06], [1.1, 1.4, 0.8, 0.02], [0.9, 0.6, 1.2, -0.1]])
+    apply = torch.tensor([True, True, True, False])
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    expected = x.clone()
+    for i in range(3):
+        for op_index in order[i].tolist():
+            expected[i] = ops[op_index](expected[i], factors[i, op_index].item())
+    torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), apply, order, factors), expected, atol=1e-5, rtol=0)
+
+
+def test_gaussian_blur_equals_torchvisions_with_each_images_sigma():
+    torch.manual_seed(2)
+    x = torch.rand(3, 3, 20, 24)
+    sigma = torch.tensor([0.1, 0.9, 2.0])
+    expected = torch.stack([TF.gaussian_blur(image, [7, 7], [s, s]) for image, s in zip(x, sigma.tolist())])
+    torch.testing.assert_close(gpu_aug.gaussian_blur(x, 7, sigma), expected, atol=2e-6, rtol=0)
+
+
+def test_flip_greyscale_solarize_and_normalisation_equal_torchvision():
+    torch.manual_seed(3)
+    crops = torch.rand(4, 3, 10, 10)
+    recipe = gpu_aug.ViewRecipe(size=(10, 10), scale=(1, 1), ratio=(1, 1), solarize_threshold=128 / 255,
+                                mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    chosen = torch.tensor([True, False, True, False])
+
+    def normalise(x):
+        return TF.normalize(x, recipe.mean, recipe.std)
+
+    cases = {"flip": TF.hflip, "grey": lambda x: TF.rgb_to_grayscale(x, 3),
+             "solarize": lambda x: TF.solarize(x, 128 / 255)}
+    for name, op in cases.items():
+        out = gpu_aug.augment_view(crops, no_op_params(4, **{name: chosen}), recipe)
+        expected = torch.stack([normalise(op(c) if pick else c) for c, pick in zip(crops, chosen)])
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_whole_image_crop_at_its_own_size_is_the_image_for_stacked_and_listed_images():
+    images = torch.randint(0, 256, (3, 3, 12, 20), dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 12.0]]).expand(2, 3, 4)
+    for batch in (images, list(images)):
+        crops = gpu_aug.resized_crops(batch, boxes, (12, 20))
+        assert crops.shape == (6, 3, 12, 20) and crops.dtype == torch.float32
+        torch.testing.assert_close(crops, images.float().repeat(2, 1, 1, 1), atol=0, rtol=0)
+
+
+def test_upscaling_a_crop_is_bilinear_interpolation_and_views_come_view_major():
+    images = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8)
+    boxes = torch.tensor([[[0.0, 0.0, 11.0, 9.0]] * 2, [[3.0, 2.0, 11.0, 7.0]] * 2])  # view 2: a crop
+    crops = gpu_aug.resized_crops(list(images), boxes, (18, 22))
+    expected = F.interpolate(images.float(), size=(18, 22), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(crops[:2], expected, atol=1e-3, rtol=0)  # view 1 of both images
+    # Inside the crop (away from its border, where roi_align may read the pixels just outside it).
+    inner = F.interpolate(images[:, :, 2:7, 3:11].float(), size=(18, 22), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(crops[2:, :, 2:-2, 2:-2], inner[:, :, 2:-2, 2:-2], atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("height,width", [(375, 500), (60, 400)])  # ImageNet-like; so wide the fallback is common
+def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
+    n = 6000
+    recipe = gpu_aug.ViewRecipe(size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    params = gpu_aug.sample_params(recipe, n, torch.Generator().manual_seed(0))
+    boxes = gpu_aug.crop_boxes(params, torch.full((n,), height), torch.full((n,), width), recipe.ratio).numpy()
+    ours = {"top": boxes[:, 1], "left": boxes[:, 0], "h": boxes[:, 3] - boxes[:, 1], "w": boxes[:, 2] - boxes[:, 0]}
+    torch.manual_seed(0)
+    image = torch.empty(1, height, width)
+    theirs = np.array([T.RandomResizedCrop.get_params(image, recipe.scale, recipe.ratio) for _ in range(n)])
+    theirs = dict(zip(("top", "left", "h", "w"), theirs.T))
+    assert (ours["top"] >= 0).all() and (ours["top"] + ours["h"] <= height).all()
+    assert (ours["left"] >= 0).all() and (ours["left"] + ours["w"] <= width).all()
+    for key in ours:
+        assert ks_distance(ours[key], theirs[key]) < ks_limit(n, n), key
+    # The central fallback crop, when no try fits, is torchvision's exactly.
+    whole_width = ours["w"] == width
+    if whole_width.mean() > 0.05:
+        assert set(ours["h"][whole_width]) <= set(theirs["h"][theirs["w"] == width])
+
+
+def test_parameter_rates_and_ranges_follow_the_cpu_transforms():
+    n = 20000
+    view1, view2 = mdra.pretrain_transforms(IMAGENET, 224, solarize=0.2)
+    recipe = gpu_aug.recipe_from_transforms(view2)
+    params = gpu_aug.sample_params(recipe, n, torch.Generator().manual_seed(1))
+    for name, p in (("flip", 0.5), ("jitter", 0.8), ("grey", 0.2), ("blur", 0.1), ("solarize", 0.2)):
+        assert_rate(params[name].numpy(), p)
+    torch.manual_seed(1)
+    jitter = view2.transforms[2].transforms[0]
+    theirs = [jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for _ in range(4000)]
+    their_factors = np.array([t[1:] for t in theirs])
+    for i in range(4):
+        assert ks_distance(params["jitter_factors"][:, i], their_factors[:, i]) < ks_limit(n, 4000)
+    # Every operation is equally likely at every stage, as with torch.randperm(4).
+    for stage in range(4):
+        for op_index in range(4):
+            assert_rate((params["jitter_order"][:, stage] == op_index).numpy(), 0.25)
+    assert sorted(params["jitter_order"][0].tolist()) == [0, 1, 2, 3]
+    blur = view1.transforms[4].transforms[0]
+    their_sigma = [blur.get_params(*blur.sigma) for _ in range(4000)]
+    assert ks_distance(params["sigma"], their_sigma) < ks_limit(n, 4000)
+
+
+def test_views_match_the_cpu_path_in_per_image_mean_and_std():
+    n, size = 600, 48  # 48 px: blur on, as at 224 px
+    info = mdra.DataInfo("imagenet", 1000, [], size, mdra.IMAGENET_MEAN, mdra.IMAGENET_STD, False)
+    view1, view2 = mdra.pretrain_transforms(info, size, solarize=0.3)
+    pattern = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(4))
+    image = (F.interpolate(pattern[None], size=(60, 80), mode="bicubic", align_corners=False)[0].clamp(0, 1) * 255)
+    image = image.round().to(torch.uint8)
+    torch.manual_seed(4)
+    pil = TF.to_pil_image(image)
+    cpu = [torch.stack([view(pil) for _ in range(n)]) for view in (view1, view2)]
+    device_views = gpu_aug.DeviceTwoViews(view1, view2, seed=4, rank=0, world_size=1, device="cpu")
+    ours = device_views(image.expand(n, 3, 60, 80), torch.zeros(n, dtype=torch.long), epoch=0, batch_index=0)
+    for view, (theirs, mine) in enumerate(zip(cpu, ours[:2])):
+        for statistic in (lambda v: v.mean(dim=(1, 2, 3)), lambda v: v.std(dim=(1, 2, 3)),
+                          lambda v: v.mean(dim=(2, 3))[:, 0] - v.mean(dim=(2, 3))[:, 2]):
+            assert ks_distance(statistic(mine), statistic(theirs)) < ks_limit(n, n), f"view {view + 1}"
+
+
+def test_the_same_seed_epoch_and_batch_give_the_same_views_and_another_batch_others():
+    views = gpu_aug.DeviceTwoViews(*mdra.pretrain_transforms(IMAGENET, 40), seed=7, rank=0, world_size=1, device="cpu")
+    images = torch.randint(0, 256, (4, 3, 50, 60), dtype=torch.uint8)
+    skipped = torch.zeros(4, dtype=torch.long)
+    first, again, other = views(images, skipped, 2, 5), views(images, skipped, 2, 5), views(images, skipped, 2, 6)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    assert first[0].shape == first[1].shape == (4, 3, 40, 40) and first[0].dtype == torch.float32
+
+
+def test_each_rank_makes_its_rows_of_the_single_process_views():
+    transforms = mdra.pretrain_transforms(IMAGENET, 40)
+    images = list(torch.randint(0, 256, (6, 3, 50, 60), dtype=torch.uint8))  # sizes vary in real data
+    images[1], images[4] = images[1][:, :45], images[4][:, :, :41]
+    skipped = torch.zeros(6, dtype=torch.long)
+    whole = gpu_aug.DeviceTwoViews(*transforms, 3, 0, 1, "cpu")(images, skipped, 1, 9)
+    for rank in range(2):
+        part = gpu_aug.DeviceTwoViews(*transforms, 3, rank, 2, "cpu")(images[3 * rank:3 * rank + 3], skipped[:3], 1, 9)
+        for view in range(2):
+            torch.testing.assert_close(part[view], whole[view][3 * rank:3 * rank + 3], atol=1e-6, rtol=0)
+
+
+def test_decode_replaces_an_undecodable_file_by_the_next_image_and_counts_it():
+    rng = np.random.default_rng(5)
+    pictures = [Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)) for i in range(3)]
+    items = [jpeg_bytes(pictures[0]), jpeg_bytes(pictures[1])[:60], torch.from_numpy(np.array(pictures[2])).permute(2, 0, 1)]
+    decoded, failed = gpu_aug.decode(items, torch.device("cpu"))
+    assert failed.tolist() == [0, 1, 0]
+    assert [tuple(x.shape) for x in decoded] == [(3, 30, 40), (3, 32, 40), (3, 32, 40)]
+    assert torch.equal(decoded[1], decoded[2])
+    from_pil = torch.from_numpy(np.array(Image.open(io.BytesIO(items[0].numpy().tobytes())).convert("RGB")))
+    assert (decoded[0].permute(1, 2, 0).int() - from_pil.int()).abs().max() <= 2  # two libjpeg builds
+    with pytest.raises(RuntimeError, match="no image"):
+        gpu_aug.decode([items[1]], torch.device("cpu"))
+
+
+def test_the_loader_yields_jpeg_bytes_for_the_gpu_and_decodes_everything_else(tmp_path):
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(6)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a" / "0.jpg")
+    Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(tmp_path / "a" / "1.png")
+    files = mdra.ImageFiles(tmp_path)
+    for_gpu = gpu_aug.UndecodedImages(files, jpeg_bytes=True)
+    (jpeg, skipped), (png, _) = for_gpu[0, 0], for_gpu[0, 1]
+    assert jpeg.ndim == 1 and jpeg[:3].tolist() == gpu_aug.JPEG_SIGNATURE and skipped == 0
+    assert png.shape == (3, 20, 30) and png.dtype == torch.uint8  # grey PNG: RGB as in the CPU path
+    images, skipped = gpu_aug.collate_undecoded([for_gpu[0, 0], for_gpu[0, 1]])
+    assert isinstance(images, list) and skipped.tolist() == [0, 0]
+    on_cpu = gpu_aug.UndecodedImages(files, jpeg_bytes=False)
+    images, _ = gpu_aug.collate_undecoded([on_cpu[0, 0], on_cpu[0, 1]])
+    assert isinstance(images, torch.Tensor) and images.shape == (2, 3, 20, 30)
+
+
+TINY = ["--img-size", "16", "--arch", "resnet18", "--batch-size", "16", "--queue-size", "32", "--workers", "0",
+        "--log-every", "1", "--device", "cpu", "--gpu-aug"]
+
+
+def test_mdra_gpu_aug_trains_and_resumes_exactly_on_synthetic_data(tmp_path):
+    synthetic = ["--data", "synthetic", "--synthetic-size", "32", "--epochs", "1", *TINY]
+    straight = mdra.main([*synthetic, "--out-dir", str(tmp_path / "straight")])
+    mdra.main([*synthetic, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "1"])
+    resumed = mdra.main([*synthetic, "--out-dir", str(tmp_path / "resumed")])  # from the middle of the epoch
+    a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (straight, resumed))
+    assert a["step"] == b["step"] == 2 and a["args"]["gpu_aug"]
+    for key in a["online"]:
+        assert torch.equal(a["online"][key], b["online"][key]), key
+    assert torch.equal(a["queue"], b["queue"])
+
+
+def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path):
+    rng = np.random.default_rng(7)
+    for i in range(16):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.jpg")
+    args = ["--data", str(tmp_path / "data"), "--epochs", "1", "--accum-steps", "1", *TINY, "--workers", "1"]
+    ckpt = torch.load(mdra.main([*args, "--out-dir", str(tmp_path / "run")]), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 1 and torch.isfinite(ckpt["queue"]).all()
