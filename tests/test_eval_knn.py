@@ -1,0 +1,227 @@
+"""eval_knn.py: votes against a float64 loop, memory budgets, torchrun shards, baselines, refusals, the monitor."""
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_knn
+import mdra
+
+REPO = Path(__file__).resolve().parents[1]
+# Two epochs, so that a monitor after epoch 1 could still disturb epoch 2. 8 px keeps resnet18 fast.
+PRETRAIN = ["--data", "synthetic", "--synthetic-size", "24", "--img-size", "8", "--arch", "resnet18",
+            "--batch-size", "16", "--queue-size", "16", "--epochs", "2", "--workers", "0"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """On a small machine shared with other test runs, OpenMP threads spin-waiting for each other make
+    every small operation many times slower; one thread per process avoids that."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_here():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """Two tiny pretraining runs of mdra.py, one plain, one with the kNN monitor after each epoch.
+    Returns their output directories. In this process: a new one would spend seconds importing torch."""
+    plain, monitored = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("monitored")
+    with one_thread():  # session fixtures are set up before the module's
+        mdra.main(PRETRAIN + ["--out-dir", str(plain)])
+        mdra.main(PRETRAIN + ["--out-dir", str(monitored), "--knn-every", "1"])
+    return plain, monitored
+
+
+@pytest.fixture(scope="session")
+def checkpoint(pretrained):
+    return pretrained[0] / "checkpoint.pth"
+
+
+def reference_votes(train, labels, test, num_classes, k, temperature):
+    """The weighted kNN written out with plain loops in float64."""
+    def unit(v):
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    bank = [unit(v) for v in train.tolist()]
+    votes = []
+    for query in test.tolist():
+        query = unit(query)
+        similarities = sorted(((sum(a * b for a, b in zip(query, v)), j) for j, v in enumerate(bank)), reverse=True)
+        row = [0.0] * num_classes
+        for s, j in similarities[:k]:
+            row[int(labels[j])] += math.exp(s / temperature)
+        votes.append(row)
+    return torch.tensor(votes, dtype=torch.float64)
+
+
+def random_problem(n_train=97, n_test=23, dim=8, num_classes=6, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    train = torch.randn(n_train, dim, generator=g, dtype=dtype)
+    test = torch.randn(n_test, dim, generator=g, dtype=dtype)
+    labels = torch.randint(0, num_classes - 1, (n_train,), generator=g)  # the last class gets no train image
+    return train, labels, test, num_classes
+
+
+@pytest.mark.parametrize("chunk_mb", [1e-5, 3e-4, 1024])  # 1-row bank pieces ... everything in one block
+def test_votes_for_several_k_match_a_float64_reference_loop(chunk_mb):
+    train, labels, test, num_classes = random_problem()
+    ks = [1, 5, 20, 97]
+    votes = eval_knn.weighted_knn_votes(train, labels, test, num_classes, ks, temperature=0.07, chunk_mb=chunk_mb)
+    assert sorted(votes) == ks
+    for k in ks:
+        assert votes[k].shape == (23, num_classes) and votes[k].dtype == torch.float64
+        torch.testing.assert_close(votes[k], reference_votes(train, labels, test, num_classes, k, 0.07),
+                                   rtol=1e-12, atol=0)
+
+
+def test_weighted_knn_normalises_features_itself_and_is_the_one_k_case():
+    train, labels, test, num_classes = random_problem()
+    g = torch.Generator().manual_seed(1)
+    scaled_train = train * torch.rand(len(train), 1, generator=g, dtype=torch.float64).add(0.1) * 10
+    scores = eval_knn.weighted_knn(scaled_train, labels, test * 3, num_classes, k=20, temperature=0.1)
+    torch.testing.assert_close(scores, reference_votes(train, labels, test, num_classes, 20, 0.1), rtol=1e-12, atol=0)
+    assert eval_knn.weighted_knn(train.float(), labels, test.float(), num_classes).dtype == torch.float32
+
+
+def test_float32_votes_are_the_same_for_any_memory_budget():
+    train, labels, test, num_classes = random_problem(n_train=300, n_test=70, dim=16, dtype=torch.float32)
+    ks = [1, 10, 50]
+    one_block = eval_knn.weighted_knn_votes(train, labels, test, num_classes, ks, chunk_mb=1024)
+    for chunk_mb in (1e-5, 1e-3, 0.01):  # from 1-row pieces to a few pieces of 16 x 160 blocks
+        votes = eval_knn.weighted_knn_votes(train, labels, test, num_classes, ks, chunk_mb=chunk_mb)
+        for k in ks:
+            # Block shapes change only the float rounding of the similarities, never the neighbours.
+            torch.testing.assert_close(votes[k], one_block[k], rtol=1e-5, atol=0)
+            assert eval_knn.count_correct(votes[k], labels[:70]) == eval_knn.count_correct(one_block[k], labels[:70])
+
+
+def test_fewer_queries_than_one_chunk_and_no_queries_at_all():
+    train, labels, test, num_classes = random_problem(n_test=3)
+    votes = eval_knn.weighted_knn_votes(train, labels, test, num_classes, [5, 20], chunk_mb=1024)
+    reference = reference_votes(train, labels, test, num_classes, 20, 0.07)
+    torch.testing.assert_close(votes[20], reference, rtol=1e-12, atol=0)
+    empty = eval_knn.weighted_knn_votes(train, labels, test[:0], num_classes, [5, 20])
+    assert empty[20].shape == (0, num_classes)
+
+
+def test_k_larger_than_the_bank_is_refused():
+    train, labels, test, num_classes = random_problem(n_train=10)
+    with pytest.raises(ValueError, match="between 1 and the 10 train images"):
+        eval_knn.weighted_knn(train, labels, test, num_classes, k=11)
+
+
+def test_top5_credits_only_a_class_that_got_votes_and_breaks_ties_in_its_favour():
+    scores = torch.tensor([[3.0, 0, 0, 0, 0, 0, 0, 0],    # class 6 got no vote: wrong at top-1 and top-5
+                           [3.0, 0, 0, 0, 0, 0, 0, 0],    # class 0 won
+                           [1.0, 2.0, 2.0, 0, 0, 0, 0, 0],  # class 2 tied with the winner
+                           [5.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0, 0]])  # class 5 is sixth
+    labels = torch.tensor([6, 0, 2, 5])
+    assert eval_knn.count_correct(scores, labels) == {1: 2, 5: 2}
+
+
+def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path):
+    # 45 train and 11 val images: both split unevenly over 2 ranks (23 + 22, 6 + 5).
+    common = ["--ckpt", str(checkpoint), "--synthetic-size", "45", "--k", "1", "5", "20", "--workers", "0"]
+    eval_knn.main(common + ["--save-features", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(REPO / "eval_knn.py"), *common, "--save-features", str(tmp_path / "two"),
+                    "--out", str(tmp_path / "two.json")],
+                   check=True, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert two["world_size"] == 2 and (two["n_train"], two["n_test"]) == (45, 11)
+    assert two["results"] == one["results"]
+    for split, rows in (("train", 45), ("val", 11)):
+        single, gathered = (torch.load(tmp_path / run / f"{split}.pth", weights_only=True) for run in ("one", "two"))
+        assert gathered["features"].shape == single["features"].shape == (rows, 512)  # no padded duplicates
+        assert torch.equal(gathered["labels"], single["labels"])
+        # Rank order reproduces image order; batches of other sizes may only round differently.
+        torch.testing.assert_close(gathered["features"], single["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_baselines_run_end_to_end_and_saved_features_give_the_same_result(checkpoint, tmp_path):
+    common = ["--ckpt", str(checkpoint), "--k", "5", "20", "--workers", "0"]
+    pixels = eval_knn.main(common + ["--pixels", "--save-features", str(tmp_path / "pixels"),
+                                     "--out", str(tmp_path / "pixels.json")])
+    saved = torch.load(tmp_path / "pixels" / "train.pth", weights_only=True)
+    assert saved["features"].shape == (24, 3 * 8 * 8) and saved["num_classes"] == 10
+    # Synthetic classes are distinct colour patterns, so raw pixels must beat chance (10 %) by far.
+    assert pixels[20][0] > 50
+    assert eval_knn.main(["--load-features", str(tmp_path / "pixels"), "--k", "5", "20",
+                          "--out", str(tmp_path / "reloaded.json")]) == pixels
+    random_init = eval_knn.main(common + ["--random-init", "--out", str(tmp_path / "random.json")])
+    record = json.loads((tmp_path / "random.json").read_text())
+    assert record["features"].startswith("resnet18, random init") and set(record["results"]) == {"5", "20"}
+    assert set(random_init) == {5, 20}
+
+
+def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):
+    eval_knn.main(["--ckpt", str(checkpoint), "--pixels", "--k", "20", "--workers", "0"])
+    assert json.loads((checkpoint.parent / "knn_pixels.json").read_text())["n_train"] == 24
+
+
+@pytest.mark.parametrize("problem", ["garbage", "wrong format", "arch mismatch"])
+def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_path, capsys):
+    path, extra = tmp_path / "bad.pth", []
+    if problem == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif problem == "wrong format":
+        torch.save({"format": "dino", "backbone": {}}, path)
+    else:
+        path, extra = checkpoint, ["--arch", "resnet34"]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(["--ckpt", str(path), *extra, "--k", "20", "--workers", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eval_knn.py: error: ") and "\n" not in err and "Traceback" not in err
+    assert {"garbage": "not a readable checkpoint", "wrong format": "format 'dino'",
+            "arch mismatch": "--arch resnet34 does not match"}[problem] in err
+
+
+def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
+    args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=25,
+                              batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
+    env = mdra.DistEnv(0, 1, 0, torch.device("cpu"))
+    backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
+    backbone.train()
+    backbone.layer2.eval()  # a mixed state must come back as it was, not as train() everywhere
+    modes = [m.training for m in backbone.modules()]
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = eval_knn.knn_monitor(backbone, args, env)
+    assert set(result) == {"top1@20", "top5@20"} and all(0 <= v <= 100 for v in result.values())
+    assert [m.training for m in backbone.modules()] == modes
+    assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())  # BatchNorm statistics too
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_monitor_in_training_is_logged_and_leaves_the_weights_bit_identical(pretrained):
+    plain, monitored = pretrained
+    def epoch_records(run):
+        return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == "epoch"]
+
+    knn = [r["knn"] for r in epoch_records(monitored)]
+    assert len(knn) == 2 and all(set(r) == {"top1@20", "top5@20"} for r in knn)
+    assert not any("knn" in r for r in epoch_records(plain))
+    with_monitor, without = (torch.load(run / "checkpoint.pth", weights_only=True) for run in (monitored, plain))
+    for part in ("online", "offline"):
+        assert all(torch.equal(with_monitor[part][k], without[part][k]) for k in without[part])
+    assert torch.equal(with_monitor["queue"], without["queue"])
+    assert torch.equal(with_monitor["rng"]["torch"], without["rng"]["torch"])
