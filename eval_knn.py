@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def monitor_datasets(data, data_dir, synthetic_size, img_size):
 
 
 def knn_monitor(backbone, args, env):
-    """Weighted kNN (k = 20) of the backbone during pretraining: {"top1@20": %, "top5@20": %}.
+    """Weighted kNN (k = 20, or the bank size if smaller) of the backbone during pretraining:
+    {"top1@20": %, "top5@20": %}.
 
     args: mdra.py's resolved arguments (data, data_dir, synthetic_size, img_size, knn_subset,
     batch_size, workers, amp, channels_last, seed); env: its mdra.DistEnv. Every rank must call it.
@@ -223,9 +225,7 @@ def knn_monitor(backbone, args, env):
     if 0 < args.knn_subset < len(bank_images):
         chosen = torch.randperm(len(bank_images), generator=torch.Generator().manual_seed(args.seed))
         bank_indices = chosen[:args.knn_subset].sort().values
-    if len(bank_indices) < MONITOR_K:
-        raise mdra.UsageError(f"the kNN bank has {len(bank_indices)} images, fewer than k = {MONITOR_K}; "
-                              "raise --knn-subset.")
+    k = min(MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank
     query_indices = torch.arange(len(query_images))[shard(len(query_images), env)]
     transform = mdra.eval_transform(info, args.img_size)
     extract = functools.partial(extract_features, backbone, transform=transform, env=env,
@@ -242,9 +242,9 @@ def knn_monitor(backbone, args, env):
             module.training = training
     bank_labels = torch.tensor(bank_images.targets)[bank_indices]
     query_labels = torch.tensor(query_images.targets)[query_indices]
-    (top1, top5), = knn_accuracy(bank, bank_labels, queries, query_labels, info.num_classes, [MONITOR_K],
+    (top1, top5), = knn_accuracy(bank, bank_labels, queries, query_labels, info.num_classes, [k],
                                  0.07, DEFAULT_CHUNK_MB, env).values()
-    return {f"top1@{MONITOR_K}": top1, f"top5@{MONITOR_K}": top5}
+    return {f"top1@{k}": top1, f"top5@{k}": top5}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,6 +281,7 @@ def features_from_images(args, env, bank_device):
     bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
     query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
     args.img_size = args.img_size or info.native_size
+    check_k(args.k, len(bank_images))  # before the long part
 
     net, description = feature_network(args, ckpt, info)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -322,6 +323,11 @@ def save_features(directory, bank, bank_labels, queries, query_labels, num_class
                               "description": description}, directory / f"{name}.pth")
 
 
+def check_k(ks, n_train):
+    if max(ks) > n_train:
+        raise mdra.UsageError(f"--k {max(ks)} is more than the {n_train} train images in the bank.")
+
+
 def default_out(args):
     name = "knn_random-init.json" if args.random_init else "knn_pixels.json" if args.pixels else "knn.json"
     if args.ckpt:
@@ -330,6 +336,10 @@ def default_out(args):
 
 
 def evaluate(args):
+    # mdra.run_main turns SIGINT and SIGTERM into a request that training polls; an evaluation has
+    # nothing to save, so they end it at once (torchrun stops the other ranks with SIGTERM).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     env = mdra.setup_distributed(args.device)
     cuda = env.device.type == "cuda"
     args.amp = args.amp or ("bf16" if cuda else "off")
@@ -357,8 +367,7 @@ def evaluate(args):
         if env.is_main:
             save_features(args.save_features, bank, bank_labels, all_queries, query_labels, num_classes, description)
     extract_s = time.perf_counter() - tic
-    if max(args.k) > bank.shape[0]:
-        raise mdra.UsageError(f"--k {max(args.k)} is more than the {bank.shape[0]} train images in the bank.")
+    check_k(args.k, bank.shape[0])
 
     tic = time.perf_counter()
     results = knn_accuracy(bank, bank_labels, queries, query_labels[shard(len(query_labels), env)], num_classes,

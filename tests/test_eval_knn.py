@@ -212,6 +212,14 @@ def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_monitor_with_a_bank_smaller_than_k_votes_with_the_whole_bank():
+    args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=5,
+                              batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
+    backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
+    result = eval_knn.knn_monitor(backbone, args, mdra.DistEnv(0, 1, 0, torch.device("cpu")))
+    assert set(result) == {"top1@5", "top5@5"}
+
+
 def test_monitor_in_training_is_logged_and_leaves_the_weights_bit_identical(pretrained):
     plain, monitored = pretrained
     def epoch_records(run):
