@@ -154,15 +154,19 @@ def extract_features(net, images, indices, transform, env, batch_size, workers, 
                         generator=torch.Generator().manual_seed(0))  # its seed draw must not touch the global RNG
     autocast = torch.autocast(env.device.type, dtype=AMP_DTYPES[amp], enabled=AMP_DTYPES[amp] is not None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    features, tic, report_every = [], time.perf_counter(), max(1, len(loader) // 10)
+    features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
     for i, x in enumerate(loader):
         x = x.to(env.device, non_blocking=True, memory_format=memory_format)
         with autocast:
-            features.append(net(x).float().to(out_device))
+            batch = net(x)
+        if features is None:  # filled in place: concatenating batches would hold the features twice
+            features = torch.empty(len(indices), batch.shape[1], device=out_device)
+        features[done:done + len(batch)] = batch
+        done += len(batch)
         if progress and env.is_main and (i + 1) % report_every == 0:
-            print(f"{progress}: {min(len(indices), (i + 1) * batch_size)}/{len(indices)} images of rank 0 "
-                  f"in {time.perf_counter() - tic:.0f} s", flush=True)
-    return torch.cat(features) if features else torch.zeros(0, 0, device=out_device)
+            print(f"{progress}: {done}/{len(indices)} images of rank 0 in {time.perf_counter() - tic:.0f} s",
+                  flush=True)
+    return features if features is not None else torch.zeros(0, 0, device=out_device)
 
 
 def gather_rows(local, env, chunk_mb=DEFAULT_CHUNK_MB):

@@ -122,7 +122,7 @@ def main():
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"weighted kNN | bank {args.bank} x {args.dim} | {args.queries} queries | {args.classes} classes | "
-          f"k {' '.join(map(str, ks))} | {name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"k {' '.join(map(str, ks))} | {name} ({torch.get_num_threads()} threads) | torch {torch.__version__}")
     dino_seconds = rows[-1][2]
     print(f"{'implementation':<32} {'time (s)':>9} {'speed-up':>9} {'extra GiB':>10}   top-1 % for k = "
           + "/".join(map(str, ks)))
