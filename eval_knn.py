@@ -89,7 +89,8 @@ def weighted_knn_votes(train_features, train_labels, test_features, num_classes,
 
 
 def weighted_knn(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
-    """Vote scores [n_test, num_classes] of the k nearest train images, weight exp(s / T) (spec section 9)."""
+    """Vote scores [n_test, num_classes] of the k nearest train images by cosine similarity s, each voting
+    with weight exp(s / temperature) (spec section 9). The features are L2-normalised here."""
     return weighted_knn_votes(train_features, train_labels, test_features, num_classes, [k], temperature)[k]
 
 
@@ -304,16 +305,18 @@ def features_from_images(args, env, bank_device):
 
 def load_features(directory, env, bank_device):
     """The files of --save-features: (bank, labels, this rank's queries, all query labels, classes, description)."""
-    parts = {}
+    parts = []
     for name in ("train", "val"):
         path = Path(directory) / f"{name}.pth"
         try:
-            parts[name] = torch.load(path, map_location="cpu", weights_only=True)
-            parts[name]["features"], parts[name]["labels"], parts[name]["num_classes"]
+            part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a missing, truncated or foreign file
+            part = type(e).__name__
+        if not (isinstance(part, dict) and {"features", "labels", "num_classes", "description"} <= part.keys()):
             raise mdra.UsageError(f"{path} is not a feature file written by --save-features "
-                                  f"({type(e).__name__}).") from None
-    train, val = parts["train"], parts["val"]
+                                  f"({part if isinstance(part, str) else 'other contents'}).")
+        parts.append(part)
+    train, val = parts
     queries = val["features"][shard(len(val["labels"]), env)].to(env.device)
     return (train["features"].to(bank_device), train["labels"], queries, val["labels"], train["num_classes"],
             f"{train['description']}, loaded from {directory}")
