@@ -1,0 +1,570 @@
+"""Where the time of MDRA pretraining goes: the training step, the data pipeline and the loss.
+
+One run prints one table (and writes it, a JSON line per row and the full log under --out):
+- step: mdra.py's training step (mdra.micro_step, then the LARS step and the EMA update) on synthetic
+  device-resident images, for each architecture and configuration {eager, compiled} x {fp32, bf16} x
+  {nchw, cl (channels_last)}: image pairs/s, peak memory, model FLOPs per pair (counted with
+  FlopCounterMode) and, on CUDA, the achieved fraction of a bf16 matmul peak measured in the same run;
+- loss: mdra_loss forward and backward, and its Sinkhorn part, at --loss-batch x --loss-queue x --groups,
+  as a fraction of a step;
+- data: mdra.py's loader (mdra.pretrain_loader: the real two-view augmentation and DataLoader settings)
+  on an ImageFolder of JPEGs at ImageNet-like sizes that it generates (or --data), with --workers; with
+  --gpu-aug also the device path; against the step, to show which one is the bottleneck;
+- e2e: the step of the first architecture fed by each loader, against the same step on synthetic data.
+
+Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on the GPU); the data
+and end-to-end rates are taken in the steady state, after the workers' first round of batches.
+
+    python benchmarks/bench_train.py                                  # CPU, small sizes
+    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100, about 6 minutes
+    python benchmarks/bench_train.py --device cuda --archs resnet50 --configs compiled-bf16-cl \\
+        --batch-size 128 --sections step e2e --data /path/to/imagenet/train --gpu-aug
+"""
+import argparse
+import datetime
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mdra  # noqa: E402  (the repository root is on the path only from here)
+
+PRESETS = {
+    "cpu": dict(device="cpu", archs=["resnet18", "resnet50"], img_size=96, batch_size=16, queue_size=4096,
+                configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
+                data_images=256, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8),
+    "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
+                 configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "compiled-bf16-cl"],
+                 warmup=5, steps=10, repeats=3, data_images=3072, workers=16, gpu_aug=True,
+                 loss_batch=512, loss_queue=65536, e2e_steps=40, time_limit=420),
+}
+SECTIONS = ("step", "loss", "data", "e2e")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the flags below; explicit flags win")
+    a("--device", choices=["cpu", "cuda"])
+    a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    a("--archs", nargs="+", help="torchvision ResNets; the first one is the reference of the loss, data and e2e rows")
+    a("--img-size", type=int, help="crop size (a small stem at <= 64 px, as in mdra.py)")
+    a("--batch-size", type=int, help="micro-batch of one GPU (the ImageNet recipe: 512 over 8 GPUs = 64)")
+    a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
+    a("--queue-size", type=int, help="N of the step's loss")
+    a("--groups", type=int, default=4)
+    a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT with MODE eager|compiled, DTYPE fp32|bf16, LAYOUT nchw|cl; "
+                                   "the first is the baseline of the speed-up column")
+    a("--compile-backend", default="inductor")
+    a("--warmup", type=int, help="untimed steps (the first compiles)")
+    a("--steps", type=int, help="steps per timed repeat")
+    a("--repeats", type=int, help="timed repeats; the median is reported")
+    a("--data", help="an existing ImageFolder to read instead of generated JPEGs")
+    a("--data-images", type=int, help="JPEGs to generate (enough for several rounds of all workers)")
+    a("--workers", type=int)
+    a("--gpu-aug", action="store_true", default=None, help="also measure mdra.py --gpu-aug's loader and device augmentation")
+    a("--loss-batch", type=int)
+    a("--loss-queue", type=int)
+    a("--e2e-steps", type=int)
+    a("--e2e-config", help="configuration of the e2e rows (default: the last of --configs)")
+    a("--time-limit", type=float, default=0, help="seconds; later compiled configurations are skipped when "
+                                                   "less than --compile-allowance would be left (0: no limit)")
+    a("--compile-allowance", type=float, default=150)
+    a("--out", help="directory for table.md, results.jsonl and log.txt")
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    args.e2e_config = args.e2e_config or args.configs[-1]
+    for config in {*args.configs, args.e2e_config}:
+        parse_config(config)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was given but no CUDA GPU is available")
+    return args
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    compiled: bool
+    bf16: bool
+    channels_last: bool
+
+
+def parse_config(text):
+    try:
+        mode, dtype, layout = text.split("-")
+        assert mode in ("eager", "compiled") and dtype in ("fp32", "bf16") and layout in ("nchw", "cl")
+    except (ValueError, AssertionError):
+        raise SystemExit(f"bench_train.py: error: configuration {text!r} is not MODE-DTYPE-LAYOUT, "
+                         "e.g. eager-fp32-nchw or compiled-bf16-cl") from None
+    return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl")
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing and memory
+# ------------------------------------------------------------------------------------------------
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_time(step, device, warmup, steps, repeats):
+    """Seconds per step: warm-up, then the median over repeats of the mean of `steps` steps."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000 / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def steady_rate(arrivals, items_each, skip):
+    """Items per second between arrival `skip` and the last: leaves out the start-up (worker launch,
+    the first round of batches) that a long run does not pay again."""
+    skip = min(max(skip, 1), len(arrivals) - 1)
+    return (len(arrivals) - 1 - skip) * items_each / (arrivals[-1] - arrivals[skip])
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the process's peak resident size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gb(device):
+    """CUDA: peak allocated tensor memory. CPU: peak resident size of the process since the reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**20
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# The step, exactly mdra.py's
+# ------------------------------------------------------------------------------------------------
+
+class TrainStep:
+    """A model, queue, LARS optimizer and EMA set up as mdra.train sets them up; calling it runs one
+    optimizer step of accum_steps micro-batches (mdra.micro_step), as mdra.train's loop does."""
+
+    def __init__(self, arch, config, args, device):
+        torch.manual_seed(0)
+        self.online, self.offline, _ = mdra.build_model(arch, small_stem=args.img_size <= 64)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.online.to(device, memory_format=self.memory_format)
+        self.offline.to(device, memory_format=self.memory_format)
+        self.queue = mdra.init_queue(args.queue_size, args.groups, 0).to(device)
+        self.queue_ptr = 0
+        lr = 0.3 * args.batch_size * args.accum_steps / 256
+        self.optimizer = mdra.LARS(mdra.lars_param_groups(self.online, 1e-6), lr=lr, momentum=0.9)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 need no loss scaling
+        if config.compiled:
+            self.online.encoder.compile(backend=args.compile_backend)
+            self.online.predictor.compile(backend=args.compile_backend)
+            self.offline.compile(backend=args.compile_backend)
+        self.offline.train()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+        self.loss_args = SimpleNamespace(groups=args.groups, tau=0.04, mu=0.05, sinkhorn_iters=3,
+                                         accum_steps=args.accum_steps)
+        self.accum_steps, self.device = args.accum_steps, device
+
+    def micro_step(self, v1, v2):
+        v1 = v1.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        v2 = v2.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        _, _, self.queue_ptr = mdra.micro_step(self.online, self.offline, self.queue, self.queue_ptr, v1, v2,
+                                               self.loss_args, self.autocast, self.scaler)
+
+    def optimizer_step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        mdra.ema_update(self.online, self.offline, 0.99)
+
+    def __call__(self, batches):
+        """batches: a callable giving (v1, v2) for each micro-batch."""
+        for _ in range(self.accum_steps):
+            self.micro_step(*batches())
+        self.optimizer_step()
+
+
+def synthetic_views(args, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (args.batch_size, 3, args.img_size, args.img_size)
+    return torch.randn(shape, generator=g, device=device), torch.randn(shape, generator=g, device=device)
+
+
+def flops_per_pair(arch, args, device):
+    """Model FLOPs of one micro-step (forward, loss, backward), counted on the eager fp32 model, per pair."""
+    step = TrainStep(arch, StepConfig(False, False, False), args, device)
+    v1, v2 = synthetic_views(args, device)
+    with FlopCounterMode(display=False) as counter:
+        step.micro_step(v1, v2)
+    return counter.get_total_flops() / args.batch_size
+
+
+def bf16_matmul_tflops(device, n=8192, reps=20):
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = median_step_time(lambda: a @ b, device, warmup=3, steps=reps, repeats=3)
+    return 2 * n**3 / seconds / 1e12
+
+
+# ------------------------------------------------------------------------------------------------
+# The data pipeline
+# ------------------------------------------------------------------------------------------------
+
+def write_jpeg(job):
+    """One ImageNet-like JPEG (about 500 x 375, ~100 kB at quality 90): smooth colour regions with
+    texture noise, so that it costs what a photograph costs to decode."""
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(300, 450)), int(rng.integers(400, 600))
+    coarse = Image.fromarray((rng.random((h // 32 + 2, w // 32 + 2, 3)) * 255).astype(np.uint8))
+    pixels = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.float32) + rng.normal(0, 18, (h, w, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
+
+
+def make_image_folder(root, n, processes):
+    classes = 10
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+    jobs = [(root / f"class{i % classes}" / f"{i:06d}.jpg", i) for i in range(n)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.map(write_jpeg, jobs, chunksize=16)
+    return sum(path.stat().st_size for path, _ in jobs) / n
+
+
+class Loader:
+    """mdra.py's pretraining loader for one process, with or without --gpu-aug; yields views on device."""
+
+    def __init__(self, root, args, device, gpu_aug):
+        self.images, info = mdra.build_dataset(str(root), None, "pretrain")
+        loader_args = SimpleNamespace(img_size=args.img_size, solarize=0.0, batch_size=args.batch_size, seed=0,
+                                      workers=args.workers, gpu_aug=gpu_aug)
+        env = mdra.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+        self.num_batches = len(self.images) // args.batch_size
+        if self.num_batches < 2:
+            raise SystemExit(f"bench_train.py: error: {root} has fewer than two batches of {args.batch_size} images")
+        self.loader, self.sampler, self.device_views = mdra.pretrain_loader(self.images, info, loader_args, env,
+                                                                            self.num_batches)
+        self.device, self.epoch = device, 0
+
+    def batches(self):
+        """Views on the device, epoch after epoch, as mdra.train makes them."""
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            for index, batch in enumerate(self.loader):
+                if self.device_views is not None:
+                    batch = self.device_views(*batch, self.epoch, index)
+                v1, v2, _ = batch
+                yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+            self.epoch += 1
+
+
+def loader_rate(loader, batch_size, workers, device):
+    """Pairs/s of the loader alone (views made and on the device) over one epoch, in the steady state."""
+    batches = loader.batches()
+    arrivals = []
+    for _ in range(loader.num_batches):
+        next(batches)
+        synchronize(device)
+        arrivals.append(time.perf_counter())
+    return steady_rate(arrivals, batch_size, skip=workers)
+
+
+def device_views_rate(loader, batch_size, device, rounds=5):
+    """Pairs/s of the --gpu-aug device work alone (decode, crops, colour, blur) on batches in memory."""
+    undecoded = []
+    for batch in loader.loader:
+        undecoded.append(batch)
+        if len(undecoded) == 4:
+            break
+    calls = iter(range(10**9))
+
+    def augment():
+        images, skipped = undecoded[next(calls) % len(undecoded)]
+        loader.device_views(images, skipped, 0, 0)
+
+    return batch_size / median_step_time(augment, device, warmup=2, steps=len(undecoded), repeats=rounds)
+
+
+# ------------------------------------------------------------------------------------------------
+# The measurements; each adds rows of raw numbers, compare() relates them at the end
+# ------------------------------------------------------------------------------------------------
+
+def measure_steps(report, args, device, started):
+    """Every architecture and configuration: eager ones first, so that a time limit only ever cuts
+    compilations. Returns the step kept for the e2e rows (or None)."""
+    configs = sorted(dict.fromkeys(args.configs), key=lambda c: parse_config(c).compiled)
+    flops = {arch: flops_per_pair(arch, args, device) for arch in args.archs}
+    free_memory(device)
+    kept = None
+    for compiled in (False, True):
+        for arch in args.archs:
+            for name in configs:
+                config = parse_config(name)
+                keep = arch == args.archs[0] and name == args.e2e_config and "e2e" in args.sections
+                if config.compiled != compiled or ("step" not in args.sections and not keep):
+                    continue
+                what = f"{arch} {args.size} {name}"
+                left = args.time_limit - (time.perf_counter() - started)
+                if compiled and args.time_limit and left < args.compile_allowance:
+                    report.add("step", what, note=f"skipped: {left:.0f} s of --time-limit left")
+                    continue
+                reset_peak_memory(device)
+                t0 = time.perf_counter()
+                step = TrainStep(arch, config, args, device)
+                views = synthetic_views(args, device)
+                step(lambda: views)  # the first step compiles and autotunes
+                synchronize(device)
+                first_step_s = time.perf_counter() - t0
+                seconds = median_step_time(lambda: step(lambda: views), device, args.warmup, args.steps, args.repeats)
+                pairs = args.batch_size * args.accum_steps
+                report.add("step", what, arch=arch, config=name, pairs_per_s=pairs / seconds, ms=seconds * 1e3,
+                           peak_gb=peak_memory_gb(device), gflop_per_pair=flops[arch] / 1e9,
+                           tflops=flops[arch] * pairs / seconds / 1e12, note=f"first step {first_step_s:.1f} s")
+                if keep:
+                    kept = step
+                del step, views
+                free_memory(device)
+    return kept
+
+
+def measure_loss(report, batch, queue_size, args, device):
+    """mdra_loss forward + backward at batch x queue_size x groups, and its two Sinkhorn calls."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q1, q2 = (torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g, requires_grad=True) for _ in range(2))
+    k1, k2 = (torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g) for _ in range(2))
+    queue = mdra.init_queue(queue_size, args.groups, 0).to(device)
+
+    def loss_step():
+        mdra.mdra_loss(q1, q2, k1, k2, queue, args.groups).backward()
+
+    scores = torch.einsum("bgd,ngd->gbn", mdra.normalize_subspaces(k1, args.groups),
+                          mdra.normalize_subspaces(queue, args.groups))
+
+    def sinkhorn_step():  # R_1 and R_2
+        mdra.sinkhorn(scores)
+        mdra.sinkhorn(scores)
+
+    reset_peak_memory(device)
+    timing = dict(warmup=2, steps=max(2, args.steps), repeats=args.repeats)
+    seconds = median_step_time(loss_step, device, **timing)
+    peak = peak_memory_gb(device)
+    sinkhorn_ms = median_step_time(sinkhorn_step, device, **timing) * 1e3
+    report.add("loss", f"mdra_loss fwd+bwd B{batch} N{queue_size} G{args.groups}", batch=batch,
+               ms=seconds * 1e3, peak_gb=peak, note=f"of which Sinkhorn {sinkhorn_ms:.3g} ms")
+    del q1, q2, k1, k2, queue, scores
+    free_memory(device)
+
+
+def measure_data(report, loaders, args, device):
+    for name, loader in loaders.items():
+        rate = loader_rate(loader, args.batch_size, args.workers, device)
+        report.add("data", f"loader {name}, {args.workers} workers, {args.size}", pairs_per_s=rate,
+                   ms=args.batch_size / rate * 1e3)
+        if loader.device_views is not None:
+            rate = device_views_rate(loader, args.batch_size, device)
+            report.add("data", f"{name}: device work alone (decode + views)", device_work=True,
+                       pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
+
+
+def measure_e2e(report, step, loaders, args, device):
+    for name, loader in loaders.items():
+        batches = loader.batches()
+        arrivals = []
+        for _ in range(args.e2e_steps):
+            step(lambda: next(batches))
+            synchronize(device)
+            arrivals.append(time.perf_counter())
+        rate = steady_rate(arrivals, args.batch_size * args.accum_steps, skip=args.workers // args.accum_steps)
+        report.add("e2e", f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}", pairs_per_s=rate)
+
+
+def compare(rows, args):
+    """The vs column: each row against its baseline in this run."""
+    steps = [row for row in rows if row["section"] == "step" and "pairs_per_s" in row]
+    peak = next((row["tflops"] for row in rows if row["section"] == "peak"), None)
+
+    def fastest(arch):
+        return max((row for row in steps if row["arch"] == arch), key=lambda row: row["pairs_per_s"], default=None)
+
+    reference = next((row for row in steps if (row["arch"], row["config"]) == (args.archs[0], args.e2e_config)),
+                     fastest(args.archs[0]))
+    for row in steps:
+        baseline = next((b for b in steps if (b["arch"], b["config"]) == (row["arch"], args.configs[0])), None)
+        if baseline:
+            row["vs"] = f"{row['pairs_per_s'] / baseline['pairs_per_s']:.2f}x {args.configs[0]}"
+        if peak:
+            row["pct_peak"] = 100 * row["tflops"] / peak
+    for row in rows:
+        if row["section"] == "loss":
+            parts = []
+            for arch in args.archs:
+                step = fastest(arch)
+                if step:  # a step at the loss's batch, at the fastest measured rate
+                    parts.append(f"{100 * row['ms'] / 1e3 * step['pairs_per_s'] / row['batch']:.1f}% of a "
+                                 f"{arch} {step['config']} step at B{row['batch']}")
+            row["vs"] = "; ".join(parts) or None
+        elif row["section"] == "data" and reference:
+            ratio = reference["pairs_per_s"] / row["pairs_per_s"]
+            if row.get("device_work"):
+                row["vs"] = f"adds {100 * ratio:.0f}% to a {reference['what']} step"
+            else:
+                bound = "the loader is the bottleneck" if ratio > 1 else "the step is the bottleneck"
+                row["vs"] = f"{1 / ratio:.2f}x the {reference['what']} step: {bound}"
+        elif row["section"] == "e2e" and reference:
+            row["vs"] = f"{row['pairs_per_s'] / reference['pairs_per_s']:.2f}x the same step on synthetic data"
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+class Report:
+    """Rows logged as they are measured, then one table; the log, the rows (JSON lines) and the
+    table also go under --out."""
+
+    COLUMNS = {"section": "section", "what": "what", "pairs/s": "pairs_per_s", "ms": "ms", "peak GB": "peak_gb",
+               "GFLOP/pair": "gflop_per_pair", "TFLOPS": "tflops", "% bf16 peak": "pct_peak", "vs": "vs",
+               "note": "note"}
+
+    def __init__(self, out):
+        self.rows, self.out = [], Path(out) if out else None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.out / "log.txt", "w")
+
+    def log(self, text):
+        print(text, flush=True)
+        if self.out:
+            self.log_file.write(text + "\n")
+            self.log_file.flush()
+
+    def add(self, section, what, **values):
+        self.rows.append({"section": section, "what": what, **values})
+        self.log("  " + json.dumps(self.rows[-1]))
+
+    def table(self):
+        def cell(value):
+            if value is None:
+                return ""
+            if isinstance(value, float):
+                return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+            return str(value)
+
+        lines = ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
+        lines += ["| " + " | ".join(cell(row.get(key)) for key in self.COLUMNS.values()) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def finish(self, header):
+        order = ("peak", "step", "loss", "data", "e2e")
+        self.rows.sort(key=lambda row: order.index(row["section"]))  # stable: measuring order within a section
+        table = f"{header}\n\n{self.table()}\n"
+        self.log("\n" + table)
+        if self.out:
+            (self.out / "table.md").write_text(table)
+            (self.out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+
+
+def environment(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (f"{datetime.datetime.now().isoformat(timespec='seconds')} | git {mdra.git_sha()} | {device} ({name}) | "
+            f"{os.cpu_count()} CPUs | torch {torch.__version__} | torchvision {torchvision.__version__} | "
+            f"python {platform.python_version()}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.size = f"{args.img_size}px b{args.batch_size}" + (f"x{args.accum_steps}" if args.accum_steps > 1 else "")
+    device = torch.device(args.device)
+    if device.type == "cuda":  # as mdra.train sets them
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    report = Report(args.out)
+    report.log("bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    report.log(environment(device))
+    report.log("args " + json.dumps(vars(args)))
+
+    if device.type == "cuda":
+        report.add("peak", "bf16 matmul 8192^3", tflops=bf16_matmul_tflops(device))
+
+    generated, loaders = None, {}
+    if {"data", "e2e"} & set(args.sections):
+        root = args.data
+        if root is None:
+            root = generated = Path(tempfile.mkdtemp(prefix="mdra_bench_jpegs_"))
+            t0 = time.perf_counter()
+            kb = make_image_folder(generated, args.data_images, max(1, args.workers)) / 1e3
+            report.log(f"generated {args.data_images} JPEGs of {kb:.0f} kB on average in {time.perf_counter() - t0:.0f} s")
+        for gpu_aug in (False, True) if args.gpu_aug else (False,):
+            loaders["gpu-aug" if gpu_aug else "cpu-aug"] = Loader(root, args, device, gpu_aug)
+    try:
+        if "data" in args.sections:
+            measure_data(report, loaders, args, device)
+        if "loss" in args.sections:
+            for batch, queue in dict.fromkeys([(args.loss_batch, args.loss_queue), (args.batch_size, args.queue_size)]):
+                measure_loss(report, batch, queue, args, device)
+        kept = None
+        if {"step", "e2e"} & set(args.sections):
+            kept = measure_steps(report, args, device, started)
+        if "e2e" in args.sections and kept is not None:
+            measure_e2e(report, kept, loaders, args, device)
+    finally:
+        if generated:
+            shutil.rmtree(generated, ignore_errors=True)
+    compare(report.rows, args)
+    report.finish(f"{environment(device)} | total {time.perf_counter() - started:.0f} s\n"
+                  f"command: python benchmarks/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+
+
+if __name__ == "__main__":
+    main()
