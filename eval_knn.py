@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -343,10 +342,6 @@ def default_out(args):
 
 
 def evaluate(args):
-    # mdra.run_main turns SIGINT and SIGTERM into a request that training polls; an evaluation has
-    # nothing to save, so they end it at once (torchrun stops the other ranks with SIGTERM).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     env = mdra.setup_distributed(args.device)
     cuda = env.device.type == "cuda"
     args.amp = args.amp or ("bf16" if cuda else "off")
@@ -442,7 +437,8 @@ def get_parser():
 
 
 def main(argv=None):
-    return mdra.run_main(evaluate, argv, get_parser())
+    # An evaluation has nothing to save: SIGINT and SIGTERM end it at once (torchrun stops other ranks so).
+    return mdra.run_main(evaluate, argv, get_parser(), defer_signals=False)
 
 
 if __name__ == "__main__":

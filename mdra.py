@@ -501,6 +501,28 @@ class EpochSampler(Sampler):
                 yield self.epoch, i
 
 
+def pretrain_loader(images, info, args, env, num_batches):
+    """This rank's pretraining micro-batches; returns (loader, sampler, device_views).
+
+    The loader yields (v1, v2, skipped). With --gpu-aug its workers only read the files: it yields
+    (undecoded images, skipped), and device_views(images, skipped, epoch, batch index) decodes and
+    augments them on the device into (v1, v2, skipped).
+    """
+    view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
+    sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
+    cuda = env.device.type == "cuda"
+    if args.gpu_aug:
+        import gpu_aug  # the optional device path lives in its own module
+        dataset, collate = gpu_aug.UndecodedImages(images, jpeg_bytes=cuda), gpu_aug.collate_undecoded
+        device_views = gpu_aug.DeviceTwoViews(view1, view2, args.seed, env.rank, env.world_size, env.device)
+    else:
+        dataset, collate, device_views = TwoViews(images, view1, view2, args.seed), None, None
+    loader = DataLoader(dataset, batch_size=args.batch_size // env.world_size, sampler=sampler, collate_fn=collate,
+                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers > 0 else None)
+    return loader, sampler, device_views
+
+
 # ------------------------------------------------------------------------------------------------
 # Processes, devices, checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -551,7 +573,7 @@ def git_sha():
 
 def plain_state_dict(state_dict):
     """Strip the prefixes DDP ("module.") and torch.compile ("_orig_mod.") add to keys."""
-    return {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
 def save_checkpoint(state, path):
@@ -617,15 +639,32 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
-def run_main(train_fn, argv, parser):
-    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2."""
+STOP_SIGNALS = []  # SIGTERM / SIGINT received; the training loops save and exit at the next step
+
+
+def stop_requested(group=None):
+    """True on every rank once any rank got SIGTERM or SIGINT (group: a gloo group, no GPU sync)."""
+    flag = torch.tensor([len(STOP_SIGNALS)])
+    if group is not None:
+        dist.all_reduce(flag, group=group)
+    return bool(flag.item())
+
+
+def run_main(train_fn, argv, parser, defer_signals=True):
+    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2.
+    With defer_signals, SIGTERM and SIGINT only ask the training loop to save and stop."""
     args = parser.parse_args(argv)
+    STOP_SIGNALS.clear()
+    previous = {sig: signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)} if defer_signals else {}
     try:
         return train_fn(args)
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -665,6 +704,8 @@ def get_parser():
     a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
     a("--solarize", type=float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    a("--gpu-aug", action="store_true",
+      help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
     a("--out-dir", default="runs/mdra", help="checkpoint.pth and log.jsonl go here; an existing checkpoint is resumed")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
@@ -715,10 +756,28 @@ def resolve_args(args, info, env):
 RESUME_MUST_MATCH = ("arch", "small_stem", "img_size", "queue_size", "groups", "batch_size", "accum_steps")
 
 
+def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
+    """One micro-batch: both branches, the loss, its backward (scaled for accumulation), then the
+    queue update. Returns (detached loss, the enqueued keys, the new queue pointer)."""
+    # DDP all-reduces gradients only when sync_grads: on the last micro-batch of an optimizer step.
+    with (contextlib.nullcontext() if sync_grads or not isinstance(online, DDP) else online.no_sync()):
+        with autocast:
+            q1, q2 = online(v1, v2)
+            with torch.no_grad():
+                k1, k2 = offline(v1), offline(v2)
+        loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters)
+        scaler.scale(loss / args.accum_steps).backward()
+    # The queue moves once per micro-batch, after the loss that used it.
+    keys = all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
+    return loss.detach(), keys, enqueue(queue, queue_ptr, keys)
+
+
 def train(args):
     env = setup_distributed(args.device)
     images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
     args = resolve_args(args, info, env)
+    if args.knn_every:  # the monitor needs the val split: fail now rather than after the first epoch
+        build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size)
     device, cuda = env.device, env.device.type == "cuda"
     out_dir = Path(args.out_dir)
     if env.is_main:
@@ -785,13 +844,7 @@ def train(args):
                      broadcast_buffers=False, gradient_as_bucket_view=True)
     offline.train()
 
-    view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
-    dataset = TwoViews(images, view1, view2, args.seed)
-    sampler = EpochSampler(len(images), args.batch_size, steps_per_epoch * args.accum_steps,
-                           env.world_size, env.rank, args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size // env.world_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers > 0 else None)
+    loader, sampler, device_views = pretrain_loader(images, info, args, env, steps_per_epoch * args.accum_steps)
 
     plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     last_saved = step
@@ -821,16 +874,7 @@ def train(args):
         if keep_epoch is not None:
             save_checkpoint(state, out_dir / f"checkpoint_epoch{keep_epoch:04d}.pth")
 
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
     control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
-
-    def stop_requested():  # every rank must stop at the same step
-        flag = torch.tensor([len(stop_signal)])
-        if control is not None:
-            dist.all_reduce(flag, group=control)
-        return bool(flag.item())
 
     sha = git_sha()
     log.print(f"mdra.py git {sha} | world size {env.world_size} | device {device}"
@@ -854,27 +898,19 @@ def train(args):
         epoch_first_step, epoch_tic = step, time.perf_counter()
         while step < min(last_step, (epoch + 1) * steps_per_epoch):
             for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
+                g["lr"] = float(lr_schedule[step])
             for micro in range(args.accum_steps):
                 t0 = time.perf_counter()
-                v1, v2, skipped = next(batches)
+                batch = next(batches)
                 data_time += time.perf_counter() - t0
+                if device_views is not None:
+                    batch = device_views(*batch, epoch, (step % steps_per_epoch) * args.accum_steps + micro)
+                v1, v2, skipped = batch
                 skipped_total += int(skipped.sum())
                 v1 = v1.to(device, non_blocking=True, memory_format=memory_format)
                 v2 = v2.to(device, non_blocking=True, memory_format=memory_format)
-                # DDP all-reduces gradients only on the last micro-batch of an optimizer step.
-                last_micro = micro == args.accum_steps - 1
-                with (contextlib.nullcontext() if last_micro or env.world_size == 1 else online.no_sync()):
-                    with autocast:
-                        q1, q2 = online(v1, v2)
-                        with torch.no_grad():
-                            k1, k2 = offline(v1), offline(v2)
-                    loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters)
-                    scaler.scale(loss / args.accum_steps).backward()
-                # The queue moves once per micro-batch, after the loss that used it.
-                keys = all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
-                queue_ptr = enqueue(queue, queue_ptr, keys)
-                loss = loss.detach()
+                loss, keys, queue_ptr = micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler,
+                                                   sync_grads=micro == args.accum_steps - 1)
                 nonfinite |= ~torch.isfinite(loss)
                 loss_sum += loss / args.accum_steps
                 epoch_loss_sum += loss / args.accum_steps
@@ -902,10 +938,10 @@ def train(args):
                 log.json(record)
                 loss_sum.zero_()
                 tic, data_time, logged_step = time.perf_counter(), 0.0, step
-            if stop_requested():
+            if stop_requested(control):
                 save()
-                log.print(f"stopped by signal at step {step}; checkpoint: {ckpt_path.resolve()}")
-                sys.exit(128 + (stop_signal[0] if stop_signal else 0))
+                log.print(f"stopped by a signal at step {step}; checkpoint: {ckpt_path.resolve()}")
+                sys.exit(128 + (STOP_SIGNALS[0] if STOP_SIGNALS else signal.SIGTERM))
             if step % args.save_every == 0:
                 save()
 
@@ -935,4 +971,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import mdra  # run the imported module, so eval_knn's "import mdra" shares its classes instead of a second copy
+    mdra.main()

@@ -1,0 +1,297 @@
+"""The method's pieces against independent references: loss, Sinkhorn, EMA, queue, LARS, schedule."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mdra
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_mdra_loss(q1, q2, k1, k2, queue, groups, tau, mu, iters):
+    """Spec sections 3-4 written out with loops and explicit formulas, in float64."""
+    q1, q2, k1, k2, queue = (x.double() for x in (q1, q2, k1, k2, queue))
+    B, D = q1.shape
+    N, d = queue.shape[0], D // groups
+    total = 0.0
+    for g in range(groups):
+        def unit(x):
+            x = x[:, g * d:(g + 1) * d]
+            return x / x.norm(dim=1, keepdim=True)
+
+        negatives = unit(queue)
+
+        def online_relation(q):  # P[i, j] = exp(q_i.k_j / tau) / sum_j' exp(q_i.k_j' / tau)
+            e = torch.exp(unit(q) @ negatives.T / tau)
+            return e / e.sum(dim=1, keepdim=True)
+
+        def offline_relation(k):
+            e = torch.exp(unit(k) @ negatives.T / mu)
+            for _ in range(iters):
+                e = e / e.sum(dim=0, keepdim=True) / N
+                e = e / e.sum(dim=1, keepdim=True) / B
+            return e * B
+
+        def cross_entropy(r, p):
+            return -(r * torch.log(p)).sum() / B
+
+        total = total + 0.5 * (cross_entropy(offline_relation(k2), online_relation(q1))
+                               + cross_entropy(offline_relation(k1), online_relation(q2)))
+    return total / groups
+
+
+def random_inputs(B=12, D=256, N=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q1, q2, k1, k2 = (torch.randn(B, D, generator=g) for _ in range(4))
+    k2 = k2 + 0.5 * q1  # some structure, so the relations are not all alike
+    queue = torch.randn(N, D, generator=g)
+    return q1, q2, k1, k2, queue
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_loss_and_its_gradients_match_a_float64_reference(groups):
+    q1, q2, k1, k2, queue = random_inputs()
+    q1.requires_grad_(), q2.requires_grad_()
+    loss = mdra.mdra_loss(q1, q2, k1, k2, queue, groups=groups, tau=0.04, mu=0.05, sinkhorn_iters=3)
+    loss.backward()
+
+    r1, r2 = q1.detach().double().requires_grad_(), q2.detach().double().requires_grad_()
+    ref = reference_mdra_loss(r1, r2, k1, k2, queue, groups, 0.04, 0.05, 3)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(q1.grad.double(), r1.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(q2.grad.double(), r2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_is_computed_in_float32_under_bf16_autocast():
+    q1, q2, k1, k2, queue = random_inputs()
+    ref = mdra.mdra_loss(q1, q2, k1, k2, queue)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = mdra.mdra_loss(q1, q2, k1, k2, queue)
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_loss_gradient_reaches_only_the_online_predictions():
+    q1, q2, k1, k2, queue = random_inputs()
+    for t in (q1, q2, k1, k2, queue):
+        t.requires_grad_()
+    mdra.mdra_loss(q1, q2, k1, k2, queue).backward()
+    assert q1.grad.abs().sum() > 0 and q2.grad.abs().sum() > 0
+    assert k1.grad is None and k2.grad is None and queue.grad is None
+
+
+def test_sinkhorn_rows_are_distributions_and_columns_balance():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.nn.functional.normalize(torch.randn(16, 64, generator=g), dim=1)
+    R = mdra.sinkhorn(scores, mu=0.05, iters=3)
+    torch.testing.assert_close(R.sum(dim=1), torch.ones(16), rtol=0, atol=1e-5)
+    assert (R >= 0).all()
+    # With enough iterations the balance constraint holds too: every column carries B/N.
+    R = mdra.sinkhorn(scores, mu=0.05, iters=200)
+    torch.testing.assert_close(R.sum(dim=0), torch.full((64,), 16 / 64), rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_matches_float64_reference_and_ignores_extreme_scores():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(3, 8, 32, generator=g) * 2 - 1  # a leading subspace dimension
+    R = mdra.sinkhorn(scores, mu=0.05, iters=3)
+    for s, r in zip(scores.double(), R):
+        e = torch.exp(s / 0.05)
+        for _ in range(3):
+            e = e / e.sum(0) / 32
+            e = e / e.sum(1, keepdim=True) / 8
+        torch.testing.assert_close(r.double(), e * 8, rtol=1e-5, atol=1e-8)
+    # Shifting all scores by a constant changes nothing: the max subtraction is only for overflow.
+    torch.testing.assert_close(mdra.sinkhorn(scores + 30, mu=0.05, iters=3), R)
+
+
+def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_loss(tmp_path):
+    q1, q2, k1, k2, queue = random_inputs(B=16, N=64, seed=3)
+    torch.save({"q1": q1, "q2": q2, "k1": k1, "k2": k2, "queue": queue}, tmp_path / "inputs.pt")
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys, torch, torch.distributed as dist, mdra\n"
+        "dist.init_process_group('gloo')\n"
+        "r, w = dist.get_rank(), dist.get_world_size()\n"
+        "x = torch.load(sys.argv[1], weights_only=True)\n"
+        "b = x['q1'].shape[0] // w\n"
+        "rows = slice(r * b, (r + 1) * b)\n"
+        "q1, q2 = (x[k][rows].clone().requires_grad_() for k in ('q1', 'q2'))\n"
+        "loss = mdra.mdra_loss(q1, q2, x['k1'][rows], x['k2'][rows], x['queue'])\n"
+        "loss.backward()\n"
+        "R = mdra.sinkhorn(x['k1'][rows] @ x['queue'].T / 100, 0.05, 3)\n"
+        "torch.save({'loss': loss.detach(), 'g1': q1.grad, 'g2': q2.grad, 'R': R}, f'{sys.argv[2]}/rank{r}.pt')\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(worker), str(tmp_path / "inputs.pt"), str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=120)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    q1.requires_grad_(), q2.requires_grad_()
+    loss = mdra.mdra_loss(q1, q2, k1, k2, queue)
+    loss.backward()
+    # The global loss is the mean of the rank-local means; DDP averages gradients over ranks, so a
+    # rank's row gradient divided by the world size equals the single-process row gradient.
+    assert ((parts[0]["loss"] + parts[1]["loss"]) / 2).item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(torch.cat([p["g1"] for p in parts]) / 2, q1.grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(torch.cat([p["g2"] for p in parts]) / 2, q2.grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(torch.cat([p["R"] for p in parts]), mdra.sinkhorn(k1 @ queue.T / 100, 0.05, 3))
+
+
+def tiny_model():
+    online, offline, width = mdra.build_model("resnet18", small_stem=True)
+    return online, offline
+
+
+def test_offline_branch_starts_equal_gets_no_gradients_and_moves_by_ema():
+    torch.manual_seed(0)
+    online, offline = tiny_model()
+    for p_on, p_off in zip(online.encoder.parameters(), offline.parameters()):
+        assert torch.equal(p_on, p_off) and not p_off.requires_grad
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    q1, q2 = online(x1, x2)
+    k1, k2 = offline(x1), offline(x2)
+    mdra.mdra_loss(q1, q2, k1, k2, torch.randn(8, 256)).backward()
+    assert all(p.grad is not None for p in online.parameters())
+    assert all(p.grad is None for p in offline.parameters())
+
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in offline.parameters()]
+    m = 0.9
+    mdra.ema_update(online, offline, m)
+    for old, new, theta in zip(before, offline.parameters(), online.encoder.parameters()):
+        torch.testing.assert_close(new, m * old + (1 - m) * theta)
+    for b_on, b_off in zip(online.encoder.buffers(), offline.buffers()):
+        assert torch.equal(b_on, b_off)  # BatchNorm statistics are copied, not averaged
+
+
+def test_queue_is_fifo_and_wraps_around():
+    queue = torch.zeros(6, 2)
+    ptr = 0
+    for i in range(4):  # 4 writes of 2 rows into 6 slots: the 4th overwrites the oldest pair
+        ptr = mdra.enqueue(queue, ptr, torch.full((2, 2), float(i + 1)))
+    assert ptr == 2
+    assert queue[:, 0].tolist() == [4, 4, 2, 2, 3, 3]
+
+
+def test_initial_queue_has_normalised_subspaces_and_is_seeded():
+    q = mdra.init_queue(32, 4, seed=5)
+    torch.testing.assert_close(q.view(32, 4, 64).norm(dim=-1), torch.ones(32, 4))
+    assert torch.equal(q, mdra.init_queue(32, 4, seed=5))
+
+
+def test_lars_adapts_and_decays_weights_but_not_biases_or_batchnorm():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    groups = mdra.lars_param_groups(net, weight_decay=0.1)
+    assert [p.ndim for p in groups[0]["params"]] == [2]
+    assert sorted(p.ndim for p in groups[1]["params"]) == [1, 1, 1]
+    opt = mdra.LARS(groups, lr=0.5, momentum=0.9, trust_coefficient=1e-3)
+    net(torch.randn(8, 5)).pow(2).sum().backward()
+    w, b = net[0].weight, net[0].bias
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    opt.step()
+    update = gw + 0.1 * w0
+    trust = 1e-3 * w0.norm() / update.norm()
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * trust * update)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # plain SGD step: no decay, no trust ratio
+    # Second step: momentum buffers carry the first update.
+    opt.zero_grad()
+    net(torch.randn(8, 5)).pow(2).sum().backward()
+    b1, gb2 = b.detach().clone(), b.grad.clone()
+    opt.step()
+    torch.testing.assert_close(b.detach(), b1 - 0.5 * (0.9 * gb + gb2))
+
+
+def test_lars_leaves_a_zero_weight_to_plain_sgd():
+    p = torch.nn.Parameter(torch.zeros(3, 3))
+    opt = mdra.LARS([p], lr=1.0, weight_decay=0.0, momentum=0.0)
+    p.grad = torch.ones(3, 3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), -torch.ones(3, 3))
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    s = mdra.warmup_cosine(4.8, total_steps=100, warmup_steps=10)
+    assert len(s) == 100
+    assert s[0] == 0 and s[5] == pytest.approx(2.4) and s[10] == pytest.approx(4.8)
+    assert s[55] == pytest.approx(2.4)  # half-way through the cosine
+    assert s[99] == pytest.approx(4.8 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(s[10:], s[11:]))
+
+
+def test_epoch_sampler_splits_each_global_batch_into_contiguous_rank_slices():
+    one = mdra.EpochSampler(20, global_batch=8, num_batches=2, world_size=1, rank=0, seed=3)
+    two = [mdra.EpochSampler(20, global_batch=8, num_batches=2, world_size=2, rank=r, seed=3) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(4)
+    single = [i for _, i in one]
+    r0, r1 = ([i for _, i in s] for s in two)
+    assert len(single) == 16 and len(set(single)) == 16
+    assert single == r0[:4] + r1[:4] + r0[4:] + r1[4:]  # same global batches, in rank order
+    one.set_epoch(4, start_batch=1)
+    assert [i for _, i in one] == single[8:] and len(one) == 8
+    one.set_epoch(5)
+    assert [i for _, i in one] != single  # a new order every epoch
+
+
+def test_two_views_depend_only_on_seed_epoch_and_index():
+    images, info = mdra.build_dataset("synthetic", "data", "pretrain", synthetic_size=16, img_size=16)
+    v1, v2 = mdra.pretrain_transforms(info, 16)
+    views = mdra.TwoViews(images, v1, v2, seed=0)
+    a1, a2, skipped = views[(2, 5)]
+    torch.manual_seed(123)  # the global RNG does not matter
+    b1, b2, _ = views[(2, 5)]
+    assert skipped == 0 and torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(a1, a2)
+    assert not torch.equal(a1, views[(3, 5)][0])
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (20, 20), color=(10, 200, 30)).save(tmp_path / cls / "good.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image at all")
+    images, info = mdra.build_dataset(str(tmp_path), "data", "pretrain")
+    assert info.num_classes == 2 and not info.small
+    broken = images.paths.index(str(tmp_path / "a" / "broken.png"))
+    image, label, skipped = mdra.read_image(images, broken)
+    assert skipped == 1 and image.size == (20, 20)
+
+
+def test_fashion_mnist_is_read_from_the_system_idx_files(tmp_path):
+    if not Path(mdra.FASHION_MNIST_SYSTEM_DIR).is_dir():
+        pytest.skip("the dataset-fashion-mnist package is not installed")
+    images, info = mdra.build_dataset("fashion-mnist", str(tmp_path), "val")
+    assert len(images) == 10000 and info.num_classes == 10 and info.native_size == 28
+    image, label = images[0]
+    assert image.size == (28, 28) and image.mode == "RGB" and label == 9  # the first test image is an ankle boot
+
+
+def test_backbone_small_stem_keeps_resolution_and_width_matches():
+    net, width = mdra.build_backbone("resnet18", small_stem=True)
+    assert width == 512 and net.maxpool.__class__ is torch.nn.Identity
+    assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
+    assert mdra.build_backbone("resnet50", small_stem=False)[1] == 2048
+    with pytest.raises(mdra.UsageError, match="not a torchvision ResNet"):
+        mdra.build_backbone("vit_b_16", small_stem=False)
+
+
+def test_effective_rank_sees_collapse():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 64, generator=g)
+    collapsed = torch.randn(256, 1, generator=g) * torch.ones(1, 64) + 1e-4 * spread
+    assert mdra.effective_rank(spread) > 50
+    assert mdra.effective_rank(collapsed) < 2

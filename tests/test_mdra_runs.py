@@ -1,0 +1,201 @@
+"""mdra.py end to end: checkpoints, exact resume, signals, real data, torchrun, compile, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mdra
+
+REPO = Path(__file__).resolve().parents[1]
+# 64 synthetic images of 8 px, 16 per step: 4 optimizer steps per epoch, a fraction of a second each.
+TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "8", "--arch", "resnet18",
+        "--batch-size", "16", "--queue-size", "64", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+
+
+def run(out_dir, *extra):
+    return mdra.main([*TINY, "--out-dir", str(out_dir), *extra])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def log_records(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=240, **kwargs)
+
+
+def assert_same_state(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_checkpoint_has_the_shared_format_and_loads_with_weights_only(tmp_path):
+    path = run(tmp_path, "--epochs", "1")
+    ckpt = load(path)
+    assert ckpt["format"] == "mdra" and ckpt["version"] == 1
+    assert ckpt["arch"] == "resnet18" and ckpt["small_stem"] is True and ckpt["feature_dim"] == 512
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4
+    assert ckpt["queue"].shape == (64, 256) and ckpt["queue_ptr"] == 0  # 4 batches of 16 filled 64 slots
+    for key in ("online", "offline", "optimizer", "scaler", "rng", "args"):
+        assert key in ckpt
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["backbone"])
+    backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
+    backbone.load_state_dict(ckpt["backbone"])  # strict by default
+    for k, v in ckpt["backbone"].items():
+        assert torch.equal(v, ckpt["online"][f"encoder.backbone.{k}"])
+    # The queue holds offline embeddings with every subspace slice normalised.
+    torch.testing.assert_close(ckpt["queue"].view(64, 4, 64).norm(dim=-1), torch.ones(64, 4))
+
+
+def test_log_has_a_json_record_per_step_and_epoch(tmp_path):
+    run(tmp_path, "--epochs", "1")
+    records = log_records(tmp_path)
+    assert records[0]["event"] == "start" and records[0]["world_size"] == 1
+    steps = [r for r in records if "pairs_per_s" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["loss"] > 0 and 1 <= r["rankme"] <= 16 and 0 <= r["data_wait"] <= 1 and r["peak_mem_gb"] > 0
+    assert steps[0]["lr"] == 0  # linear warm-up starts from zero
+    assert records[-1]["event"] == "epoch" and records[-1]["epoch"] == 1
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = run(tmp_path / "a", "--epochs", "2")
+    # Stop inside the first epoch (with other worker processes), then resume across the epoch boundary.
+    run(tmp_path / "b", "--epochs", "2", "--max-steps", "3", "--workers", "2")
+    assert load(tmp_path / "b" / "checkpoint.pth")["step"] == 3
+    resumed = run(tmp_path / "b", "--epochs", "2")
+    a, b = load(straight), load(resumed)
+    assert a["step"] == b["step"] == 8
+    for key in ("online", "offline", "queue", "queue_ptr", "optimizer", "backbone"):
+        assert_same_state(a[key], b[key], key)
+    losses_a = [r["loss"] for r in log_records(tmp_path / "a") if "pairs_per_s" in r]
+    losses_b = [r["loss"] for r in log_records(tmp_path / "b") if "pairs_per_s" in r]
+    assert losses_a == losses_b
+
+
+def test_kept_copies_and_max_steps_do_not_change_the_schedule(tmp_path):
+    run(tmp_path, "--epochs", "3", "--keep-every", "1", "--max-steps", "6")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch*.pth")) == ["checkpoint_epoch0001.pth"]
+    lrs = [r["lr"] for r in log_records(tmp_path) if "pairs_per_s" in r]
+    expected = mdra.warmup_cosine(0.3 * 16 / 256, total_steps=12, warmup_steps=40)
+    assert lrs == pytest.approx(list(expected[:6]))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    proc = subprocess.Popen([sys.executable, "mdra.py", *TINY, "--epochs", "100", "--out-dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"step": 2' in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by a signal" in out
+    ckpt = load(tmp_path / "checkpoint.pth")
+    assert ckpt["step"] >= 2 and ckpt["step"] == log_records(tmp_path)[-1]["step"]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = mdra.mdra_loss, []
+
+    def loss_that_breaks_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(mdra, "mdra_loss", loss_that_breaks_at_the_third_step)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--epochs", "1", "--save-every", "2", "--log-every", "4")
+    assert "non-finite" in str(exc.value.code) and "checkpoint.pth" in str(exc.value.code)
+    assert load(tmp_path / "checkpoint.pth")["step"] == 2
+
+
+def test_a_few_steps_on_real_fashion_mnist(tmp_path):
+    if not Path(mdra.FASHION_MNIST_SYSTEM_DIR).is_dir():
+        pytest.skip("the dataset-fashion-mnist package is not installed")
+    path = mdra.main(["--data", "fashion-mnist", "--arch", "resnet18", "--batch-size", "32", "--queue-size", "64",
+                      "--max-steps", "2", "--workers", "0", "--log-every", "1", "--device", "cpu",
+                      "--out-dir", str(tmp_path)])
+    records = [r for r in log_records(tmp_path) if "pairs_per_s" in r]
+    assert len(records) == 2 and all(0 < r["loss"] < 100 for r in records)
+    ckpt = load(path)
+    assert ckpt["args"]["img_size"] == 28 and ckpt["small_stem"] and ckpt["step"] == 2
+    assert ckpt["args"]["accum_steps"] == 1  # the small-data preset
+
+
+def test_compiled_step_computes_what_the_eager_step_computes(tmp_path):
+    run(tmp_path / "eager", "--max-steps", "2")
+    path = run(tmp_path / "compiled", "--max-steps", "2", "--compile", "--compile-backend", "aot_eager")
+    eager = [r["loss"] for r in log_records(tmp_path / "eager") if "pairs_per_s" in r]
+    compiled = [r["loss"] for r in log_records(tmp_path / "compiled") if "pairs_per_s" in r]
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    ckpt = load(path)
+    assert not any("_orig_mod" in k for k in list(ckpt["online"]) + list(ckpt["offline"]))
+
+
+def test_torchrun_with_two_cpu_processes(tmp_path):
+    result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
+                      "--max-steps", "3", "--out-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "world size 2" in result.stdout
+    ckpt = load(tmp_path / "checkpoint.pth")
+    assert ckpt["step"] == 3 and ckpt["queue_ptr"] == 48  # global batches of 16 from both ranks went in
+    assert [r["step"] for r in log_records(tmp_path) if "pairs_per_s" in r] == [1, 2, 3]
+
+
+def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
+    result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
+                      "--batch-size", "15", "--out-dir", str(tmp_path)])
+    assert result.returncode != 0
+    assert "--batch-size 15 is not divisible by the world size 2." in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/no/such/folder"], "neither a data set name"),
+    (["--queue-size", "100"], "--queue-size 100 is not a multiple of the global batch 16."),
+    (["--groups", "3"], "--groups 3 does not divide the embedding dimension 256."),
+    (["--arch", "vgg16"], "--arch vgg16 is not a torchvision ResNet"),
+])
+def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, *extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mdra.py: error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--device", "cuda")
+    assert exc.value.code == 2 and "no CUDA GPU is available" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_architecture_in_out_dir_is_refused_without_traceback(tmp_path):
+    run(tmp_path, "--max-steps", "1")
+    result = run_cli(["mdra.py", *TINY, "--arch", "resnet34", "--out-dir", str(tmp_path)])
+    assert result.returncode == 2
+    assert "--arch resnet18 -> resnet34" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
