@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The whole pipeline on Fashion-MNIST with a ResNet-18 (small stem), and the table of results:
+#   MDRA pretraining -> weighted kNN, fine-tuning on 1% and 10% of the labels, linear probe;
+#   baselines: raw-pixel kNN, random-init kNN, supervised from scratch on the same 1% / 10% subsets,
+#   and the ablation --groups 1 (relation alignment without subspaces).
+#
+#   scripts/reproduce_fashion_mnist.sh [OUT]          # OUT defaults to runs/fashion-mnist
+#
+# Environment (defaults in brackets): EPOCHS pretraining epochs [200], FT_EPOCHS fine-tuning epochs
+# [100], LINEAR_EPOCHS linear-probe epochs [100], DEVICE [auto], WORKERS [8], FLAGS extra flags for
+# every script, PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for
+# eval_knn.py, PARALLEL=1
+# runs the three independent chains at once (one GPU has room for them), DATA [fashion-mnist]
+# (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU).
+# Each row's log, wall time and results land in OUT/<row>/; the table in OUT/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/fashion-mnist}
+EPOCHS=${EPOCHS:-200}
+FT_EPOCHS=${FT_EPOCHS:-100}
+LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
+COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
+mkdir -p "$OUT"
+
+hardware() {
+    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | grep . \
+        || echo "CPU: $(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+}
+
+# row NAME COMMAND...: run COMMAND; OUT/NAME/ keeps its output, command line, wall time and hardware.
+row() {
+    local name=$1; shift
+    mkdir -p "$OUT/$name"
+    echo "$*" > "$OUT/$name/command"
+    hardware > "$OUT/$name/hardware"
+    local start; start=$(date +%s)
+    echo "[$(date +%T)] $name: $*"
+    if ! "$@" > "$OUT/$name/output.log" 2>&1; then
+        echo "[$(date +%T)] $name FAILED; the end of $OUT/$name/output.log:"; tail -n 20 "$OUT/$name/output.log"; return 1
+    fi
+    echo $(( $(date +%s) - start )) > "$OUT/$name/time_s"
+    echo "[$(date +%T)] $name done in $(cat "$OUT/$name/time_s") s"
+}
+
+pretrain_chain() {  # MDRA (G = 4): pretraining, then everything that uses its backbone
+    row mdra python3 mdra.py $COMMON --arch resnet18 --epochs "$EPOCHS" --out-dir "$OUT/mdra" ${PRETRAIN_FLAGS:-}
+    local ckpt=$OUT/mdra/checkpoint.pth
+    row mdra-knn python3 eval_knn.py $COMMON --ckpt "$ckpt" ${KNN_FLAGS:-} --out "$OUT/mdra-knn/knn.json"
+    row mdra-ft1 python3 finetune.py $COMMON --ckpt "$ckpt" --label-fraction 0.01 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/mdra-ft1"
+    row mdra-ft10 python3 finetune.py $COMMON --ckpt "$ckpt" --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/mdra-ft10"
+    row mdra-linear python3 finetune.py $COMMON --ckpt "$ckpt" --linear --label-fraction 1.0 --epochs "$LINEAR_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/mdra-linear"
+}
+
+ablation_chain() {  # the same run with one subspace
+    row mdra-g1 python3 mdra.py $COMMON --arch resnet18 --groups 1 --epochs "$EPOCHS" --out-dir "$OUT/mdra-g1" ${PRETRAIN_FLAGS:-}
+    row mdra-g1-knn python3 eval_knn.py $COMMON --ckpt "$OUT/mdra-g1/checkpoint.pth" ${KNN_FLAGS:-} --out "$OUT/mdra-g1-knn/knn.json"
+}
+
+baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same seed, same class-balanced draw)
+    row pixels-knn python3 eval_knn.py $COMMON --pixels ${KNN_FLAGS:-} --out "$OUT/pixels-knn/knn.json"
+    row random-knn python3 eval_knn.py $COMMON --random-init --arch resnet18 ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
+    row scratch1 python3 finetune.py $COMMON --random-init --arch resnet18 --label-fraction 0.01 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/scratch1"
+    row scratch10 python3 finetune.py $COMMON --random-init --arch resnet18 --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/scratch10"
+}
+
+if [ "${PARALLEL:-0}" = 1 ]; then
+    pretrain_chain & a=$!
+    ablation_chain & b=$!
+    baseline_chain & c=$!
+    status=0
+    for pid in $a $b $c; do wait "$pid" || status=1; done
+    [ "$status" = 0 ] || { echo "a row failed"; exit 1; }
+else
+    pretrain_chain
+    ablation_chain
+    baseline_chain
+fi
+python3 scripts/results_table.py "$OUT" | tee "$OUT/results.md"

@@ -1,0 +1,73 @@
+"""The results table of scripts/reproduce_fashion_mnist.sh, in Markdown, from its output folder.
+
+    python3 scripts/results_table.py runs/fashion-mnist
+"""
+import json
+import sys
+from pathlib import Path
+
+# (row folder, what it is, which labels it uses)
+ROWS = [
+    ("pixels-knn", "raw-pixel kNN (baseline)", "all, kNN"),
+    ("random-knn", "random-init ResNet-18 kNN (baseline)", "all, kNN"),
+    ("mdra-knn", "MDRA (G = 4) kNN", "all, kNN"),
+    ("mdra-g1-knn", "ablation: relation alignment without subspaces (G = 1) kNN", "all, kNN"),
+    ("scratch1", "supervised from scratch (baseline)", "1%"),
+    ("mdra-ft1", "MDRA (G = 4), fine-tuned", "1%"),
+    ("scratch10", "supervised from scratch (baseline)", "10%"),
+    ("mdra-ft10", "MDRA (G = 4), fine-tuned", "10%"),
+    ("mdra-linear", "MDRA (G = 4), linear probe (frozen backbone)", "100%"),
+]
+PRETRAINING = {"mdra-knn": "mdra", "mdra-g1-knn": "mdra-g1", "mdra-ft1": "mdra", "mdra-ft10": "mdra",
+               "mdra-linear": "mdra"}
+
+
+def accuracy(folder):
+    """(top-1, top-5, epochs of this row) from a kNN result (k = 20) or a fine-tuning log."""
+    knn = folder / "knn.json"
+    if knn.exists():
+        result = json.loads(knn.read_text())["results"]["20"]
+        return result["top1"], result["top5"], None
+    epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r.get("event") == "epoch"]
+    last = epochs[-1]
+    return last["top1"], last["top5"], last["epoch"]
+
+
+def pretraining_epochs(folder):
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return max((r["epoch"] for r in records if r.get("event") == "epoch"), default=0)
+
+
+def main(out):
+    out = Path(out)
+    lines = ["| row | labels | top-1 | top-5 | epochs | wall time | hardware | command |",
+             "| --- | --- | ---: | ---: | --- | ---: | --- | --- |"]
+    for name, what, labels in ROWS:
+        folder = out / name
+        if not (folder / "time_s").exists():
+            lines.append(f"| {what} | {labels} | not run | | | | | |")
+            continue
+        top1, top5, epochs = accuracy(folder)
+        seconds = int((folder / "time_s").read_text())
+        epoch_text = f"{epochs} fine-tuning" if epochs else ""
+        if name in PRETRAINING:
+            pre = out / PRETRAINING[name]
+            seconds_pre = int((pre / "time_s").read_text())
+            epoch_text = f"{pretraining_epochs(pre)} pretraining" + (f" + {epoch_text}" if epoch_text else "")
+            time_text = f"{seconds_pre} s + {seconds} s"
+        else:
+            time_text = f"{seconds} s"
+        command = (folder / "command").read_text().strip()
+        hardware = (folder / "hardware").read_text().strip()
+        lines.append(f"| {what} | {labels} | {top1:.2f} | {top5:.2f} | {epoch_text} | {time_text} | {hardware} | `{command}` |")
+    for name in ("mdra", "mdra-g1"):
+        folder = out / name
+        if (folder / "time_s").exists():
+            lines.append(f"\nPretraining `{name}` ({pretraining_epochs(folder)} epochs, {int((folder / 'time_s').read_text())} s, "
+                         f"{(folder / 'hardware').read_text().strip()}): `{(folder / 'command').read_text().strip()}`")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/fashion-mnist")
