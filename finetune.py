@@ -1,0 +1,603 @@
+"""MDRA downstream: fine-tuning, linear probe, and the image classifier they make (patent steps 5-7).
+
+Step 5 puts a new linear layer on the pretrained online backbone f; step 6 fine-tunes that network
+with cross-entropy on a small labelled subset (the field's 1% / 10% protocols) and reports top-1 and
+top-5 on the full validation split after every epoch; step 7 classifies image files, here with
+--predict or anywhere after --export (../MDRA_SPEC.md sections 7-8).
+
+Launch:
+    python finetune.py --ckpt runs/mdra/checkpoint.pth --data fashion-mnist --label-fraction 0.01 \\
+        --out-dir runs/ft-1pct                                            # 1% of the labels, one process
+    torchrun --nproc_per_node=8 finetune.py --ckpt runs/mdra/checkpoint.pth --data /path/to/imagenet \\
+        --subset-file 1percent.txt --out-dir runs/ft-1pct                 # the patent's ImageNet 1% run
+    python finetune.py --ckpt runs/mdra/checkpoint.pth --linear --data fashion-mnist --out-dir runs/linear
+    python finetune.py --random-init --arch resnet18 --data fashion-mnist --label-fraction 0.01 \\
+        --out-dir runs/scratch-1pct                                       # the supervised baseline
+    python finetune.py --ckpt runs/ft-1pct/checkpoint.pth --export classifier.pt2   # or .pt: TorchScript
+    python finetune.py --ckpt runs/ft-1pct/checkpoint.pth --predict photo.png more_photos/
+
+Starting again with the same --out-dir resumes from <out-dir>/checkpoint.pth. A fine-tuned
+checkpoint given to --ckpt is used as it is, for --export and --predict; training writes one and then
+does the same with it.
+"""
+import argparse
+import datetime
+import json
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+import mdra
+from mdra import UsageError
+
+CLASSIFIER_FORMAT = "mdra-classifier"
+RESUME_MUST_MATCH = ("data", "random_init", "arch", "small_stem", "img_size", "batch_size",
+                     "label_fraction", "subset_file", "linear", "seed")
+
+
+# ------------------------------------------------------------------------------------------------
+# The image-classification network (patent step 5)
+# ------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """Backbone f and a new linear layer. The data set's normalisation is inside, so the network
+    takes float images in [0, 1] as they come from a file: the exported model needs nothing else."""
+
+    def __init__(self, backbone, width, num_classes, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.backbone = backbone
+        self.head = nn.Linear(width, num_classes)
+        # Near-zero logits at the start (as MoCo v3's linear classifier): the first gradients that
+        # reach the pretrained backbone are small.
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        """images: float [N, 3, H, W] in [0, 1] -> logits [N, num_classes]."""
+        return self.head(self.backbone((images - self.mean) / self.std))
+
+
+def load_classifier(ckpt, path):
+    """The fine-tuned network of a classifier checkpoint, in eval mode."""
+    backbone, width = mdra.build_backbone(ckpt["arch"], ckpt["small_stem"])
+    model = Classifier(backbone, width, ckpt["num_classes"], ckpt["mean"], ckpt["std"])
+    mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {path}")
+    mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {path}")
+    return model.eval()
+
+
+def check_backbone_unchanged(backbone, reference):
+    """The linear probe's sanity check (as MoCo v3's): every weight and BatchNorm statistic of the
+    frozen backbone is bit-identical to where it started."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k].cpu())]
+    if changed:
+        raise RuntimeError(f"the linear probe changed the frozen backbone ({len(changed)} tensors, e.g. "
+                           f"{', '.join(changed[:3])}); its features were not the pretrained ones.")
+
+
+# ------------------------------------------------------------------------------------------------
+# The labelled subset S2
+# ------------------------------------------------------------------------------------------------
+
+def class_balanced_subset(targets, fraction, seed):
+    """Sorted indices of fraction * n_c images (rounded half up, at least one) drawn from each class c
+    by a seeded generator: every class gives the same share of its images; fraction 1 is the whole set."""
+    targets = torch.as_tensor(targets)
+    generator = torch.Generator().manual_seed(seed)
+    by_class = torch.argsort(targets, stable=True).split(torch.bincount(targets).tolist())
+    chosen = [members[torch.randperm(len(members), generator=generator)[:max(1, int(fraction * len(members) + 0.5))]]
+              for members in by_class]
+    return torch.cat(chosen).sort().values.tolist()
+
+
+def read_subset_file(path, names):
+    """Sorted indices of the images a split file names, one file name per line, as in the ImageNet
+    1% / 10% files of SimCLR ("n01440764_10026.JPEG"). names: the data set's .names."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--subset-file {path} does not exist.")
+    wanted = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
+    if not wanted:
+        raise UsageError(f"--subset-file {path} names no images.")
+    where = {}
+    for index, name in enumerate(names):
+        where.setdefault(name, []).append(index)
+    unknown = [name for name in wanted if name not in where]
+    if unknown:
+        raise UsageError(f"--subset-file {path} names {len(unknown)} images that are not in the training set, "
+                         f"e.g. {', '.join(unknown[:3])}.")
+    ambiguous = [name for name in wanted if len(where[name]) > 1]
+    if ambiguous:
+        raise UsageError(f"--subset-file {path} names {len(ambiguous)} images whose file names occur more than "
+                         f"once in the training set, e.g. {ambiguous[0]}; the names must be unique.")
+    return sorted(where[name][0] for name in wanted)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: uint8 crops; the device turns them into [0, 1] floats (a quarter of the bytes to copy)
+# ------------------------------------------------------------------------------------------------
+
+def train_transform(info, img_size):
+    """RandomResizedCrop and flip, with the crop scales of mdra.py's pretraining."""
+    scale = (0.2, 1.0) if info.small else (0.08, 1.0)
+    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def eval_transform(img_size, resize):
+    """Resize the shorter side, then the centre crop: mdra.eval_transform without its normalisation."""
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.PILToTensor()])
+
+
+def eval_resize(info, img_size):
+    return img_size if info.small else round(img_size * 256 / 224)  # 256 -> 224 for ImageNet-size data
+
+
+def to_unit_float(images, device, memory_format=torch.contiguous_format):
+    return images.to(device, non_blocking=True, memory_format=memory_format).float().div_(255)
+
+
+class AugmentedSubset(Dataset):
+    """Training samples keyed by (epoch, position in the subset), as mdra.TwoViews: each seeds its
+    own augmentation, so a sample does not depend on workers, ranks, or whether the run was resumed."""
+
+    def __init__(self, images, transform, seed):
+        self.images, self.transform, self.seed = images, transform, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, position = key
+        image, label, skipped = mdra.read_image(self.images, position)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mdra.sample_seed(self.seed, epoch, position))
+            return self.transform(image), label, skipped
+
+
+class CentreCrops(Dataset):
+    """Evaluation samples. A file that cannot be read is an error here: skipping it would change
+    the accuracy's denominator."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image, label = self.images[index]
+        return self.transform(image), label
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, memory_format, autocast):
+    """Top-1 and top-5 accuracy (%) and the number of images. Each rank counts its own share of
+    the split and the counts are summed, so every image is counted exactly once."""
+    model.eval()
+    hits_sum, total = torch.zeros(2, dtype=torch.long, device=device), 0  # top-1 and top-5 hits, images
+    for images, labels in loader:
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(to_unit_float(images, device, memory_format))
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        total += len(labels)
+    counts = torch.cat([hits_sum, torch.tensor([total], device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    top1, top5, total = counts.tolist()
+    return 100 * top1 / max(total, 1), 100 * top5 / max(total, 1), total
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning (patent step 6) and the linear probe
+# ------------------------------------------------------------------------------------------------
+
+def resolve_args(args, info, env, start):
+    """Fill the defaults that depend on the checkpoint, data and device; check what cannot work."""
+    if start is not None:  # the architecture is the pretrained one
+        for name in ("arch", "small_stem"):
+            given = getattr(args, name)
+            if given is not None and given != start[name]:
+                raise UsageError(f"--{name.replace('_', '-')} {given} does not match the checkpoint's "
+                                 f"{start[name]}; leave it out to use the checkpoint's.")
+            setattr(args, name, start[name])
+    args.arch = args.arch or "resnet50"
+    args.img_size = args.img_size or info.native_size
+    if args.small_stem is None:
+        args.small_stem = info.small or args.img_size <= 64
+    cuda = env.device.type == "cuda"
+    args.compile = cuda if args.compile is None else args.compile
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.linear and args.lr_backbone is not None:
+        raise UsageError("--lr-backbone has no effect with --linear, whose backbone is frozen.")
+    if args.batch_size % env.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
+    for name in ("epochs", "batch_size", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    return args
+
+
+def finetune(args, env, start):
+    """Train the classifier on the labelled subset; returns the path of its checkpoint.
+    start: the pretraining checkpoint, or None for --random-init."""
+    # Synthetic images are drawn at the size they will be used at: by default the pretrained one.
+    drawn_size = args.img_size or (start["img_size"] if start is not None else 32)
+    train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
+    val_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)
+    args = resolve_args(args, info, env, start)
+    device, cuda = env.device, env.device.type == "cuda"
+    out_dir = Path(args.out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = mdra.Logger(out_dir, env.is_main)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if args.subset_file:
+        subset = read_subset_file(args.subset_file, train_images.names)
+    else:
+        subset = class_balanced_subset(train_images.targets, args.label_fraction or 1.0, args.seed)
+    if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
+        (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
+    steps_per_epoch = len(subset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"the labelled subset has {len(subset)} images, fewer than one batch of "
+                         f"{args.batch_size}; lower --batch-size.")
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+    torch.manual_seed(args.seed)  # the same new head (and random backbone) on every rank
+    backbone, width = mdra.build_backbone(args.arch, args.small_stem)
+    model = Classifier(backbone, width, info.num_classes, info.mean, info.std)
+    if start is not None:
+        mdra.load_strict(model.backbone, start["backbone"], f"the backbone in {args.ckpt}")
+    if args.linear:
+        model.backbone.requires_grad_(False)
+        reference = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+
+    groups = [dict(params=list(model.head.parameters()), lr=args.lr)]
+    if not args.linear:
+        groups.append(dict(params=list(model.backbone.parameters()),
+                           lr=args.lr if args.lr_backbone is None else args.lr_backbone))
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    cosine = mdra.warmup_cosine(1.0, total_steps, 0)  # per step, from 1 to 0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    step, metrics = 0, {}
+    ckpt_path = out_dir / "checkpoint.pth"
+    if ckpt_path.exists():
+        ckpt = mdra.load_checkpoint(ckpt_path, formats=(CLASSIFIER_FORMAT,))
+        saved = ckpt["args"]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+                   for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+        if changed:
+            raise UsageError(f"{ckpt_path} comes from a different run ({', '.join(changed)}); "
+                             "use another --out-dir or the same settings.")
+        mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {ckpt_path}")
+        mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {ckpt_path}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, metrics = int(ckpt["step"]), ckpt["metrics"]
+        log.print(f"resumed from {ckpt_path} at step {step}")
+
+    model_raw = model
+    if args.compile:  # compiled in place, so state-dict keys stay plain
+        model.compile(backend=args.compile_backend)
+    if env.world_size > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+
+    # Augmentation is keyed by (seed, epoch, position), so no random state needs saving for resume.
+    train_set = AugmentedSubset(Subset(train_images, subset), train_transform(info, args.img_size), args.seed)
+    sampler = mdra.EpochSampler(len(subset), args.batch_size, steps_per_epoch, env.world_size, env.rank, args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers > 0 else None)
+    resize = eval_resize(info, args.img_size)
+    val_set = Subset(CentreCrops(val_images, eval_transform(args.img_size, resize)),
+                     range(env.rank, len(val_images), env.world_size))  # every image on exactly one rank
+    val_loader = DataLoader(val_set, batch_size=args.batch_size // env.world_size, num_workers=args.workers,
+                            pin_memory=cuda, persistent_workers=args.workers > 0)
+
+    plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    last_saved = step
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
+
+    def check_finite(since):
+        nonfinite_anywhere = nonfinite.int()
+        if dist.is_initialized():
+            dist.all_reduce(nonfinite_anywhere, op=dist.ReduceOp.MAX)
+        if nonfinite_anywhere.item():
+            raise SystemExit(f"finetune.py: error: the loss became non-finite between steps {since} and {step} "
+                             f"(try a lower --lr); the last good checkpoint is "
+                             f"{ckpt_path if ckpt_path.exists() else 'none: none was written yet'}.")
+
+    def save():
+        nonlocal last_saved
+        check_finite(last_saved)  # never write weights a non-finite loss has touched
+        last_saved = step
+        if not env.is_main:
+            return
+        mdra.save_checkpoint({
+            "format": CLASSIFIER_FORMAT, "version": mdra.CHECKPOINT_VERSION, "arch": args.arch,
+            "small_stem": args.small_stem, "feature_dim": width, "args": plain_args,
+            "epoch": step // steps_per_epoch, "step": step,
+            "backbone": model_raw.backbone.state_dict(), "head": model_raw.head.state_dict(),
+            "num_classes": info.num_classes, "class_names": list(info.class_names),
+            "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "resize": resize,
+            "metrics": metrics, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        }, ckpt_path)
+
+    control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
+    sha = mdra.git_sha()
+    mode = "linear probe (frozen backbone)" if args.linear else "fine-tuning"
+    origin = "random initialisation" if start is None else args.ckpt
+    log.print(f"finetune.py git {sha} | world size {env.world_size} | device {device}"
+              f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''} | torch {torch.__version__}")
+    log.print("args " + json.dumps(plain_args))
+    log.print(f"{mode} of {args.arch} from {origin}: {len(subset)} of {len(train_images)} labelled images "
+              f"({100 * len(subset) / len(train_images):.3g}%), {steps_per_epoch} steps per epoch of "
+              f"{args.batch_size}, {len(val_images)} validation images")
+    log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device),
+              "labelled_images": len(subset), "args": plain_args})
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    loss_sum = torch.zeros((), device=device)  # since the last log line
+    skipped_total = 0
+    tic, data_time, logged_step = time.perf_counter(), 0.0, step
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        model.train()
+        if args.linear:
+            model_raw.backbone.eval()  # BatchNorm keeps the pretrained statistics
+        epoch_tic = t0 = time.perf_counter()
+        for images, labels, skipped in loader:
+            data_time += time.perf_counter() - t0
+            skipped_total += int(skipped.sum())
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base_lr * float(cosine[step])
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                loss = F.cross_entropy(model(to_unit_float(images, device, memory_format)), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = loss.detach()
+            nonfinite |= ~torch.isfinite(loss)
+            loss_sum += loss
+
+            if step % args.log_every == 0 or step == last_step:
+                check_finite(logged_step)
+                if dist.is_initialized():
+                    dist.all_reduce(loss_sum)
+                elapsed, steps = time.perf_counter() - tic, step - logged_step
+                record = {"epoch": epoch + 1, "step": step, "loss": loss_sum.item() / env.world_size / steps,
+                          "lr": base_lrs[0] * float(cosine[step - 1]), "images_per_s": steps * args.batch_size / elapsed,
+                          "data_wait": data_time / elapsed, "eta_s": elapsed / steps * (last_step - step),
+                          "peak_mem_gb": mdra.peak_memory_gb(device), "skipped_images": skipped_total}
+                log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
+                          f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
+                          f"data {100 * record['data_wait']:.0f}% eta {datetime.timedelta(seconds=round(record['eta_s']))} "
+                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skipped_total}" if skipped_total else ""))
+                log.json(record)
+                loss_sum.zero_()
+                tic, data_time, logged_step = time.perf_counter(), 0.0, step
+            if mdra.stop_requested(control):
+                save()
+                log.print(f"stopped by a signal at step {step}; checkpoint: {ckpt_path.resolve()}")
+                raise SystemExit(128 + (mdra.STOP_SIGNALS[0] if mdra.STOP_SIGNALS else signal.SIGTERM))
+            if step % args.save_every == 0:
+                save()
+            if step >= last_step:
+                break
+            t0 = time.perf_counter()
+
+        if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
+            break
+        if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
+            broadcast_buffers(model_raw)
+        top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
+        metrics = {"epoch": epoch + 1, "top1": top1, "top5": top5, "val_images": counted}
+        log.print(f"epoch {epoch + 1}/{args.epochs} val top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
+        log.json({"event": "epoch", **metrics, "step": step, "time_s": time.perf_counter() - epoch_tic})
+        save()
+
+    if last_saved != step:
+        save()
+    if args.linear:
+        check_backbone_unchanged(model_raw.backbone, reference)
+        log.print("linear probe: the backbone is bit-identical to the one it started from")
+    log.print(f"done: {step} steps" + (f"; val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
+                                        f"{metrics['epoch']}" if metrics else "") + f"; checkpoint: {ckpt_path.resolve()}")
+    return ckpt_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Classifying images (patent step 7)
+# ------------------------------------------------------------------------------------------------
+
+def export(model, path, ckpt):
+    """The whole classifier, normalisation included, as TorchScript (.pt, for torch.jit.load) or
+    torch.export (.pt2, for torch.export.load): input float [N, 3, H, W] in [0, 1], output logits.
+    classifier.json inside names the classes and the expected crop."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().float().eval()
+    meta = {"classifier.json": json.dumps({"class_names": ckpt["class_names"], "img_size": ckpt["img_size"],
+                                           "resize": ckpt["resize"], "mean": ckpt["mean"], "std": ckpt["std"]})}
+    if path.suffix == ".pt":
+        with warnings.catch_warnings():  # recent torch calls TorchScript deprecated; .pt2 is its successor
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+            torch.jit.save(torch.jit.script(model), path, _extra_files=meta)
+    else:
+        example = torch.rand(2, 3, ckpt["img_size"], ckpt["img_size"])
+        Dim = torch.export.Dim
+        program = torch.export.export(model, (example,),
+                                      dynamic_shapes={"images": {0: Dim("batch", min=1), 2: Dim.AUTO, 3: Dim.AUTO}})
+        torch.export.save(program, path, extra_files=meta)
+
+
+def image_files(paths):
+    """The given files, and the image files under the given folders, in sorted order."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"--predict {path} does not exist.")
+    if not files:
+        raise UsageError(f"--predict {' '.join(map(str, paths))} holds no image files.")
+    return files
+
+
+def open_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise UsageError(f"--predict {path} is not an image that can be read.") from None
+
+
+@torch.no_grad()
+def predict(model, files, ckpt, device, batch_size):
+    """Print each image's five most probable classes with their probabilities."""
+    transform = eval_transform(ckpt["img_size"], ckpt["resize"])
+    model.to(device)
+    for first in range(0, len(files), batch_size):
+        if mdra.stop_requested():  # mdra.run_main defers SIGINT and SIGTERM to here
+            raise SystemExit(128 + mdra.STOP_SIGNALS[0])
+        chunk = files[first:first + batch_size]
+        images = torch.stack([transform(open_image(path)) for path in chunk])
+        probs = model(to_unit_float(images, device)).float().softmax(dim=1)
+        top = probs.topk(min(5, probs.shape[1]), dim=1)
+        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            print(f"{path}: " + ", ".join(f"{ckpt['class_names'][c]} {p:.3f}" for p, c in zip(values, indices)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def run(args):
+    if args.export and Path(args.export).suffix not in (".pt", ".pt2"):
+        raise UsageError(f"--export {args.export} must end in .pt (TorchScript) or .pt2 (torch.export).")
+    if bool(args.ckpt) == args.random_init:
+        raise UsageError("give either --ckpt (a pretraining or fine-tuned checkpoint) or --random-init.")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise UsageError(f"--label-fraction {args.label_fraction} is not in (0, 1].")
+    if args.label_fraction is not None and args.subset_file:
+        raise UsageError("give --label-fraction or --subset-file, not both.")
+    predict_files = image_files(args.predict) if args.predict else None  # before training, which may be long
+    env = mdra.setup_distributed(args.device)
+    start = mdra.load_checkpoint(args.ckpt, formats=("mdra", CLASSIFIER_FORMAT)) if args.ckpt else None
+    if start is not None and start["format"] == CLASSIFIER_FORMAT:
+        if not (args.export or args.predict):
+            raise UsageError(f"{args.ckpt} is already a fine-tuned classifier: use it with --export or --predict, "
+                             "or fine-tune a pretraining checkpoint (an interrupted run resumes from its --out-dir).")
+        classifier_path, classifier = Path(args.ckpt), start
+    else:
+        classifier_path, classifier = finetune(args, env, start), None
+    if not (env.is_main and (args.export or args.predict)):
+        return classifier_path
+    classifier = classifier or mdra.load_checkpoint(classifier_path, formats=(CLASSIFIER_FORMAT,))
+    model = load_classifier(classifier, classifier_path)
+    if args.export:
+        export(model, args.export, classifier)
+        print(f"exported the classifier of {classifier_path} to {args.export}")
+    if args.predict:
+        predict(model, predict_files, classifier, env.device, args.batch_size)
+    return classifier_path
+
+
+def get_parser():
+    p = argparse.ArgumentParser(
+        prog="finetune.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fine-tune (or linearly probe) an MDRA backbone with a linear classifier on a labelled "
+                    "subset, export it, classify images (defaults: the patent's 100 epochs of SGD at lr 0.3).")
+    a = p.add_argument
+    a("--ckpt", default=None,
+      help="a pretraining checkpoint (mdra.py) to fine-tune, or a fine-tuned one to --export or --predict with")
+    a("--random-init", action="store_true", help="start from random weights: the supervised-from-scratch baseline")
+    a("--data", default="fashion-mnist",
+      help="ImageFolder root (train/ and val/) or one of: " + ", ".join(mdra.SMALL_DATASETS))
+    a("--data-dir", default="data", help="where named data sets are read from or downloaded to")
+    a("--synthetic-size", type=int, default=1024, help="number of training images of --data synthetic")
+    a("--label-fraction", type=float, default=None,
+      help="train on this fraction of the labels (0.01, 0.1), the same share of every class, drawn with --seed; "
+           "default: all labels")
+    a("--subset-file", default=None,
+      help="train on the images this file names, one file name per line (the ImageNet 1%% / 10%% split files)")
+    a("--linear", action="store_true",
+      help="linear probe: only the classifier learns; the backbone is frozen, BatchNorm in eval mode")
+    a("--arch", default=None, help="backbone for --random-init (default resnet50); with --ckpt, the checkpoint's")
+    a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+      help="3x3 stride-1 stem without max-pool; with --ckpt, the checkpoint's; else on for small images")
+    a("--img-size", type=int, default=None, help="crop size; default: the data set's native size (224 for ImageFolder)")
+    a("--epochs", type=int, default=100, help="length of the schedule")
+    a("--max-steps", type=int, default=0,
+      help="stop after this many steps in total (resumed ones included); the schedule still follows --epochs")
+    a("--batch-size", type=int, default=256, help="global batch over all ranks")
+    a("--lr", type=float, default=0.3,
+      help="SGD learning rate of the classifier (and of the backbone without --lr-backbone), cosine to 0 per step")
+    a("--lr-backbone", type=float, default=None,
+      help="a separate learning rate for the backbone when fine-tuning (e.g. 10x lower than --lr)")
+    a("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    a("--out-dir", default="runs/finetune",
+      help="checkpoint.pth, log.jsonl and subset.txt go here; an existing checkpoint is resumed")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
+    a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
+    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    a("--seed", type=int, default=0, help="draws the labelled subset, the new layer and the augmentations")
+    a("--save-every", type=int, default=200, help="write the checkpoint every this many steps (and at each epoch end)")
+    a("--log-every", type=int, default=20, help="log every this many steps")
+    a("--export", default=None, metavar="PATH",
+      help="write the classifier for use without this code: .pt (TorchScript) or .pt2 (torch.export)")
+    a("--predict", nargs="+", default=None, metavar="PATH",
+      help="image files or folders to classify: prints each one's top-5 classes with probabilities")
+    return p
+
+
+def main(argv=None):
+    return mdra.run_main(run, argv, get_parser())
+
+
+if __name__ == "__main__":
+    main()

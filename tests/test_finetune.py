@@ -1,0 +1,278 @@
+"""finetune.py: the labelled subset, fine-tuning and the linear probe, resume, export and predict,
+and the errors a user can cause. Everything runs on CPU with tiny synthetic data."""
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune
+import mdra
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "synthetic", "--synthetic-size", "64", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a shared CPU their contention costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A pretraining checkpoint from a real (tiny) mdra.py run."""
+    out = tmp_path_factory.mktemp("pretrain")
+    subprocess.run([sys.executable, str(ROOT / "mdra.py"), "--data", "synthetic", "--synthetic-size", "64",
+                    "--img-size", "16", "--arch", "resnet18", "--batch-size", "16", "--queue-size", "64",
+                    "--epochs", "1", "--workers", "0", "--out-dir", str(out)],
+                   check=True, capture_output=True, cwd=ROOT, env=ONE_THREAD)
+    return out / "checkpoint.pth"
+
+
+@pytest.fixture(scope="session")
+def classifier(pretrained, tmp_path_factory):
+    """A classifier fine-tuned for one epoch (two steps) on a quarter of the labels."""
+    out = tmp_path_factory.mktemp("finetune")
+    return finetune.main(["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "1",
+                          "--out-dir", str(out)])
+
+
+# ------------------------------------------------------------------------------------------------
+# The labelled subset
+# ------------------------------------------------------------------------------------------------
+
+def test_label_fraction_takes_the_same_share_of_every_class_and_repeats_with_the_seed():
+    targets = [i % 10 for i in range(1000)] + [3] * 100  # class 3 has 200 images, the others 100
+    subset = finetune.class_balanced_subset(targets, 0.1, seed=0)
+    assert Counter(targets[i] for i in subset) == {c: 20 if c == 3 else 10 for c in range(10)}
+    assert subset == sorted(set(subset))
+    assert subset == finetune.class_balanced_subset(targets, 0.1, seed=0)
+    assert subset != finetune.class_balanced_subset(targets, 0.1, seed=1)
+    assert finetune.class_balanced_subset(targets, 1.0, seed=0) == list(range(len(targets)))
+    tiny = finetune.class_balanced_subset(targets, 1e-4, seed=0)  # every class keeps at least one image
+    assert Counter(targets[i] for i in tiny) == {c: 1 for c in range(10)}
+
+
+def test_subset_file_selects_the_images_it_names(tmp_path):
+    names = ["n01440764_10026.JPEG", "n01440764_10027.JPEG", "n01443537_2.JPEG", "n01443537_7.JPEG"]
+    split = tmp_path / "1percent.txt"
+    split.write_text("n01443537_7.JPEG\n\n  n01440764_10026.JPEG \nn01443537_7.JPEG\n")
+    assert finetune.read_subset_file(split, names) == [0, 3]
+
+
+@pytest.mark.parametrize("content, names, message", [
+    ("a.png\nz1.png\nz2.png\nz3.png\nz4.png\nz5.png\n", ["a.png", "b.png"],
+     "names 5 images that are not in the training set, e.g. z1.png, z2.png, z3.png."),
+    ("a.png\n", ["a.png", "a.png"], "names 1 images whose file names occur more than once"),
+    ("\n \n", ["a.png"], "names no images."),
+    (None, ["a.png"], "does not exist."),
+], ids=["unknown names", "ambiguous name", "empty file", "missing file"])
+def test_subset_file_errors_say_what_is_wrong(tmp_path, content, names, message):
+    split = tmp_path / "split.txt"
+    if content is not None:
+        split.write_text(content)
+    with pytest.raises(mdra.UsageError, match="--subset-file .*" + message.replace(".", r"\.")):
+        finetune.read_subset_file(split, names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning and the linear probe
+# ------------------------------------------------------------------------------------------------
+
+def test_fine_tuning_writes_a_classifier_checkpoint_and_the_subset_that_repeats_it(pretrained, classifier):
+    ckpt = load(classifier)
+    for key in ("format", "version", "arch", "small_stem", "feature_dim", "args", "epoch", "step", "backbone",
+                "head", "num_classes", "class_names", "mean", "std", "img_size"):
+        assert key in ckpt
+    assert (ckpt["format"], ckpt["arch"], ckpt["small_stem"], ckpt["img_size"]) == ("mdra-classifier", "resnet18", True, 16)
+    assert (ckpt["num_classes"], len(ckpt["class_names"]), ckpt["step"], ckpt["epoch"]) == (10, 10, 2, 1)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["backbone"])
+    start = load(pretrained)["backbone"]
+    assert not all(torch.equal(ckpt["backbone"][k], start[k]) for k in start)  # fine-tuning moves the backbone
+
+    images, _ = mdra.build_dataset("synthetic", "", "train", 64, 16)
+    chosen = finetune.class_balanced_subset(images.targets, 0.25, seed=0)
+    assert finetune.read_subset_file(classifier.parent / "subset.txt", images.names) == chosen
+    epochs = [r for r in map(json.loads, (classifier.parent / "log.jsonl").read_text().splitlines())
+              if r.get("event") == "epoch"]
+    assert [(r["epoch"], r["val_images"]) for r in epochs] == [(1, 16)]  # the whole synthetic val split
+    assert 0 <= epochs[0]["top1"] <= epochs[0]["top5"] <= 100
+
+
+def test_linear_probe_trains_only_the_head_and_leaves_the_backbone_bit_identical(pretrained, classifier, tmp_path):
+    split = classifier.parent / "subset.txt"  # the labelled images of the fine-tuning run, as a split file
+    path = finetune.main(["--ckpt", str(pretrained), *TINY, "--subset-file", str(split), "--epochs", "1",
+                          "--linear", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "subset.txt").read_text() == split.read_text()
+    ckpt, start = load(path), load(pretrained)["backbone"]
+    assert ckpt["backbone"].keys() == start.keys()
+    assert all(torch.equal(ckpt["backbone"][k], start[k]) for k in start)  # BatchNorm statistics included
+    torch.manual_seed(0)  # the head as it was initialised
+    backbone, width = mdra.build_backbone("resnet18", True)
+    initial = finetune.Classifier(backbone, width, 10, ckpt["mean"], ckpt["std"]).head.state_dict()
+    assert not torch.equal(ckpt["head"]["weight"], initial["weight"])
+
+
+def test_linear_probe_check_rejects_a_backbone_that_moved():
+    backbone, _ = mdra.build_backbone("resnet18", True)
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    finetune.check_backbone_unchanged(backbone, reference)
+    with torch.no_grad():
+        backbone.layer1[0].bn1.running_mean[0] += 1e-6
+    with pytest.raises(RuntimeError, match="changed the frozen backbone .*layer1.0.bn1.running_mean"):
+        finetune.check_backbone_unchanged(backbone, reference)
+
+
+def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(pretrained, tmp_path):
+    run = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "2",  # 2 steps per epoch
+           "--lr", "0.3", "--lr-backbone", "0.03"]
+    whole = load(finetune.main(run + ["--out-dir", str(tmp_path / "whole")]))
+    interrupted = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts"), "--max-steps", "3"]))
+    assert interrupted["step"] == 3  # stopped inside the second epoch
+    resumed = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts")]))
+    logged = [r["step"] for r in map(json.loads, (tmp_path / "parts" / "log.jsonl").read_text().splitlines())
+              if "loss" in r and "event" not in r]
+    assert logged == [1, 2, 3, 4]  # the second run trained only the missing step
+    assert resumed["step"] == whole["step"] == 4
+    for part in ("backbone", "head"):
+        assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
+    assert resumed["metrics"] == whole["metrics"]
+    head, backbone = whole["optimizer"]["param_groups"]  # the last step's rates: cosine at step 3 of 4
+    assert (head["lr"], backbone["lr"]) == pytest.approx((0.3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)),
+                                                          0.03 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
+    assert not torch.equal(whole["head"]["weight"], interrupted["head"]["weight"])
+
+
+def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
+    with pytest.raises(SystemExit, match="finetune.py: error: the loss became non-finite between steps"):
+        finetune.main(["--random-init", "--arch", "resnet18", *TINY, "--img-size", "16", "--label-fraction", "0.25",
+                       "--epochs", "2", "--lr", "1e30", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "checkpoint.pth").exists() or all(
+        torch.isfinite(v).all() for v in load(tmp_path / "checkpoint.pth")["head"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Classifying images
+# ------------------------------------------------------------------------------------------------
+
+LOAD_WITHOUT_THE_PROJECT = """
+import sys
+import torch
+for name in ("mdra", "finetune"):
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    sys.exit(name + " is importable")
+images = torch.load("images.pt")
+meta = {"classifier.json": ""}
+scripted = torch.jit.load("model.pt", _extra_files=meta)
+program = torch.export.load("model.pt2", extra_files={"classifier.json": ""}).module()
+torch.save({"meta": meta["classifier.json"],
+            "pt": {k: scripted(x) for k, x in images.items()},
+            "pt2": {k: program(x) for k, x in images.items()}}, "outputs.pt")
+"""
+
+
+def test_exported_classifiers_equal_the_eager_one_and_load_without_this_project(classifier, tmp_path):
+    for suffix in (".pt", ".pt2"):
+        finetune.main(["--ckpt", str(classifier), "--export", str(tmp_path / f"model{suffix}")])
+    ckpt = load(classifier)
+    eager = finetune.load_classifier(ckpt, classifier)
+    g = torch.Generator().manual_seed(0)
+    images = {"batch of 3": torch.rand(3, 3, 16, 16, generator=g), "batch of 1": torch.rand(1, 3, 16, 16, generator=g),
+              "larger images": torch.rand(2, 3, 24, 20, generator=g)}
+    torch.save(images, tmp_path / "images.pt")
+    (tmp_path / "load.py").write_text(LOAD_WITHOUT_THE_PROJECT)
+    env = {k: v for k, v in ONE_THREAD.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "load.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    assert json.loads(outputs["meta"])["class_names"] == ckpt["class_names"]
+    with torch.no_grad():
+        for name, x in images.items():
+            expected = eager(x)
+            for kind in ("pt", "pt2"):
+                got = outputs[kind][name]
+                assert got.shape == expected.shape == (x.shape[0], 10)
+                assert ((got - expected).norm() / expected.norm()).item() < 1e-5, (kind, name)
+
+
+def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, tmp_path, capsys):
+    images, _ = mdra.build_dataset("synthetic", "", "val", 64, 16)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        images[i][0].save(folder / f"image{i}.png")
+    (folder / "notes.txt").write_text("not an image: a folder's other files are left out")
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30)).save(grey)
+    finetune.main(["--ckpt", str(classifier), "--predict", str(folder), str(grey)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(folder / f"image{i}.png") for i in range(3)] + [str(grey)]
+
+    ckpt = load(classifier)
+    model = finetune.load_classifier(ckpt, classifier)
+    for i, line in enumerate(lines):
+        ranked = [item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", ")]
+        names, probs = [n for n, _ in ranked], [float(p) for _, p in ranked]
+        assert len(set(names)) == 5 and set(names) <= set(ckpt["class_names"])
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-3
+        if i < 3:  # a 16 px image is classified as it is: no resize, no crop
+            pixels = torch.from_numpy(np.array(images[i][0])).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                expected = model(pixels).softmax(dim=1)[0].topk(5)
+            assert names == [ckpt["class_names"][c] for c in expected.indices.tolist()]
+            assert probs == pytest.approx(expected.values.tolist(), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors a user can cause: one sentence and exit status 2
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "{pretrained}", "--label-fraction", "0"], "--label-fraction 0.0 is not in (0, 1]."),
+    (["--ckpt", "{pretrained}", "--label-fraction", "1.5"], "--label-fraction 1.5 is not in (0, 1]."),
+    (["--ckpt", "{pretrained}", "--label-fraction", "0.1", "--subset-file", "x.txt"], "not both"),
+    ([], "give either --ckpt"),
+    (["--ckpt", "{pretrained}", "--random-init"], "give either --ckpt"),
+    (["--ckpt", "{tmp}/missing.pth"], "missing.pth does not exist."),
+    (["--ckpt", "{tmp}/foreign.pth"], "has format 'something-else'; expected 'mdra' or 'mdra-classifier'."),
+    (["--ckpt", "{classifier}"], "is already a fine-tuned classifier"),
+    (["--ckpt", "{classifier}", "--export", "{tmp}/model.onnx"], "must end in .pt (TorchScript) or .pt2"),
+    (["--ckpt", "{classifier}", "--predict", "{tmp}/missing.png"], "--predict {tmp}/missing.png does not exist."),
+    (["--random-init", "--data", "{tmp}/no-such-folder"], "is neither a data set name"),
+    (["--ckpt", "{pretrained}", "--arch", "resnet34"], "--arch resnet34 does not match the checkpoint's resnet18"),
+    (["--ckpt", "{pretrained}", "--subset-file", "{tmp}/missing.txt"], "--subset-file {tmp}/missing.txt does not exist."),
+    (["--ckpt", "{pretrained}", "--linear", "--lr-backbone", "0.01"], "--lr-backbone has no effect with --linear"),
+    (["--ckpt", "{pretrained}", "--label-fraction", "0.1", "--batch-size", "64"], "fewer than one batch of 64"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
+    torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
+    places = {"{pretrained}": str(pretrained), "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
+    for key, value in places.items():
+        argv = [a.replace(key, value) for a in argv]
+        message = message.replace(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([*TINY, "--out-dir", str(tmp_path / "run"), *argv])  # argv's flags win
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finetune.py: error: ") and err.count("\n") == 1 and message in err, err
