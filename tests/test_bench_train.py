@@ -1,0 +1,38 @@
+"""benchmarks/bench_train.py runs end to end (at tiny sizes, on the CPU), so that it still works when the
+GPU run it exists for comes."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # its worker pool finds write_jpeg by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, tmp_path):
+    bench_train.main(["--archs", "resnet18", "--img-size", "16", "--batch-size", "8", "--queue-size", "32",
+                      "--configs", "eager-fp32-nchw", "eager-fp32-cl", "--warmup", "0", "--steps", "1",
+                      "--repeats", "1", "--data-images", "32", "--workers", "0", "--gpu-aug",
+                      "--loss-batch", "16", "--loss-queue", "64", "--e2e-steps", "3", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["section"] for row in rows] == ["step"] * 2 + ["loss"] * 2 + ["data"] * 3 + ["e2e"] * 2
+    assert all(row["pairs_per_s"] > 0 for row in rows if "pairs_per_s" in row)
+    assert all(row["vs"] for row in rows)
+    assert rows[0]["vs"] == "1.00x eager-fp32-nchw" and rows[0]["gflop_per_pair"] > 0
+    assert "| step | resnet18 16px b8 eager-fp32-cl |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_malformed_configuration_is_one_clear_error(bench_train):
+    with pytest.raises(SystemExit, match="not MODE-DTYPE-LAYOUT"):
+        bench_train.main(["--configs", "eager-fp16-nchw"])
