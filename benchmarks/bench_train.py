@@ -349,32 +349,33 @@ def measure_steps(report, args, device, started):
     for compiled in (False, True):
         for arch in args.archs:
             for name in configs:
-                config = parse_config(name)
                 keep = arch == args.archs[0] and name == args.e2e_config and "e2e" in args.sections
-                if config.compiled != compiled or ("step" not in args.sections and not keep):
+                if parse_config(name).compiled != compiled or ("step" not in args.sections and not keep):
                     continue
-                what = f"{arch} {args.size} {name}"
                 left = args.time_limit - (time.perf_counter() - started)
                 if compiled and args.time_limit and left < args.compile_allowance:
-                    report.add("step", what, note=f"skipped: {left:.0f} s of --time-limit left")
+                    report.add("step", f"{arch} {args.size} {name}", note=f"skipped: {left:.0f} s of --time-limit left")
                     continue
-                reset_peak_memory(device)
-                t0 = time.perf_counter()
-                step = TrainStep(arch, config, args, device)
-                views = synthetic_views(args, device)
-                step(lambda: views)  # the first step compiles and autotunes
-                synchronize(device)
-                first_step_s = time.perf_counter() - t0
-                seconds = median_step_time(lambda: step(lambda: views), device, args.warmup, args.steps, args.repeats)
-                pairs = args.batch_size * args.accum_steps
-                report.add("step", what, arch=arch, config=name, pairs_per_s=pairs / seconds, ms=seconds * 1e3,
-                           peak_gb=peak_memory_gb(device), gflop_per_pair=flops[arch] / 1e9,
-                           tflops=flops[arch] * pairs / seconds / 1e12, note=f"first step {first_step_s:.1f} s")
-                if keep:
-                    kept = step
-                del step, views
-                free_memory(device)
+                kept = measure_step(report, arch, name, flops[arch], args, device, keep) or kept
+                free_memory(device)  # before the next configuration, whose peak memory is measured
     return kept
+
+
+def measure_step(report, arch, name, flops, args, device, keep):
+    """One configuration on synthetic data; returns its TrainStep if keep, else None."""
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    step = TrainStep(arch, parse_config(name), args, device)
+    views = synthetic_views(args, device)
+    step(lambda: views)  # the first step compiles and autotunes
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    seconds = median_step_time(lambda: step(lambda: views), device, args.warmup, args.steps, args.repeats)
+    pairs = args.batch_size * args.accum_steps
+    report.add("step", f"{arch} {args.size} {name}", arch=arch, config=name, pairs_per_s=pairs / seconds,
+               ms=seconds * 1e3, peak_gb=peak_memory_gb(device), gflop_per_pair=flops / 1e9,
+               tflops=flops * pairs / seconds / 1e12, note=f"first step {first_step_s:.1f} s")
+    return step if keep else None
 
 
 def measure_loss(report, batch, queue_size, args, device):
@@ -401,8 +402,6 @@ def measure_loss(report, batch, queue_size, args, device):
     sinkhorn_ms = median_step_time(sinkhorn_step, device, **timing) * 1e3
     report.add("loss", f"mdra_loss fwd+bwd B{batch} N{queue_size} G{args.groups}", batch=batch,
                ms=seconds * 1e3, peak_gb=peak, note=f"of which Sinkhorn {sinkhorn_ms:.3g} ms")
-    del q1, q2, k1, k2, queue, scores
-    free_memory(device)
 
 
 def measure_data(report, loaders, args, device):
@@ -460,7 +459,7 @@ def compare(rows, args):
             else:
                 bound = "the loader is the bottleneck" if ratio > 1 else "the step is the bottleneck"
                 row["vs"] = f"{1 / ratio:.2f}x the {reference['what']} step: {bound}"
-        elif row["section"] == "e2e" and reference:
+        elif row["section"] == "e2e" and reference and "pairs_per_s" in row:
             row["vs"] = f"{row['pairs_per_s'] / reference['pairs_per_s']:.2f}x the same step on synthetic data"
 
 
@@ -553,11 +552,14 @@ def main(argv=None):
         if "loss" in args.sections:
             for batch, queue in dict.fromkeys([(args.loss_batch, args.loss_queue), (args.batch_size, args.queue_size)]):
                 measure_loss(report, batch, queue, args, device)
+                free_memory(device)
         kept = None
         if {"step", "e2e"} & set(args.sections):
             kept = measure_steps(report, args, device, started)
         if "e2e" in args.sections and kept is not None:
             measure_e2e(report, kept, loaders, args, device)
+        elif "e2e" in args.sections:
+            report.add("e2e", f"{args.archs[0]} {args.size} {args.e2e_config}", note="skipped with its step")
     finally:
         if generated:
             shutil.rmtree(generated, ignore_errors=True)
