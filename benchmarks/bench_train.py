@@ -16,13 +16,14 @@ Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on
 and end-to-end rates are taken in the steady state, after the workers' first round of batches.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
-    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100, about 6 minutes
+    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100, within 7 minutes
     python benchmarks/bench_train.py --device cuda --archs resnet50 --configs compiled-bf16-cl \\
         --batch-size 128 --sections step e2e --data /path/to/imagenet/train --gpu-aug
 """
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import multiprocessing
 import os
@@ -112,12 +113,12 @@ class StepConfig:
 
 
 def parse_config(text):
-    try:
-        mode, dtype, layout = text.split("-")
-        assert mode in ("eager", "compiled") and dtype in ("fp32", "bf16") and layout in ("nchw", "cl")
-    except (ValueError, AssertionError):
+    parts = text.split("-")
+    choices = (("eager", "compiled"), ("fp32", "bf16"), ("nchw", "cl"))
+    if len(parts) != 3 or any(part not in allowed for part, allowed in zip(parts, choices)):
         raise SystemExit(f"bench_train.py: error: configuration {text!r} is not MODE-DTYPE-LAYOUT, "
-                         "e.g. eager-fp32-nchw or compiled-bf16-cl") from None
+                         "e.g. eager-fp32-nchw or compiled-bf16-cl")
+    mode, dtype, layout = parts
     return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl")
 
 
@@ -308,11 +309,12 @@ class Loader:
             self.epoch += 1
 
 
-def loader_rate(loader, batch_size, workers, device):
-    """Pairs/s of the loader alone (views made and on the device) over one epoch, in the steady state."""
+def loader_rate(loader, batch_size, workers, device, max_batches=100):
+    """Pairs/s of the loader alone (views made and on the device) over one epoch or max_batches (a
+    real data set's epoch is far longer than needed), in the steady state."""
     batches = loader.batches()
     arrivals = []
-    for _ in range(loader.num_batches):
+    for _ in range(min(loader.num_batches, max_batches)):
         next(batches)
         synchronize(device)
         arrivals.append(time.perf_counter())
@@ -321,16 +323,11 @@ def loader_rate(loader, batch_size, workers, device):
 
 def device_views_rate(loader, batch_size, device, rounds=5):
     """Pairs/s of the --gpu-aug device work alone (decode, crops, colour, blur) on batches in memory."""
-    undecoded = []
-    for batch in loader.loader:
-        undecoded.append(batch)
-        if len(undecoded) == 4:
-            break
-    calls = iter(range(10**9))
+    undecoded = list(itertools.islice(loader.loader, 4))
+    batches = itertools.cycle(undecoded)
 
     def augment():
-        images, skipped = undecoded[next(calls) % len(undecoded)]
-        loader.device_views(images, skipped, 0, 0)
+        loader.device_views(*next(batches), 0, 0)
 
     return batch_size / median_step_time(augment, device, warmup=2, steps=len(undecoded), repeats=rounds)
 
