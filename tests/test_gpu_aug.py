@@ -152,7 +152,7 @@ def test_upscaling_a_crop_is_bilinear_interpolation_and_views_come_view_major():
     torch.testing.assert_close(crops[2:, :, 2:-2, 2:-2], inner[:, :, 2:-2, 2:-2], atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("height,width", [(375, 500), (60, 400)])  # ImageNet-like; so wide the fallback is common
+@pytest.mark.parametrize("height,width", [(375, 500), (60, 400)])  # ImageNet-like; so wide that few tries fit
 def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
     n = 6000
     recipe = gpu_aug.ViewRecipe(size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
@@ -167,10 +167,19 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
     assert (ours["left"] >= 0).all() and (ours["left"] + ours["w"] <= width).all()
     for key in ours:
         assert ks_distance(ours[key], theirs[key]) < ks_limit(n, n), key
-    # The central fallback crop, when no try fits, is torchvision's exactly.
-    whole_width = ours["w"] == width
-    if whole_width.mean() > 0.05:
-        assert set(ours["h"][whole_width]) <= set(theirs["h"][theirs["w"] == width])
+
+
+@pytest.mark.parametrize("height,width,scale,ratio", [
+    (60, 400, (0.9, 1.0), (3 / 4, 4 / 3)),   # too wide for any try: the widest allowed crop, centred
+    (400, 60, (0.9, 1.0), (3 / 4, 4 / 3)),   # too tall: the tallest allowed crop, centred
+    (90, 100, (1.1, 1.2), (3 / 4, 4 / 3)),   # more than the whole area never fits: the whole image
+])
+def test_when_no_try_fits_the_crop_is_torchvisions_central_fallback(height, width, scale, ratio):
+    recipe = gpu_aug.ViewRecipe(size=(8, 8), scale=scale, ratio=ratio)
+    params = gpu_aug.sample_params(recipe, 5, torch.Generator().manual_seed(0))
+    boxes = gpu_aug.crop_boxes(params, torch.full((5,), height), torch.full((5,), width), ratio)
+    top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, height, width), scale, ratio)
+    assert boxes.tolist() == [[left, top, left + w, top + h]] * 5
 
 
 def test_parameter_rates_and_ranges_follow_the_cpu_transforms():
