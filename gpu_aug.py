@@ -16,6 +16,7 @@ The parameters of a micro-batch come from a generator seeded by (seed, epoch, ba
 drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
 number of ranks or workers nor on whether the run was resumed. The same code runs on CPU tensors.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -104,18 +105,25 @@ def decode(images, device):
 
 def decode_jpegs(data, device):
     """torchvision's batched decoder, as RGB. On CUDA it writes its outputs from a stream of its own
-    without waiting for the current one, so outputs allocated on the training stream could land in
-    memory that queued kernels still read: they are allocated on a side stream instead, and kept
-    until the training stream is done with them (record_stream)."""
+    without waiting for the current one (nor does the hardware decoder honour stream order), so
+    outputs allocated on the training stream could land in memory that queued kernels still read
+    (pytorch/vision#9606). They are allocated on a side stream instead, whose blocks the allocator
+    hands out again only once the training stream is done with them (record_stream)."""
     if device.type != "cuda":
         return torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    current, side = torch.cuda.current_stream(device), decode_stream(device)
     with torch.cuda.stream(side):
         images = torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     current.wait_stream(side)
     for image in images:
         image.record_stream(current)
     return images
+
+
+@functools.lru_cache
+def decode_stream(device):
+    """One side stream per device, so that decoded images reuse one pool of cached blocks."""
+    return torch.cuda.Stream(device)
 
 
 def _decode_one(data, device):
