@@ -21,6 +21,7 @@ and end-to-end rates are taken in the steady state, after the workers' first rou
         --batch-size 128 --sections step e2e --data /path/to/imagenet/train --gpu-aug
 """
 import argparse
+import contextlib
 import datetime
 import gc
 import itertools
@@ -34,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -340,8 +342,11 @@ def measure_steps(report, args, device, started):
     """Every architecture and configuration: eager ones first, so that a time limit only ever cuts
     compilations. Returns the step kept for the e2e rows (or None)."""
     configs = sorted(dict.fromkeys(args.configs), key=lambda c: parse_config(c).compiled)
-    flops = {arch: flops_per_pair(arch, args, device) for arch in args.archs}
-    free_memory(device)
+    flops = {}
+    for arch in args.archs:
+        with failure_reported(report, "step", f"{arch} FLOP count"):
+            flops[arch] = flops_per_pair(arch, args, device)
+        free_memory(device)
     kept = None
     for compiled in (False, True):
         for arch in args.archs:
@@ -353,7 +358,8 @@ def measure_steps(report, args, device, started):
                 if compiled and args.time_limit and left < args.compile_allowance:
                     report.add("step", f"{arch} {args.size} {name}", note=f"skipped: {left:.0f} s of --time-limit left")
                     continue
-                kept = measure_step(report, arch, name, flops[arch], args, device, keep) or kept
+                with failure_reported(report, "step", f"{arch} {args.size} {name}"):
+                    kept = measure_step(report, arch, name, flops.get(arch), args, device, keep) or kept
                 free_memory(device)  # before the next configuration, whose peak memory is measured
     return kept
 
@@ -370,8 +376,8 @@ def measure_step(report, arch, name, flops, args, device, keep):
     seconds = median_step_time(lambda: step(lambda: views), device, args.warmup, args.steps, args.repeats)
     pairs = args.batch_size * args.accum_steps
     report.add("step", f"{arch} {args.size} {name}", arch=arch, config=name, pairs_per_s=pairs / seconds,
-               ms=seconds * 1e3, peak_gb=peak_memory_gb(device), gflop_per_pair=flops / 1e9,
-               tflops=flops * pairs / seconds / 1e12, note=f"first step {first_step_s:.1f} s")
+               ms=seconds * 1e3, peak_gb=peak_memory_gb(device), gflop_per_pair=flops and flops / 1e9,
+               tflops=flops and flops * pairs / seconds / 1e12, note=f"first step {first_step_s:.1f} s")
     return step if keep else None
 
 
@@ -403,31 +409,47 @@ def measure_loss(report, batch, queue_size, args, device):
 
 def measure_data(report, loaders, args, device):
     for name, loader in loaders.items():
-        rate = loader_rate(loader, args.batch_size, args.workers, device)
-        report.add("data", f"loader {name}, {args.workers} workers, {args.size}", pairs_per_s=rate,
-                   ms=args.batch_size / rate * 1e3)
+        what = f"loader {name}, {args.workers} workers, {args.size}"
+        with failure_reported(report, "data", what):
+            rate = loader_rate(loader, args.batch_size, args.workers, device)
+            report.add("data", what, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
         if loader.device_views is not None:
-            rate = device_views_rate(loader, args.batch_size, device)
-            report.add("data", f"{name}: device work alone (decode + views)", device_work=True,
-                       pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
+            what = f"{name}: device work alone (decode + views)"
+            with failure_reported(report, "data", what):
+                rate = device_views_rate(loader, args.batch_size, device)
+                report.add("data", what, device_work=True, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
 
 
 def measure_e2e(report, step, loaders, args, device):
     for name, loader in loaders.items():
-        batches = loader.batches()
-        arrivals = []
-        for _ in range(args.e2e_steps):
-            step(lambda: next(batches))
-            synchronize(device)
-            arrivals.append(time.perf_counter())
-        rate = steady_rate(arrivals, args.batch_size * args.accum_steps, skip=args.workers // args.accum_steps)
-        report.add("e2e", f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}", pairs_per_s=rate)
+        what = f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}"
+        with failure_reported(report, "e2e", what):
+            batches = loader.batches()
+            arrivals = []
+            for _ in range(args.e2e_steps):
+                step(lambda: next(batches))
+                synchronize(device)
+                arrivals.append(time.perf_counter())
+            pairs = args.batch_size * args.accum_steps
+            rate = steady_rate(arrivals, pairs, skip=args.workers // args.accum_steps)
+            report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3)
+
+
+@contextlib.contextmanager
+def failure_reported(report, section, what):
+    """A measurement that fails (out of memory, a compiler error) becomes a row saying why, with the
+    traceback in the log, and the run goes on: one GPU session should bring back all that worked."""
+    try:
+        yield
+    except Exception as e:
+        report.log(traceback.format_exc())
+        report.add(section, what, note=f"failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 def compare(rows, args):
     """The vs column: each row against its baseline in this run."""
     steps = [row for row in rows if row["section"] == "step" and "pairs_per_s" in row]
-    peak = next((row["tflops"] for row in rows if row["section"] == "peak"), None)
+    peak = next((row["tflops"] for row in rows if row["section"] == "peak" and "tflops" in row), None)
 
     def fastest(arch):
         return max((row for row in steps if row["arch"] == arch), key=lambda row: row["pairs_per_s"], default=None)
@@ -438,9 +460,11 @@ def compare(rows, args):
         baseline = next((b for b in steps if (b["arch"], b["config"]) == (row["arch"], args.configs[0])), None)
         if baseline:
             row["vs"] = f"{row['pairs_per_s'] / baseline['pairs_per_s']:.2f}x {args.configs[0]}"
-        if peak:
+        if peak and row["tflops"]:
             row["pct_peak"] = 100 * row["tflops"] / peak
     for row in rows:
+        if "ms" not in row:  # failed or skipped
+            continue
         if row["section"] == "loss":
             parts = []
             for arch in args.archs:
@@ -531,7 +555,8 @@ def main(argv=None):
     report.log("args " + json.dumps(vars(args)))
 
     if device.type == "cuda":
-        report.add("peak", "bf16 matmul 8192^3", tflops=bf16_matmul_tflops(device))
+        with failure_reported(report, "peak", "bf16 matmul 8192^3"):
+            report.add("peak", "bf16 matmul 8192^3", tflops=bf16_matmul_tflops(device))
 
     generated, loaders = None, {}
     if {"data", "e2e"} & set(args.sections):
@@ -542,13 +567,16 @@ def main(argv=None):
             kb = make_image_folder(generated, args.data_images, max(1, args.workers)) / 1e3
             report.log(f"generated {args.data_images} JPEGs of {kb:.0f} kB on average in {time.perf_counter() - t0:.0f} s")
         for gpu_aug in (False, True) if args.gpu_aug else (False,):
-            loaders["gpu-aug" if gpu_aug else "cpu-aug"] = Loader(root, args, device, gpu_aug)
+            name = "gpu-aug" if gpu_aug else "cpu-aug"
+            with failure_reported(report, "data", f"loader {name}"):
+                loaders[name] = Loader(root, args, device, gpu_aug)
     try:
         if "data" in args.sections:
             measure_data(report, loaders, args, device)
         if "loss" in args.sections:
             for batch, queue in dict.fromkeys([(args.loss_batch, args.loss_queue), (args.batch_size, args.queue_size)]):
-                measure_loss(report, batch, queue, args, device)
+                with failure_reported(report, "loss", f"mdra_loss B{batch} N{queue}"):
+                    measure_loss(report, batch, queue, args, device)
                 free_memory(device)
         kept = None
         if {"step", "e2e"} & set(args.sections):

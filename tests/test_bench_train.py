@@ -36,3 +36,13 @@ def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, t
 def test_a_malformed_configuration_is_one_clear_error(bench_train):
     with pytest.raises(SystemExit, match="not MODE-DTYPE-LAYOUT"):
         bench_train.main(["--configs", "eager-fp16-nchw"])
+
+
+def test_a_failing_measurement_becomes_a_row_and_the_run_goes_on(bench_train, tmp_path):
+    bench_train.main(["--archs", "resnet18", "--img-size", "16", "--batch-size", "8", "--queue-size", "32",
+                      "--configs", "eager-fp32-nchw", "compiled-fp32-nchw", "--compile-backend", "no_such_backend",
+                      "--warmup", "0", "--steps", "1", "--repeats", "1", "--sections", "step", "loss",
+                      "--loss-batch", "8", "--loss-queue", "32", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rows[1]["what"] == "resnet18 16px b8 compiled-fp32-nchw" and rows[1]["note"].startswith("failed: ")
+    assert rows[2]["section"] == "loss" and rows[2]["ms"] > 0
