@@ -14,6 +14,7 @@ One run prints one table (and writes it, a JSON line per row and the full log un
 
 Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on the GPU); the data
 and end-to-end rates are taken in the steady state, after the workers' first round of batches.
+A measurement that fails becomes a row saying why; --time-limit skips compilations that would not fit.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
     python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100, within 7 minutes
