@@ -183,10 +183,10 @@ for name in ("mdra", "finetune"):
         continue
     sys.exit(name + " is importable")
 images = torch.load("images.pt")
-meta = {"classifier.json": ""}
-scripted = torch.jit.load("model.pt", _extra_files=meta)
-program = torch.export.load("model.pt2", extra_files={"classifier.json": ""}).module()
-torch.save({"meta": meta["classifier.json"],
+pt_meta, pt2_meta = {"classifier.json": ""}, {"classifier.json": ""}
+scripted = torch.jit.load("model.pt", _extra_files=pt_meta)
+program = torch.export.load("model.pt2", extra_files=pt2_meta).module()
+torch.save({"meta": [pt_meta["classifier.json"], pt2_meta["classifier.json"]],
             "pt": {k: scripted(x) for k, x in images.items()},
             "pt2": {k: program(x) for k, x in images.items()}}, "outputs.pt")
 """
@@ -206,7 +206,8 @@ def test_exported_classifiers_equal_the_eager_one_and_load_without_this_project(
     done = subprocess.run([sys.executable, "-I", "load.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
-    assert json.loads(outputs["meta"])["class_names"] == ckpt["class_names"]
+    for meta in outputs["meta"]:
+        assert json.loads(meta)["class_names"] == ckpt["class_names"]
     with torch.no_grad():
         for name, x in images.items():
             expected = eager(x)
