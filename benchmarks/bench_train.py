@@ -326,7 +326,10 @@ def loader_rate(loader, batch_size, workers, device, max_batches=100):
 
 def device_views_rate(loader, batch_size, device, rounds=5):
     """Pairs/s of the --gpu-aug device work alone (decode, crops, colour, blur) on batches in memory."""
-    undecoded = list(itertools.islice(loader.loader, 4))
+    # Read in this process, so that no worker is left prefetching behind the measurements that follow.
+    dataset, collate = loader.loader.dataset, loader.loader.collate_fn
+    undecoded = [collate([dataset[0, i] for i in range(b * batch_size, (b + 1) * batch_size)])
+                 for b in range(min(4, len(dataset) // batch_size))]
     batches = itertools.cycle(undecoded)
 
     def augment():
