@@ -266,9 +266,10 @@ def resized_crops(images, boxes, size):
         rois = torch.cat([index, boxes.flatten(0, 1)], dim=1).to(images.device, torch.float32)
         return roi_align(images.float(), rois, size, sampling_ratio=-1, aligned=True)
     # Images of different sizes cannot share a tensor: one call per image, for all its views.
-    rois = torch.cat([torch.zeros(views, n, 1, dtype=torch.float64), boxes], dim=2).to(torch.float32)
-    crops = [roi_align(image[None].float(), rois[:, i].to(image.device, non_blocking=True), size,
-                       sampling_ratio=-1, aligned=True) for i, image in enumerate(images)]
+    rois = torch.cat([torch.zeros(views, n, 1, dtype=torch.float64), boxes], dim=2)
+    rois = rois.to(images[0].device, torch.float32, non_blocking=True)  # one transfer for the batch
+    crops = [roi_align(image[None].float(), rois[:, i], size, sampling_ratio=-1, aligned=True)
+             for i, image in enumerate(images)]
     return torch.stack(crops, dim=1).flatten(0, 1)
 
 
