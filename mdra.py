@@ -221,7 +221,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al., 2017).
 
     Parameter groups with lars_exclude=True (biases and BatchNorm) get neither weight decay nor the
-    trust ratio. torch.where keeps the ratio on the device: no host sync per parameter.
+    trust ratio. The update of a group is a few multi-tensor (foreach) kernels, not a few per
+    parameter, and torch.where keeps the ratios on the device: no host sync.
     """
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=1e-3):
@@ -232,22 +233,24 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group["lars_exclude"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    trust = torch.where((p_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * p_norm / u_norm, 1.0)
-                    update = update * trust
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
+                p_norms = torch.stack(torch._foreach_norm(params))
+                u_norms = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where((p_norms > 0) & (u_norms > 0),
+                                    group["trust_coefficient"] * p_norms / u_norms, 1.0)
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def lars_param_groups(model, weight_decay):
@@ -519,8 +522,15 @@ def pretrain_loader(images, info, args, env, num_batches):
         dataset, collate, device_views = TwoViews(images, view1, view2, args.seed), None, None
     loader = DataLoader(dataset, batch_size=args.batch_size // env.world_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers > 0 else None)
+                        prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=ignore_stop_signals)
     return loader, sampler, device_views
+
+
+def ignore_stop_signals(worker_id=None):
+    """Data-loading workers ignore SIGTERM / SIGINT: schedulers signal the whole process group, and
+    the training loop must outlive its workers long enough to save a checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------

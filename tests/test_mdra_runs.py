@@ -102,14 +102,16 @@ def test_kept_copies_and_max_steps_do_not_change_the_schedule(tmp_path):
     assert lrs == pytest.approx(list(expected[:6]))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
-    proc = subprocess.Popen([sys.executable, "mdra.py", *TINY, "--epochs", "100", "--out-dir", str(tmp_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits(tmp_path):
+    # A scheduler signals every process of the job, data-loading workers included.
+    proc = subprocess.Popen([sys.executable, "mdra.py", *TINY, "--workers", "2", "--epochs", "100",
+                             "--out-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and '"step": 2' in log.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by a signal" in out
