@@ -321,12 +321,12 @@ def finetune(args, env, start):
     sampler = mdra.EpochSampler(len(subset), args.batch_size, steps_per_epoch, env.world_size, env.rank, args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers > 0 else None)
+                        prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=mdra.ignore_stop_signals)
     resize = eval_resize(info, args.img_size)
     val_set = Subset(CentreCrops(val_images, eval_transform(args.img_size, resize)),
                      range(env.rank, len(val_images), env.world_size))  # every image on exactly one rank
     val_loader = DataLoader(val_set, batch_size=args.batch_size // env.world_size, num_workers=args.workers,
-                            pin_memory=cuda, persistent_workers=args.workers > 0)
+                            pin_memory=cuda, persistent_workers=args.workers > 0, worker_init_fn=mdra.ignore_stop_signals)
 
     plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     last_saved = step
