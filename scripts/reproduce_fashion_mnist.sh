@@ -10,7 +10,7 @@
 # [100], LINEAR_EPOCHS linear-probe epochs [100], DEVICE [auto], WORKERS [8], FLAGS extra flags for
 # every script, PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for
 # eval_knn.py, PARALLEL=1
-# runs the three independent chains at once (one GPU has room for them), DATA [fashion-mnist]
+# runs independent rows at once (one GPU has room for several), DATA [fashion-mnist]
 # (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU).
 # Each row's log, wall time and results land in OUT/<row>/; the table in OUT/results.md.
 set -euo pipefail
@@ -42,13 +42,25 @@ row() {
     echo "[$(date +%T)] $name done in $(cat "$OUT/$name/time_s") s"
 }
 
+# together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1.
+together() {
+    if [ "${PARALLEL:-0}" = 1 ]; then
+        local pids=() status=0
+        for cmd in "$@"; do eval "$cmd" & pids+=($!); done
+        for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+        return $status
+    fi
+    for cmd in "$@"; do eval "$cmd"; done
+}
+
 pretrain_chain() {  # MDRA (G = 4): pretraining, then everything that uses its backbone
     row mdra python3 mdra.py $COMMON --arch resnet18 --epochs "$EPOCHS" --out-dir "$OUT/mdra" ${PRETRAIN_FLAGS:-}
     local ckpt=$OUT/mdra/checkpoint.pth
-    row mdra-knn python3 eval_knn.py $COMMON --ckpt "$ckpt" ${KNN_FLAGS:-} --out "$OUT/mdra-knn/knn.json"
-    row mdra-ft1 python3 finetune.py $COMMON --ckpt "$ckpt" --label-fraction 0.01 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/mdra-ft1"
-    row mdra-ft10 python3 finetune.py $COMMON --ckpt "$ckpt" --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/mdra-ft10"
-    row mdra-linear python3 finetune.py $COMMON --ckpt "$ckpt" --linear --label-fraction 1.0 --epochs "$LINEAR_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/mdra-linear"
+    together \
+        "row mdra-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $OUT/mdra-knn/knn.json" \
+        "row mdra-ft1 python3 finetune.py $COMMON --ckpt $ckpt --label-fraction 0.01 --epochs $FT_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-ft1" \
+        "row mdra-ft10 python3 finetune.py $COMMON --ckpt $ckpt --label-fraction 0.1 --epochs $FT_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-ft10" \
+        "row mdra-linear python3 finetune.py $COMMON --ckpt $ckpt --linear --label-fraction 1.0 --epochs $LINEAR_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-linear"
 }
 
 ablation_chain() {  # the same run with one subspace
@@ -63,16 +75,5 @@ baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same
     row scratch10 python3 finetune.py $COMMON --random-init --arch resnet18 --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/scratch10"
 }
 
-if [ "${PARALLEL:-0}" = 1 ]; then
-    pretrain_chain & a=$!
-    ablation_chain & b=$!
-    baseline_chain & c=$!
-    status=0
-    for pid in $a $b $c; do wait "$pid" || status=1; done
-    [ "$status" = 0 ] || { echo "a row failed"; exit 1; }
-else
-    pretrain_chain
-    ablation_chain
-    baseline_chain
-fi
+together pretrain_chain ablation_chain baseline_chain
 python3 scripts/results_table.py "$OUT" | tee "$OUT/results.md"
