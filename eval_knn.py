@@ -35,7 +35,6 @@ import mdra
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_CHUNK_MB = 1024.0
 MONITOR_K = 20
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +151,7 @@ def extract_features(net, images, indices, transform, env, batch_size, workers, 
     loader = DataLoader(EvalImages(images, indices, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0))  # its seed draw must not touch the global RNG
-    autocast = torch.autocast(env.device.type, dtype=AMP_DTYPES[amp], enabled=AMP_DTYPES[amp] is not None)
+    autocast = torch.autocast(env.device.type, dtype=mdra.AMP_DTYPES[amp], enabled=mdra.AMP_DTYPES[amp] is not None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
     for i, x in enumerate(loader):
@@ -401,7 +400,7 @@ def report(args, env, description, bank_shape, n_queries, num_classes, results, 
 def get_parser():
     p = argparse.ArgumentParser(
         prog="eval_knn.py", description="Weighted kNN evaluation of an MDRA checkpoint (spec section 7).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=mdra.HelpFormatter)
     a = p.add_argument
     a("--ckpt", help="checkpoint of mdra.py (format 'mdra') or finetune.py ('mdra-classifier')")
     a("--arch", default=None, help="backbone architecture; default: the checkpoint's (resnet50 without one)")

@@ -290,19 +290,13 @@ def finetune(args, env, start):
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     cosine = mdra.warmup_cosine(1.0, total_steps, 0)  # per step, from 1 to 0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    amp_dtype = mdra.AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     step, metrics = 0, {}
     ckpt_path = out_dir / "checkpoint.pth"
     if ckpt_path.exists():
-        ckpt = mdra.load_checkpoint(ckpt_path, formats=(CLASSIFIER_FORMAT,))
-        saved = ckpt["args"]
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
-                   for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
-        if changed:
-            raise UsageError(f"{ckpt_path} comes from a different run ({', '.join(changed)}); "
-                             "use another --out-dir or the same settings.")
+        ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MUST_MATCH, formats=(CLASSIFIER_FORMAT,))
         mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {ckpt_path}")
         mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -328,7 +322,7 @@ def finetune(args, env, start):
     val_loader = DataLoader(val_set, batch_size=args.batch_size // env.world_size, num_workers=args.workers,
                             pin_memory=cuda, persistent_workers=args.workers > 0, worker_init_fn=mdra.ignore_stop_signals)
 
-    plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    plain_args = mdra.plain_values(args)
     last_saved = step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
 
@@ -546,7 +540,7 @@ def run(args):
 
 def get_parser():
     p = argparse.ArgumentParser(
-        prog="finetune.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="finetune.py", formatter_class=mdra.HelpFormatter,
         description="Fine-tune (or linearly probe) an MDRA backbone with a linear classifier on a labelled "
                     "subset, export it, classify images (defaults: the patent's 100 epochs of SGD at lr 0.3).")
     a = p.add_argument

@@ -19,7 +19,6 @@ import copy
 import datetime
 import gzip
 import json
-import math
 import os
 import resource
 import signal
@@ -612,6 +611,27 @@ def load_checkpoint(path, formats=("mdra",)):
     return ckpt
 
 
+def load_resume_checkpoint(path, args, must_match, formats=("mdra",)):
+    """The checkpoint an earlier run left in --out-dir, refused if a setting in must_match changed
+    (those shape the model, the data order or the schedule, so the run could not continue exactly)."""
+    ckpt = load_checkpoint(path, formats)
+    saved = ckpt["args"]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+               for k in must_match if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError(f"{path} comes from a different run ({', '.join(changed)}); "
+                         "use another --out-dir or the same settings.")
+    return ckpt
+
+
+def plain_values(args):
+    """The arguments as plain values, for checkpoints (weights_only loading) and JSON."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
 def load_strict(module, state_dict, what, allowed_missing=()):
     """load_state_dict that names what does not fit, as one sentence."""
     state_dict = plain_state_dict(state_dict)
@@ -683,10 +703,18 @@ def run_main(train_fn, argv, parser, defer_signals=True):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it is a value: None means "chosen from the data or the device",
+    which the help text says."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(
         prog="mdra.py", description="MDRA self-supervised pretraining (defaults: the patent's ImageNet run).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data", default="fashion-mnist",
       help="ImageFolder root (its train/ if present) or one of: " + ", ".join(SMALL_DATASETS))
@@ -717,14 +745,14 @@ def get_parser():
     a("--gpu-aug", action="store_true",
       help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
     a("--out-dir", default="runs/mdra", help="checkpoint.pth and log.jsonl go here; an existing checkpoint is resumed")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
     a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
       help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds the weights, the queue, the data order and every augmentation")
     a("--save-every", type=int, default=200, help="write the checkpoint every this many optimizer steps (and at each epoch end)")
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
     a("--log-every", type=int, default=20, help="log every this many optimizer steps")
@@ -819,19 +847,13 @@ def train(args):
     batch_images = args.batch_size * args.accum_steps
     lr_schedule = warmup_cosine(args.lr * batch_images / 256, total_steps, int(args.warmup_epochs * steps_per_epoch))
     optimizer = LARS(lars_param_groups(online, args.weight_decay), momentum=0.9)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    amp_dtype = AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     step = 0
     ckpt_path = out_dir / "checkpoint.pth"
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["args"]
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
-                   for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
-        if changed:
-            raise UsageError(f"{ckpt_path} comes from a different run ({', '.join(changed)}); "
-                             "use another --out-dir or the same settings.")
+        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MUST_MATCH)
         load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
         load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -856,7 +878,7 @@ def train(args):
 
     loader, sampler, device_views = pretrain_loader(images, info, args, env, steps_per_epoch * args.accum_steps)
 
-    plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    plain_args = plain_values(args)
     last_saved = step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
 
