@@ -327,13 +327,7 @@ def finetune(args, env, start):
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
 
     def check_finite(since):
-        nonfinite_anywhere = nonfinite.int()
-        if dist.is_initialized():
-            dist.all_reduce(nonfinite_anywhere, op=dist.ReduceOp.MAX)
-        if nonfinite_anywhere.item():
-            raise SystemExit(f"finetune.py: error: the loss became non-finite between steps {since} and {step} "
-                             f"(try a lower --lr); the last good checkpoint is "
-                             f"{ckpt_path if ckpt_path.exists() else 'none: none was written yet'}.")
+        mdra.raise_if_nonfinite(nonfinite, since, step, ckpt_path, "finetune.py", hint=" (try a lower --lr)")
 
     def save():
         nonlocal last_saved

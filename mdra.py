@@ -74,7 +74,7 @@ def sinkhorn(scores, mu=0.05, iters=3):
     sums and B are all-reduced, so R equals the single-process result for the same global batch.
     """
     K = scores.float()
-    B = _all_reduce(torch.tensor(K.shape[-2], dtype=torch.float32, device=K.device))
+    B = _all_reduce(K.new_full((), K.shape[-2]))  # filled on the device: no host-to-device copy, no sync
     N = K.shape[-1]
     K_max = _all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
     E = torch.exp((K - K_max) / mu)  # subtracting the max only guards against overflow
@@ -680,6 +680,15 @@ def stop_requested(group=None):
     return bool(flag.item())
 
 
+def raise_if_nonfinite(nonfinite, since, step, ckpt_path, prog, hint=""):
+    """Stop the run if any rank's loss was non-finite since step `since`. nonfinite is a flag kept on
+    the device; reading it is a host sync, so the loops call this only when they log or save."""
+    if _all_reduce(nonfinite.int(), op=dist.ReduceOp.MAX).item():
+        last = ckpt_path if Path(ckpt_path).exists() else "none: none was written yet"
+        raise SystemExit(f"{prog}: error: the loss became non-finite between steps {since} and {step}{hint}; "
+                         f"the last good checkpoint is {last}.")
+
+
 def run_main(train_fn, argv, parser, defer_signals=True):
     """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2.
     With defer_signals, SIGTERM and SIGINT only ask the training loop to save and stop."""
@@ -883,9 +892,7 @@ def train(args):
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
 
     def check_finite(since):
-        if _all_reduce(nonfinite.int(), op=dist.ReduceOp.MAX).item():
-            raise SystemExit(f"mdra.py: error: the loss became non-finite between steps {since} and {step}; "
-                             f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none: none was written yet'}.")
+        raise_if_nonfinite(nonfinite, since, step, ckpt_path, "mdra.py")
 
     def save(keep_epoch=None):
         nonlocal last_saved
