@@ -315,7 +315,8 @@ def adjust_hue(x, shift):
     saturation = chroma / torch.where(value > 0, value, 1)
     # Back to RGB: channel c = value * (1 - saturation * clamp(min(k, 4 - k), 0, 1)),
     # k = (n_c + 6 hue) mod 6 with n = 5, 3, 1 for red, green, blue.
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(3, 1, 1) + 6 * hue[:, None]) % 6
+    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(3, 1, 1)  # made on the device: no copy, no sync
+    k = (n + 6 * hue[:, None]) % 6
     weight = torch.minimum(k, 4 - k).clamp(0, 1)
     return value[:, None] * (1 - saturation[:, None] * weight)
 
@@ -371,8 +372,9 @@ def augment_view(crops, params, recipe):
         on_device = rows.to(x.device, non_blocking=True)
         x[on_device] = gaussian_blur(x[on_device], recipe.blur_kernel, params["sigma"][rows])
     x = torch.where(chosen("solarize") & (x >= recipe.solarize_threshold), 1 - x, x)
-    mean = torch.tensor(recipe.mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(recipe.std, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    # Non-blocking copies: a plain torch.tensor(..., device=cuda) would wait for the GPU every batch.
+    mean = torch.tensor(recipe.mean, dtype=x.dtype).to(x.device, non_blocking=True).view(3, 1, 1)
+    std = torch.tensor(recipe.std, dtype=x.dtype).to(x.device, non_blocking=True).view(3, 1, 1)
     return (x - mean) / std
 
 
