@@ -257,24 +257,23 @@ def resized_crops(images, boxes, size):
     output pixel ceil(box / size) times per axis, which keeps downscaling from aliasing).
 
     images: uint8 [N, C, H, W], or a list of N uint8 [C, H_i, W_i] of different sizes.
-    boxes: [V, N, 4] (x1, y1, x2, y2), one box per view and image. Returns float [V * N, C, *size]
-    on the 0-255 scale, view-major.
+    boxes: [V, N, 4] (x1, y1, x2, y2), one box per view and image, on the images' device or the CPU.
+    Returns float [V * N, C, *size] on the 0-255 scale, view-major.
     """
     views, n = boxes.shape[:2]
     if isinstance(images, torch.Tensor):
-        index = torch.arange(n, dtype=torch.float64).repeat(views)[:, None]
+        index = torch.arange(n, device=boxes.device, dtype=boxes.dtype).repeat(views)[:, None]
         rois = torch.cat([index, boxes.flatten(0, 1)], dim=1).to(images.device, torch.float32)
         return roi_align(images.float(), rois, size, sampling_ratio=-1, aligned=True)
     # Images of different sizes cannot share a tensor: one call per image, for all its views.
-    rois = torch.cat([torch.zeros(views, n, 1, dtype=torch.float64), boxes], dim=2)
-    rois = rois.to(images[0].device, torch.float32, non_blocking=True)  # one transfer for the batch
+    rois = torch.cat([torch.zeros_like(boxes[..., :1]), boxes], dim=2).to(images[0].device, torch.float32)
     crops = [roi_align(image[None].float(), rois[:, i], size, sampling_ratio=-1, aligned=True)
              for i, image in enumerate(images)]
     return torch.stack(crops, dim=1).flatten(0, 1)
 
 
 def per_image(values, x):
-    """A [N] parameter as [N, 1, 1, 1] in x's dtype and device, to broadcast over images."""
+    """A [N] parameter (on x's device or the CPU) as [N, 1, 1, 1] in x's dtype and device, to broadcast over images."""
     return values.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
 
 
@@ -324,21 +323,28 @@ def adjust_hue(x, shift):
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's fn_idx order
 
 
-def color_jitter(x, apply, order, factors, enabled=(True,) * 4):
-    """ColorJitter with its own factors and order of the four operations per image.
+def jitter_groups(apply, order, factors, enabled=(True,) * 4):
+    """ColorJitter's work for a batch, as a list of (operation index, rows, factors of those rows) in
+    the order it is applied: stage by stage, the images whose stage-th operation it is.
 
-    apply [N] bool, order [N, 4] a permutation of the operations, factors [N, 4]; all on the CPU, so
-    that choosing the images of each stage needs no device synchronisation. enabled: which of the
-    operations the recipe has (ColorJitter skips those it was given no range for). x is changed in place.
+    apply [N] bool, order [N, 4] a permutation of the operations per image, factors [N, 4]; on the
+    CPU, so that choosing the rows needs no device synchronisation. enabled: which operations the
+    recipe has (ColorJitter skips those it was given no range for).
     """
+    groups = []
     for stage in range(4):
-        for op_index, op in enumerate(JITTER_OPS):
-            if not enabled[op_index]:
-                continue
+        for op_index in range(4):
             rows = (apply & (order[:, stage] == op_index)).nonzero().flatten()
-            if len(rows):
-                on_device = rows.to(x.device, non_blocking=True)
-                x[on_device] = op(x[on_device], factors[rows, op_index])
+            if enabled[op_index] and len(rows):
+                groups.append((op_index, rows, factors[rows, op_index]))
+    return groups
+
+
+def color_jitter(x, groups):
+    """ColorJitter with each image's own factors and order of the four operations; groups from
+    jitter_groups, on x's device. x is changed in place."""
+    for op_index, rows, factors in groups:
+        x[rows] = JITTER_OPS[op_index](x[rows], factors)
     return x
 
 
@@ -357,25 +363,73 @@ def gaussian_blur(x, kernel_size, sigma):
     return y.view(n, c, h, w)
 
 
-def augment_view(crops, params, recipe):
+def view_plan(params, recipe):
+    """What augment_view needs of one view's parameters (sample_params), worked out on the CPU:
+    per-image choices, the rows and factors of each colour-jitter stage, the rows to blur and their
+    sigmas, and the normalisation. Rows chosen on the CPU mean that nothing waits for the device."""
+    blur_rows = params["blur"].nonzero().flatten() if recipe.blur_kernel > 1 else torch.zeros(0, dtype=torch.long)
+    return {"flip": params["flip"], "grey": params["grey"], "solarize": params["solarize"],
+            "jitter": jitter_groups(params["jitter"], params["jitter_order"], params["jitter_factors"],
+                                    enabled=[r is not None for r in recipe.jitter]),
+            "blur_rows": blur_rows, "blur_sigma": params["sigma"][blur_rows],
+            "mean": torch.tensor(recipe.mean).view(3, 1, 1), "std": torch.tensor(recipe.std).view(3, 1, 1)}
+
+
+def to_device(tree, device):
+    """The CPU tensors of a nest of dicts, lists and tuples, on device, in one copy through one pinned
+    buffer: a micro-batch's parameters are dozens of small tensors, and as many copies would cost
+    more than the work they feed. Each tensor keeps its dtype (float64 holds every value exactly)."""
+    leaves = []
+
+    def collect(node):
+        if isinstance(node, torch.Tensor):
+            leaves.append(node)
+        elif isinstance(node, dict):
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                collect(value)
+
+    collect(tree)
+    if not leaves:
+        return tree
+    flat = torch.cat([leaf.reshape(-1).double() for leaf in leaves])
+    if device.type == "cuda":
+        flat = flat.pin_memory()  # a copy from pageable memory would be staged, and slower
+    flat = flat.to(device, non_blocking=True)
+    moved, offset = {}, 0
+    for leaf in leaves:
+        moved[id(leaf)] = flat[offset:offset + leaf.numel()].view(leaf.shape).to(leaf.dtype)
+        offset += leaf.numel()
+
+    def rebuild(node):
+        if isinstance(node, torch.Tensor):
+            return moved[id(node)]
+        if isinstance(node, dict):
+            return {key: rebuild(value) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(rebuild(value) for value in node)
+        return node
+
+    return rebuild(tree)
+
+
+def augment_view(crops, plan, recipe):
     """Everything after the crop, in the CPU path's order: flip, colour jitter (p), greyscale (p),
-    blur (p), solarize (p), normalisation. crops: float [N, 3, H, W] in [0, 1]; params on the CPU."""
+    blur (p), solarize (p), normalisation. crops: float [N, 3, H, W] in [0, 1]; plan: view_plan's,
+    on the crops' device."""
     def chosen(name):
-        return params[name].to(crops.device, non_blocking=True).view(-1, 1, 1, 1)
+        return plan[name].view(-1, 1, 1, 1)
 
     x = torch.where(chosen("flip"), crops.flip(-1), crops)
-    x = color_jitter(x, params["jitter"], params["jitter_order"], params["jitter_factors"],
-                     enabled=[r is not None for r in recipe.jitter])
+    x = color_jitter(x, plan["jitter"])
     x = torch.where(chosen("grey"), grayscale(x).expand_as(x), x)
-    rows = params["blur"].nonzero().flatten()
-    if recipe.blur_kernel > 1 and len(rows):
-        on_device = rows.to(x.device, non_blocking=True)
-        x[on_device] = gaussian_blur(x[on_device], recipe.blur_kernel, params["sigma"][rows])
+    rows = plan["blur_rows"]
+    if len(rows):  # a shape, known without asking the device
+        x[rows] = gaussian_blur(x[rows], recipe.blur_kernel, plan["blur_sigma"])
     x = torch.where(chosen("solarize") & (x >= recipe.solarize_threshold), 1 - x, x)
-    # Non-blocking copies: a plain torch.tensor(..., device=cuda) would wait for the GPU every batch.
-    mean = torch.tensor(recipe.mean, dtype=x.dtype).to(x.device, non_blocking=True).view(3, 1, 1)
-    std = torch.tensor(recipe.std, dtype=x.dtype).to(x.device, non_blocking=True).view(3, 1, 1)
-    return (x - mean) / std
+    return (x - plan["mean"].to(x.dtype)) / plan["std"].to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,6 +468,8 @@ class DeviceTwoViews:
             widths = torch.tensor([x.shape[-1] for x in images])
         params = self.params(len(images), epoch, batch_index)
         boxes = torch.stack([crop_boxes(p, heights, widths, r.ratio) for p, r in zip(params, self.recipes)])
+        plans = [view_plan(p, r) for p, r in zip(params, self.recipes)]
+        boxes, plans = to_device((boxes, plans), self.device)
         crops = (resized_crops(images, boxes, self.recipes[0].size) / 255).chunk(2)
-        v1, v2 = (augment_view(c, p, r) for c, p, r in zip(crops, params, self.recipes))
+        v1, v2 = (augment_view(c, plan, r) for c, plan, r in zip(crops, plans, self.recipes))
         return v1, v2, skipped

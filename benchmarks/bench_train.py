@@ -13,7 +13,8 @@ One run prints one table (and writes it, a JSON line per row and the full log un
 - e2e: the step of the first architecture fed by each loader, against the same step on synthetic data.
 
 Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on the GPU); the data
-and end-to-end rates are taken in the steady state, after the workers' first round of batches.
+and end-to-end rates are taken in the steady state, after the workers' first round of batches, and wait
+for the device only at both ends of the timed batches, as the training loop does not wait for it.
 A measurement that fails becomes a row saying why; --time-limit skips compilations that would not fit.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
@@ -156,11 +157,20 @@ def median_step_time(step, device, warmup, steps, repeats):
     return statistics.median(times)
 
 
-def steady_rate(arrivals, items_each, skip):
-    """Items per second between arrival `skip` and the last: leaves out the start-up (worker launch,
-    the first round of batches) that a long run does not pay again."""
-    skip = min(max(skip, 1), len(arrivals) - 1)
-    return (len(arrivals) - 1 - skip) * items_each / (arrivals[-1] - arrivals[skip])
+def steady_rate(run_one, count, items_each, skip, device):
+    """Items per second of `count` calls of run_one in the steady state: the first `skip` calls (worker
+    launch, the first round of batches) are left out, as a long run does not pay for them again, and
+    the device is waited for only before and after the timed calls, as the training loop never waits
+    for it: host work (reading, launching the augmentation) overlaps the device's as it does there."""
+    skip = min(max(skip, 1), count - 1)
+    for _ in range(skip):
+        run_one()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(count - skip):
+        run_one()
+    synchronize(device)
+    return (count - skip) * items_each / (time.perf_counter() - t0)
 
 
 def reset_peak_memory(device):
@@ -316,12 +326,7 @@ def loader_rate(loader, batch_size, workers, device, max_batches=100):
     """Pairs/s of the loader alone (views made and on the device) over one epoch or max_batches (a
     real data set's epoch is far longer than needed), in the steady state."""
     batches = loader.batches()
-    arrivals = []
-    for _ in range(min(loader.num_batches, max_batches)):
-        next(batches)
-        synchronize(device)
-        arrivals.append(time.perf_counter())
-    return steady_rate(arrivals, batch_size, skip=workers)
+    return steady_rate(lambda: next(batches), min(loader.num_batches, max_batches), batch_size, workers, device)
 
 
 def device_views_rate(loader, batch_size, device, rounds=5):
@@ -429,13 +434,9 @@ def measure_e2e(report, step, loaders, args, device):
         what = f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}"
         with failure_reported(report, "e2e", what):
             batches = loader.batches()
-            arrivals = []
-            for _ in range(args.e2e_steps):
-                step(lambda: next(batches))
-                synchronize(device)
-                arrivals.append(time.perf_counter())
             pairs = args.batch_size * args.accum_steps
-            rate = steady_rate(arrivals, pairs, skip=args.workers // args.accum_steps)
+            rate = steady_rate(lambda: step(lambda: next(batches)), args.e2e_steps, pairs,
+                               args.workers // args.accum_steps, device)
             report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3)
 
 

@@ -103,7 +103,20 @@ def test_colour_jitter_applies_each_images_own_order_and_skips_unselected_images
     for i in range(3):
         for op_index in order[i].tolist():
             expected[i] = ops[op_index](expected[i], factors[i, op_index].item())
-    torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), apply, order, factors), expected, atol=1e-5, rtol=0)
+    groups = gpu_aug.jitter_groups(apply, order, factors)
+    torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), groups), expected, atol=1e-5, rtol=0)
+
+
+def test_to_device_moves_a_nest_of_tensors_in_one_buffer_keeping_values_dtypes_and_shapes():
+    tree = ({"flags": torch.tensor([True, False, True]), "rows": torch.tensor([2, 0], dtype=torch.long),
+             "none": torch.zeros(0, dtype=torch.long), "name": "kept"},
+            [(1, torch.tensor([[0.1, 2.5e-9]], dtype=torch.float64), torch.tensor([1.3, -0.06]))])
+    moved = gpu_aug.to_device(tree, torch.device("cpu"))
+    assert moved[0]["name"] == "kept" and moved[1][0][0] == 1 and isinstance(moved[1][0], tuple)
+    pairs = [(tree[0][k], moved[0][k]) for k in ("flags", "rows", "none")] + list(zip(tree[1][0][1:], moved[1][0][1:]))
+    for before, after in pairs:
+        assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
+        assert after.data_ptr() != before.data_ptr() or before.numel() == 0  # copied, not the same storage
 
 
 def test_gaussian_blur_equals_torchvisions_with_each_images_sigma():
@@ -127,7 +140,7 @@ def test_flip_greyscale_solarize_and_normalisation_equal_torchvision():
     cases = {"flip": TF.hflip, "grey": lambda x: TF.rgb_to_grayscale(x, 3),
              "solarize": lambda x: TF.solarize(x, 128 / 255)}
     for name, op in cases.items():
-        out = gpu_aug.augment_view(crops, no_op_params(4, **{name: chosen}), recipe)
+        out = gpu_aug.augment_view(crops, gpu_aug.view_plan(no_op_params(4, **{name: chosen}), recipe), recipe)
         expected = torch.stack([normalise(op(c) if pick else c) for c, pick in zip(crops, chosen)])
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=0, msg=name)
 
