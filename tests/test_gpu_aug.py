@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.ops import roi_align
 
 import gpu_aug
 import mdra
@@ -163,6 +164,33 @@ def test_upscaling_a_crop_is_bilinear_interpolation_and_views_come_view_major():
     # Inside the crop (away from its border, where roi_align may read the pixels just outside it).
     inner = F.interpolate(images[:, :, 2:7, 3:11].float(), size=(18, 22), mode="bilinear", align_corners=False)
     torch.testing.assert_close(crops[2:, :, 2:-2, 2:-2], inner[:, :, 2:-2, 2:-2], atol=1e-3, rtol=0)
+
+
+def test_listed_images_of_different_sizes_are_cropped_in_one_padded_batch_as_each_alone():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(12, 20), (7, 1), (1, 9), (30, 17), (5, 5), (23, 31)]  # one a pixel wide, one a pixel high
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+    # Per image, view 1 a box touching the right and bottom borders (upscaled to 16 x 13 from most
+    # sizes), view 2 a random box, sub-pixel, downscaled from the larger images and upscaled from the others.
+    boxes = torch.zeros(2, len(sizes), 4, dtype=torch.float64)
+    for i, (h, w) in enumerate(sizes):
+        x1, y1 = torch.rand(2, generator=generator, dtype=torch.float64) * torch.tensor([w, h]) / 2
+        boxes[0, i] = torch.tensor([x1, y1, w, h])
+        x1, y1, x2, y2 = torch.rand(4, generator=generator, dtype=torch.float64) * torch.tensor([w, h, w, h]) / 2
+        boxes[1, i] = torch.tensor([x1, y1, x2 + w / 2, y2 + h / 2])
+    size = (16, 13)
+    crops = gpu_aug.resized_crops(images, boxes.float(), size)
+    # Reference: one roi_align call per unpadded image, as resized_crops made them before (float32).
+    rois = torch.cat([torch.zeros_like(boxes[..., :1]), boxes], dim=2).float()
+    expected = torch.stack([roi_align(image[None].float(), rois[:, i], size, sampling_ratio=-1, aligned=True)
+                            for i, image in enumerate(images)], dim=1).flatten(0, 1)
+    assert crops.shape == (2 * len(sizes), 3, *size) and crops.dtype == torch.float32
+    torch.testing.assert_close(crops, expected, atol=1e-4, rtol=0)
+    # The pad matters: crops that touch the right and bottom borders read past the last pixel.
+    padded = gpu_aug.replicate_padded_batch(images)
+    for image, out in zip(images, padded):
+        h, w = image.shape[-2:]
+        torch.testing.assert_close(out[:, :h + 1, :w + 1], F.pad(image[None].float(), (0, 1, 0, 1), mode="replicate")[0])
 
 
 @pytest.mark.parametrize("height,width", [(375, 500), (60, 400)])  # ImageNet-like; so wide that few tries fit
