@@ -508,7 +508,7 @@ def pretrain_loader(images, info, args, env, num_batches):
 
     The loader yields (v1, v2, skipped). With --gpu-aug its workers only read the files: it yields
     (undecoded images, skipped), and device_views(images, skipped, epoch, batch index) decodes and
-    augments them on the device into (v1, v2, skipped).
+    augments them on the device into (v1, v2, skipped). epoch_batches gives either as (v1, v2, skipped).
     """
     view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
     sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
@@ -523,6 +523,19 @@ def pretrain_loader(images, info, args, env, num_batches):
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=ignore_stop_signals)
     return loader, sampler, device_views
+
+
+def epoch_batches(loader, device_views, epoch, start_batch):
+    """An epoch's (v1, v2, skipped) micro-batches, from global micro-batch start_batch on. With
+    --gpu-aug a background thread makes the views of the next ones while the current step runs."""
+    if device_views is None:
+        yield from loader
+        return
+    prefetcher = device_views.prefetch(iter(loader), epoch, start_batch)
+    try:
+        yield from prefetcher
+    finally:  # also when the run ends inside the epoch and closes this generator
+        prefetcher.close()
 
 
 def ignore_stop_signals(worker_id=None):
@@ -931,8 +944,9 @@ def train(args):
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
             break
-        sampler.set_epoch(epoch, start_batch=(step % steps_per_epoch) * args.accum_steps)
-        batches = iter(loader)
+        start_batch = (step % steps_per_epoch) * args.accum_steps
+        sampler.set_epoch(epoch, start_batch=start_batch)
+        batches = epoch_batches(loader, device_views, epoch, start_batch)
         epoch_loss_sum.zero_()
         epoch_first_step, epoch_tic = step, time.perf_counter()
         while step < min(last_step, (epoch + 1) * steps_per_epoch):
@@ -940,11 +954,8 @@ def train(args):
                 g["lr"] = float(lr_schedule[step])
             for micro in range(args.accum_steps):
                 t0 = time.perf_counter()
-                batch = next(batches)
+                v1, v2, skipped = next(batches)
                 data_time += time.perf_counter() - t0
-                if device_views is not None:
-                    batch = device_views(*batch, epoch, (step % steps_per_epoch) * args.accum_steps + micro)
-                v1, v2, skipped = batch
                 skipped_total += int(skipped.sum())
                 v1 = v1.to(device, non_blocking=True, memory_format=memory_format)
                 v2 = v2.to(device, non_blocking=True, memory_format=memory_format)
@@ -984,6 +995,7 @@ def train(args):
             if step % args.save_every == 0:
                 save()
 
+        batches.close()
         if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
             break
         epoch_record = {"event": "epoch", "epoch": epoch + 1, "step": step,

@@ -314,10 +314,7 @@ class Loader:
         """Views on the device, epoch after epoch, as mdra.train makes them."""
         while True:
             self.sampler.set_epoch(self.epoch)
-            for index, batch in enumerate(self.loader):
-                if self.device_views is not None:
-                    batch = self.device_views(*batch, self.epoch, index)
-                v1, v2, _ = batch
+            for v1, v2, _ in mdra.epoch_batches(self.loader, self.device_views, self.epoch, 0):
                 yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
             self.epoch += 1
 

@@ -166,7 +166,9 @@ def test_upscaling_a_crop_is_bilinear_interpolation_and_views_come_view_major():
     torch.testing.assert_close(crops[2:, :, 2:-2, 2:-2], inner[:, :, 2:-2, 2:-2], atol=1e-3, rtol=0)
 
 
-def test_listed_images_of_different_sizes_are_cropped_in_one_padded_batch_as_each_alone():
+@pytest.mark.parametrize("pad_limit", [gpu_aug.PAD_LIMIT, 20])  # 20: two images are cropped alone
+def test_listed_images_of_different_sizes_are_cropped_in_one_padded_batch_as_each_alone(pad_limit, monkeypatch):
+    monkeypatch.setattr(gpu_aug, "PAD_LIMIT", pad_limit)
     generator = torch.Generator().manual_seed(0)
     sizes = [(12, 20), (7, 1), (1, 9), (30, 17), (5, 5), (23, 31)]  # one a pixel wide, one a pixel high
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
@@ -342,3 +344,27 @@ def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path)
     args = ["--data", str(tmp_path / "data"), "--epochs", "1", "--accum-steps", "1", *TINY, "--workers", "1"]
     ckpt = torch.load(mdra.main([*args, "--out-dir", str(tmp_path / "run")]), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 1 and torch.isfinite(ckpt["queue"]).all()
+
+
+def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_cleanly():
+    views = gpu_aug.DeviceTwoViews(*mdra.pretrain_transforms(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
+    batches = [(torch.randint(0, 256, (3, 3, 30, 40), dtype=torch.uint8), torch.tensor([0, 1, 0])) for _ in range(5)]
+    prefetched = list(views.prefetch(iter(batches), 3, 7))
+    assert len(prefetched) == 5
+    for k, (images, skipped) in enumerate(batches):  # global micro-batch 7 + k of epoch 3
+        expected = views(images, skipped, 3, 7 + k)
+        for mine, theirs in zip(prefetched[k], expected):
+            assert torch.equal(mine, theirs)
+    # Closed inside the epoch (a run that ends there), the thread stops although batches are left.
+    prefetcher = views.prefetch(iter(batches * 10), 0, 0)
+    next(prefetcher)
+    prefetcher.close()
+    assert not prefetcher.thread.is_alive()
+
+
+def test_an_error_in_the_prefetch_thread_is_raised_in_the_training_loop():
+    views = gpu_aug.DeviceTwoViews(*mdra.pretrain_transforms(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
+    not_a_jpeg = [torch.tensor([1, 2, 3], dtype=torch.uint8)]  # alone in its batch: nothing to replace it by
+    prefetcher = views.prefetch(iter([(not_a_jpeg, torch.zeros(1, dtype=torch.long))]), 0, 0)
+    with pytest.raises(RuntimeError, match="no image of the batch can be decoded"):
+        next(prefetcher)
