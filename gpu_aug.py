@@ -529,6 +529,15 @@ class DeviceTwoViews:
         return v1, v2, skipped
 
 
+def with_index(device):
+    """A CUDA device with its index (cuda -> cuda:<current device>): a thread must name its device, as
+    the current device is per thread."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Prefetcher:
     """The device views of an epoch's micro-batches, made one or two ahead by a background thread
     (on a side stream of its own on CUDA) while the training loop runs the current step.
@@ -545,7 +554,7 @@ class Prefetcher:
     _END = object()
 
     def __init__(self, device_views, batches, epoch, first_index, depth=2):
-        self.device = device_views.device
+        self.device = with_index(device_views.device)
         self.cuda = self.device.type == "cuda"
         self.ready = queue.Queue(maxsize=depth)
         self.stopping = threading.Event()

@@ -368,3 +368,12 @@ def test_an_error_in_the_prefetch_thread_is_raised_in_the_training_loop():
     prefetcher = views.prefetch(iter([(not_a_jpeg, torch.zeros(1, dtype=torch.long))]), 0, 0)
     with pytest.raises(RuntimeError, match="no image of the batch can be decoded"):
         next(prefetcher)
+
+
+def test_the_prefetch_thread_names_the_cuda_device_of_the_loop(monkeypatch):
+    # torch.cuda.set_device in the thread refuses a device without an index, which a single process
+    # on "cuda" has: the index is the loop's current device.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert gpu_aug.with_index("cuda") == torch.device("cuda", 3)
+    assert gpu_aug.with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert gpu_aug.with_index("cpu") == torch.device("cpu")
