@@ -201,3 +201,16 @@ def test_checkpoint_of_another_architecture_in_out_dir_is_refused_without_traceb
     assert result.returncode == 2
     assert "--arch resnet18 -> resnet34" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_logged_commit_says_when_tracked_files_differ_from_it():
+    root = Path(mdra.__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short=7", "HEAD")
+    if not head:
+        pytest.skip("not a git checkout")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    assert mdra.git_sha() == head + ("-dirty" if dirty else "")
