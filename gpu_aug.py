@@ -15,6 +15,10 @@ with PIL's bicubic filter, and intermediate results are not rounded to 8 bits.
 The parameters of a micro-batch come from a generator seeded by (seed, epoch, batch index) and are
 drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
 number of ranks or workers nor on whether the run was resumed. The same code runs on CPU tensors.
+
+Making a micro-batch's views costs the GPU little but the host a few hundred kernel launches, so the
+views of the next micro-batches are made ahead by a background thread on a side stream (Prefetcher),
+and each micro-batch's parameters reach the device in one copy (to_device).
 """
 import contextlib
 import functools
