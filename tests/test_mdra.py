@@ -295,3 +295,43 @@ def test_effective_rank_sees_collapse():
     collapsed = torch.randn(256, 1, generator=g) * torch.ones(1, 64) + 1e-4 * spread
     assert mdra.effective_rank(spread) > 50
     assert mdra.effective_rank(collapsed) < 2
+
+
+def gaussian_blur_reference(image, kernel_size, sigma):
+    """torchvision's definition computed another way: one 2-d convolution in float64 with the outer
+    product of the normalised 1-d kernels, after reflect padding."""
+    def kernel1d(k):
+        offsets = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+        weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        return weights / weights.sum()
+
+    kx, ky = kernel_size
+    x = torch.nn.functional.pad(image.double()[None], [kx // 2, kx // 2, ky // 2, ky // 2], mode="reflect")
+    kernel = torch.outer(kernel1d(ky), kernel1d(kx))[None, None].expand(image.shape[0], 1, ky, kx)
+    return torch.nn.functional.conv2d(x, kernel, groups=image.shape[0])[0]
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((3, 224, 224), (23, 23)), ((1, 40, 57), (5, 9))])
+def test_gaussian_blur_is_torchvisions_one_axis_at_a_time(shape, kernel_size):
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    for sigma in (0.1, 0.9, 2.0):
+        blurred = mdra.separable_gaussian_blur(image.float(), kernel_size, sigma)
+        torch.testing.assert_close(blurred.double(), gaussian_blur_reference(image, kernel_size, sigma),
+                                   atol=1e-3, rtol=0)
+    # As a transform on PIL images: the same random sigma as torchvision's, pixels within rounding.
+    pil = TF.to_pil_image(image[0] if shape[0] == 1 else image)
+    ours, theirs = mdra.GaussianBlur(kernel_size, (0.1, 2.0)), T.GaussianBlur(kernel_size, (0.1, 2.0))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = TF.pil_to_tensor(ours(pil)).int()
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        b = TF.pil_to_tensor(theirs(pil)).int()
+        assert torch.equal(torch.rand(1), after_ours)  # the same draws from the global generator
+        assert isinstance(ours(pil), Image.Image) and ours(pil).mode == pil.mode
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
