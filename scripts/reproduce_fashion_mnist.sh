@@ -11,7 +11,10 @@
 # every script, PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for
 # eval_knn.py, PARALLEL=1
 # runs independent rows at once (one GPU has room for several), DATA [fashion-mnist]
-# (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU).
+# (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
+#   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
+#   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \
+#   KNN_FLAGS="--k 10 20" scripts/reproduce_fashion_mnist.sh /tmp/repro).
 # Each row's log, wall time and results land in OUT/<row>/; the table in OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
