@@ -31,18 +31,35 @@ hardware() {
 }
 
 # row NAME COMMAND...: run COMMAND; OUT/NAME/ keeps its output, command line, wall time and hardware.
+# Running the script again resumes: finished rows are kept, and an interrupted row (a time limit, a
+# signal) runs again, where mdra.py and finetune.py resume from their checkpoints; its wall time
+# adds up over the runs.
 row() {
     local name=$1; shift
+    if [ -f "$OUT/$name/command" ] && [ "$(cat "$OUT/$name/command")" != "$*" ]; then
+        echo "[$(date +%T)] $name: $OUT/$name was made by another command ($(cat "$OUT/$name/command")); use another OUT or remove it."
+        return 1
+    fi
+    if [ -f "$OUT/$name/time_s" ]; then
+        echo "[$(date +%T)] $name: finished in an earlier run, kept"; return 0
+    fi
     mkdir -p "$OUT/$name"
     echo "$*" > "$OUT/$name/command"
     hardware > "$OUT/$name/hardware"
     local start; start=$(date +%s)
     echo "[$(date +%T)] $name: $*"
-    if ! "$@" > "$OUT/$name/output.log" 2>&1; then
+    trap 'add_elapsed "$OUT/$name" "$start"; exit 143' TERM INT  # after COMMAND has saved and exited
+    if ! "$@" >> "$OUT/$name/output.log" 2>&1; then
+        trap - TERM INT; add_elapsed "$OUT/$name" "$start"
         echo "[$(date +%T)] $name FAILED; the end of $OUT/$name/output.log:"; tail -n 20 "$OUT/$name/output.log"; return 1
     fi
-    echo $(( $(date +%s) - start )) > "$OUT/$name/time_s"
+    trap - TERM INT; add_elapsed "$OUT/$name" "$start"
+    mv "$OUT/$name/elapsed_s" "$OUT/$name/time_s"
     echo "[$(date +%T)] $name done in $(cat "$OUT/$name/time_s") s"
+}
+
+add_elapsed() {  # add_elapsed DIR START: DIR/elapsed_s += now - START
+    echo $(( $(cat "$1/elapsed_s" 2>/dev/null || echo 0) + $(date +%s) - $2 )) > "$1/elapsed_s"
 }
 
 # together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1.
