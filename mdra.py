@@ -78,13 +78,15 @@ def sinkhorn(scores, mu=0.05, iters=3):
     B = _all_reduce(K.new_full((), K.shape[-2]))  # filled on the device: no host-to-device copy, no sync
     N = K.shape[-1]
     K_max = _all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
-    E = torch.exp((K - K_max) / mu)  # subtracting the max only guards against overflow
-    for _ in range(iters):
-        E /= _all_reduce(E.sum(dim=-2, keepdim=True))  # every column sums to 1 ...
-        E /= N                                          # ... then to 1/N
-        E /= E.sum(dim=-1, keepdim=True)                # every row sums to 1 ...
-        E /= B                                          # ... then to 1/B
-    return E * B
+    E = (K - K_max).div_(mu).exp_()  # subtracting the max only guards against overflow
+    # Each step scales by a vector; the constants fold into it, so every step is one pass over E.
+    for i in range(iters):
+        E /= _all_reduce(E.sum(dim=-2, keepdim=True)) * N  # every column sums to 1/N ...
+        if i < iters - 1:
+            E /= E.sum(dim=-1, keepdim=True) * B         # ... every row to 1/B ...
+        else:
+            E /= E.sum(dim=-1, keepdim=True)             # ... and, last, to 1: R = B * E
+    return E
 
 
 def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3):
@@ -98,15 +100,17 @@ def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters
     Everything runs in float32 outside autocast; gradients flow only through q.
     """
     with torch.autocast(q1.device.type, enabled=False):
-        negatives = normalize_subspaces(queue.float().detach(), groups)          # [N, G, D/G]
+        # [G, D/G, N], laid out once for the four batched matrix products below
+        negatives = normalize_subspaces(queue.float().detach(), groups).permute(1, 2, 0).contiguous()
 
-        def relation_scores(z):                                                  # [G, B, N]
-            return torch.einsum("bgd,ngd->gbn", normalize_subspaces(z.float(), groups), negatives)
+        def relation_scores(z, scale=1.0):                                       # [G, B, N]
+            # scale multiplies the [B, G, D/G] slices, not the [G, B, N] scores: a pass fewer each way
+            return torch.matmul((normalize_subspaces(z.float(), groups) * scale).transpose(0, 1), negatives)
 
         R1 = sinkhorn(relation_scores(k1.detach()), mu, sinkhorn_iters)
         R2 = sinkhorn(relation_scores(k2.detach()), mu, sinkhorn_iters)
-        logits1 = relation_scores(q1) / tau
-        logits2 = relation_scores(q2) / tau
+        logits1 = relation_scores(q1, 1 / tau)
+        logits2 = relation_scores(q2, 1 / tau)
         # cross_entropy with probability targets is -(1/rows) sum R log_softmax(logits); the rows
         # are (subspace, sample) pairs, so its mean is already the mean over the G subspaces.
         ce_2_1 = F.cross_entropy(logits1.flatten(0, 1), R2.flatten(0, 1))  # CE(R_2, P_1)
