@@ -431,7 +431,7 @@ def read_image(images, index):
 class GaussianBlur(T.GaussianBlur):
     """torchvision's GaussianBlur (the same random sigma, kernel, reflect padding and rounding), one
     axis at a time instead of with a 2-d kernel: at 224 px its 23 x 23 kernel took 12 ms of a CPU core
-    per image, half of a loader worker's time for a pair of views; this takes about 1 ms. Being a
+    per image, half of a loader worker's time for a pair of views; this takes under 2 ms. Being a
     torchvision GaussianBlur, gpu_aug reads it as one."""
 
     def forward(self, img):
