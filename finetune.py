@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -403,10 +402,7 @@ def finetune(args, env, start):
                 log.json(record)
                 loss_sum.zero_()
                 tic, data_time, logged_step = time.perf_counter(), 0.0, step
-            if mdra.stop_requested(control):
-                save()
-                log.print(f"stopped by a signal at step {step}; checkpoint: {ckpt_path.resolve()}")
-                raise SystemExit(128 + (mdra.STOP_SIGNALS[0] if mdra.STOP_SIGNALS else signal.SIGTERM))
+            mdra.exit_if_stop_requested(control, save, log, step, ckpt_path)
             if step % args.save_every == 0:
                 save()
             if step >= last_step:

@@ -735,6 +735,15 @@ def stop_requested(group=None):
     return bool(flag.item())
 
 
+def exit_if_stop_requested(control, save, log, step, ckpt_path):
+    """After an optimizer step of a training loop: once any rank got SIGTERM or SIGINT, save the
+    checkpoint and exit with status 128 + the signal."""
+    if stop_requested(control):
+        save()
+        log.print(f"stopped by a signal at step {step}; checkpoint: {Path(ckpt_path).resolve()}")
+        sys.exit(128 + (STOP_SIGNALS[0] if STOP_SIGNALS else signal.SIGTERM))
+
+
 def raise_if_nonfinite(nonfinite, since, step, ckpt_path, prog, hint=""):
     """Stop the run if any rank's loss was non-finite since step `since`. nonfinite is a flag kept on
     the device; reading it is a host sync, so the loops call this only when they log or save."""
@@ -1030,10 +1039,7 @@ def train(args):
                 log.json(record)
                 loss_sum.zero_()
                 tic, data_time, logged_step = time.perf_counter(), 0.0, step
-            if stop_requested(control):
-                save()
-                log.print(f"stopped by a signal at step {step}; checkpoint: {ckpt_path.resolve()}")
-                sys.exit(128 + (STOP_SIGNALS[0] if STOP_SIGNALS else signal.SIGTERM))
+            exit_if_stop_requested(control, save, log, step, ckpt_path)
             if step % args.save_every == 0:
                 save()
 
