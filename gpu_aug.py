@@ -270,9 +270,8 @@ def replicate_padded_batch(images):
     rest of the batch is zeros. Three copies per image, each casting to float as it copies; no host
     and device synchronisation.
 
-    The batch is as large as the largest image in each direction: about 64 x 3 x 500 x 500 floats
-    (190 MB) for a micro-batch of 64 ImageNet images, more when it holds one of the few much larger
-    ones (a 2000 x 2000 image makes it ~3 GB).
+    The batch is as large as the largest image in each direction (resized_crops keeps images over
+    PAD_LIMIT out of it): about 64 x 3 x 500 x 500 floats (190 MB) for 64 ImageNet images.
     """
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
