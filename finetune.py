@@ -43,7 +43,7 @@ from mdra import UsageError
 
 CLASSIFIER_FORMAT = "mdra-classifier"
 RESUME_MUST_MATCH = ("data", "random_init", "arch", "small_stem", "img_size", "batch_size",
-                     "label_fraction", "subset_file", "linear", "seed")
+                     "label_fraction", "subset_file", "holdout", "linear", "seed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,6 +101,21 @@ def class_balanced_subset(targets, fraction, seed):
     chosen = [members[torch.randperm(len(members), generator=generator)[:max(1, int(fraction * len(members) + 0.5))]]
               for members in by_class]
     return torch.cat(chosen).sort().values.tolist()
+
+
+def held_out_subset(targets, labelled, size, seed):
+    """Sorted indices of about `size` training images outside the labelled subset, the same share of
+    every class, drawn apart from it: a validation set for choosing hyperparameters (as the field's
+    10k images held out of the ImageNet train split) that leaves the test split untouched."""
+    targets = torch.as_tensor(targets)
+    rest = torch.ones(len(targets), dtype=torch.bool)
+    rest[labelled] = False
+    rest = rest.nonzero().squeeze(1)
+    if not 0 < size <= len(rest):
+        raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images outside the "
+                         "labelled subset.")
+    chosen = class_balanced_subset(targets[rest], size / len(rest), seed + 1)
+    return rest[chosen].tolist()
 
 
 def read_subset_file(path, names):
@@ -235,7 +250,7 @@ def resolve_args(args, info, env, start):
         raise UsageError("--lr-backbone has no effect with --linear, whose backbone is frozen.")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
-    for name in ("epochs", "batch_size", "log_every", "save_every"):
+    for name in ("epochs", "batch_size", "log_every", "save_every", "eval_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     return args
@@ -247,7 +262,6 @@ def finetune(args, env, start):
     # Synthetic images are drawn at the size they will be used at: by default the pretrained one.
     drawn_size = args.img_size or (start["img_size"] if start is not None else 32)
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
-    val_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)
     args = resolve_args(args, info, env, start)
     device, cuda = env.device, env.device.type == "cuda"
     out_dir = Path(args.out_dir)
@@ -264,6 +278,12 @@ def finetune(args, env, start):
         subset = class_balanced_subset(train_images.targets, args.label_fraction or 1.0, args.seed)
     if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
         (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
+    if args.holdout:  # evaluate on training images the classifier never sees, not on the validation split
+        held_out = held_out_subset(train_images.targets, subset, args.holdout, args.seed)
+        eval_images, eval_name = Subset(train_images, held_out), "held-out"
+    else:
+        eval_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)
+        eval_name = "val"
     steps_per_epoch = len(subset) // args.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"the labelled subset has {len(subset)} images, fewer than one batch of "
@@ -316,8 +336,8 @@ def finetune(args, env, start):
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=mdra.ignore_stop_signals)
     resize = eval_resize(info, args.img_size)
-    val_set = Subset(CentreCrops(val_images, eval_transform(args.img_size, resize)),
-                     range(env.rank, len(val_images), env.world_size))  # every image on exactly one rank
+    val_set = Subset(CentreCrops(eval_images, eval_transform(args.img_size, resize)),
+                     range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
     val_loader = DataLoader(val_set, batch_size=args.batch_size // env.world_size, num_workers=args.workers,
                             pin_memory=cuda, persistent_workers=args.workers > 0, worker_init_fn=mdra.ignore_stop_signals)
 
@@ -353,7 +373,8 @@ def finetune(args, env, start):
     log.print("args " + json.dumps(plain_args))
     log.print(f"{mode} of {args.arch} from {origin}: {len(subset)} of {len(train_images)} labelled images "
               f"({100 * len(subset) / len(train_images):.3g}%), {steps_per_epoch} steps per epoch of "
-              f"{args.batch_size}, {len(val_images)} validation images")
+              f"{args.batch_size}, {len(eval_images)} " + ("held-out training" if args.holdout else "validation")
+              + f" images evaluated every {args.eval_every} epochs")
     log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device),
               "labelled_images": len(subset), "args": plain_args})
 
@@ -413,10 +434,11 @@ def finetune(args, env, start):
             break
         if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
             broadcast_buffers(model_raw)
-        top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
-        metrics = {"epoch": epoch + 1, "top1": top1, "top5": top5, "val_images": counted}
-        log.print(f"epoch {epoch + 1}/{args.epochs} val top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
-        log.json({"event": "epoch", **metrics, "step": step, "time_s": time.perf_counter() - epoch_tic})
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
+            metrics = {"epoch": epoch + 1, "top1": top1, "top5": top5, "eval": eval_name, "eval_images": counted}
+            log.print(f"epoch {epoch + 1}/{args.epochs} {eval_name} top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
+            log.json({"event": "epoch", **metrics, "step": step, "time_s": time.perf_counter() - epoch_tic})
         save()
 
     if last_saved != step:
@@ -424,7 +446,7 @@ def finetune(args, env, start):
     if args.linear:
         check_backbone_unchanged(model_raw.backbone, reference)
         log.print("linear probe: the backbone is bit-identical to the one it started from")
-    log.print(f"done: {step} steps" + (f"; val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
+    log.print(f"done: {step} steps" + (f"; {metrics['eval']} top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
                                         f"{metrics['epoch']}" if metrics else "") + f"; checkpoint: {ckpt_path.resolve()}")
     return ckpt_path
 
@@ -546,6 +568,10 @@ def get_parser():
            "default: all labels")
     a("--subset-file", default=None,
       help="train on the images this file names, one file name per line (the ImageNet 1%% / 10%% split files)")
+    a("--holdout", type=int, default=0, metavar="N",
+      help="evaluate on about N training images outside the labelled subset (the same share of every class, "
+           "drawn with --seed) instead of the validation split: for choosing hyperparameters")
+    a("--eval-every", type=int, default=1, metavar="EPOCHS", help="evaluate every this many epochs, and after the last")
     a("--linear", action="store_true",
       help="linear probe: only the classifier learns; the backbone is frozen, BatchNorm in eval mode")
     a("--arch", default=None, help="backbone for --random-init (default resnet50); with --ckpt, the checkpoint's")

@@ -71,6 +71,19 @@ def test_label_fraction_takes_the_same_share_of_every_class_and_repeats_with_the
     assert Counter(targets[i] for i in tiny) == {c: 1 for c in range(10)}
 
 
+def test_held_out_images_are_outside_the_labelled_subset_and_class_balanced():
+    targets = [i % 10 for i in range(1000)] + [3] * 100  # class 3 has 200 images, the others 100
+    labelled = finetune.class_balanced_subset(targets, 0.1, seed=0)
+    held_out = finetune.held_out_subset(targets, labelled, 220, seed=0)
+    assert not set(held_out) & set(labelled) and held_out == sorted(set(held_out))
+    # 220 of the 990 other images: the same share (2/9) of every class's 90 or 180 remaining ones
+    assert Counter(targets[i] for i in held_out) == {c: 40 if c == 3 else 20 for c in range(10)}
+    assert held_out == finetune.held_out_subset(targets, labelled, 220, seed=0)
+    assert held_out != finetune.held_out_subset(targets, labelled, 220, seed=1)
+    with pytest.raises(mdra.UsageError, match="--holdout 991 must be between 1 and the 990 training images"):
+        finetune.held_out_subset(targets, labelled, 991, seed=0)
+
+
 def test_subset_file_selects_the_images_it_names(tmp_path):
     names = ["n01440764_10026.JPEG", "n01440764_10027.JPEG", "n01443537_2.JPEG", "n01443537_7.JPEG"]
     split = tmp_path / "1percent.txt"
@@ -113,8 +126,21 @@ def test_fine_tuning_writes_a_classifier_checkpoint_and_the_subset_that_repeats_
     assert finetune.read_subset_file(classifier.parent / "subset.txt", images.names) == chosen
     epochs = [r for r in map(json.loads, (classifier.parent / "log.jsonl").read_text().splitlines())
               if r.get("event") == "epoch"]
-    assert [(r["epoch"], r["val_images"]) for r in epochs] == [(1, 16)]  # the whole synthetic val split
+    assert [(r["epoch"], r["eval_images"]) for r in epochs] == [(1, 16)]  # the whole synthetic val split
     assert 0 <= epochs[0]["top1"] <= epochs[0]["top5"] <= 100
+
+
+def test_holdout_evaluates_held_out_training_images_at_the_epochs_asked_for(tmp_path):
+    finetune.main(["--random-init", "--arch", "resnet18", "--img-size", "16", *TINY, "--label-fraction", "0.25",
+                   "--holdout", "24", "--epochs", "3", "--eval-every", "2", "--out-dir", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    images, _ = mdra.build_dataset("synthetic", "", "train", 64, 16)
+    held_out = finetune.held_out_subset(images.targets, finetune.class_balanced_subset(images.targets, 0.25, 0), 24, 0)
+    assert [(r["epoch"], r["eval"], r["eval_images"]) for r in epochs] == [(2, "held-out", len(held_out)),
+                                                                         (3, "held-out", len(held_out))]
+    assert load(tmp_path / "checkpoint.pth")["metrics"] == {k: epochs[-1][k] for k in
+                                                            ("epoch", "top1", "top5", "eval", "eval_images")}
 
 
 def test_linear_probe_trains_only_the_head_and_leaves_the_backbone_bit_identical(pretrained, classifier, tmp_path):
@@ -265,6 +291,8 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{pretrained}", "--subset-file", "{tmp}/missing.txt"], "--subset-file {tmp}/missing.txt does not exist."),
     (["--ckpt", "{pretrained}", "--linear", "--lr-backbone", "0.01"], "--lr-backbone has no effect with --linear"),
     (["--ckpt", "{pretrained}", "--label-fraction", "0.1", "--batch-size", "64"], "fewer than one batch of 64"),
+    (["--ckpt", "{pretrained}", "--linear", "--holdout", "10"], "--holdout 10 must be between 1 and the 0 training"),
+    (["--ckpt", "{pretrained}", "--eval-every", "0"], "--eval-every must be at least 1."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
     torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
