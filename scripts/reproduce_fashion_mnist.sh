@@ -6,22 +6,31 @@
 #
 #   scripts/reproduce_fashion_mnist.sh [OUT]          # OUT defaults to runs/fashion-mnist
 #
+# Every fine-tuning row (MDRA and from scratch alike) first fine-tunes once with each learning rate of
+# FT_LRS, evaluated on HOLDOUT training images outside its labelled subset, and then once more with the
+# best of them, evaluated on the test split: the test images choose nothing. The linear probe uses
+# the patent's lr 0.3.
+#
 # Environment (defaults in brackets): EPOCHS pretraining epochs [200], FT_EPOCHS fine-tuning epochs
-# [100], LINEAR_EPOCHS linear-probe epochs [100], DEVICE [auto], WORKERS [8], FLAGS extra flags for
+# [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01], HOLDOUT [10000],
+# DEVICE [auto], WORKERS [8], FLAGS extra flags for
 # every script, PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for
 # eval_knn.py, PARALLEL=1
 # runs independent rows at once (one GPU has room for several), DATA [fashion-mnist]
 # (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
 #   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
 #   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \
-#   KNN_FLAGS="--k 10 20" scripts/reproduce_fashion_mnist.sh /tmp/repro).
-# Each row's log, wall time and results land in OUT/<row>/; the table in OUT/results.md.
+#   FT_LRS="0.1 0.01" HOLDOUT=16 KNN_FLAGS="--k 10 20" scripts/reproduce_fashion_mnist.sh /tmp/repro).
+# Each row's log, wall time and results land in OUT/<row>/ (the learning-rate trials in
+# OUT/lr-trials/<row>-lr<lr>/); the table in OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/fashion-mnist}
 EPOCHS=${EPOCHS:-200}
 FT_EPOCHS=${FT_EPOCHS:-100}
 LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
+FT_LRS=${FT_LRS:-0.3 0.1 0.03 0.01}
+HOLDOUT=${HOLDOUT:-10000}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
 mkdir -p "$OUT"
 
@@ -62,6 +71,23 @@ add_elapsed() {  # add_elapsed DIR START: DIR/elapsed_s += now - START
     echo $(( $(cat "$1/elapsed_s" 2>/dev/null || echo 0) + $(date +%s) - $2 )) > "$1/elapsed_s"
 }
 
+# finetune_row NAME FLAGS...: finetune.py FLAGS with the learning rate of FT_LRS that is best on
+# HOLDOUT held-out training images (each trial a row of its own), evaluated on the test split.
+finetune_row() {
+    local name=$1; shift
+    local lr lrs=($FT_LRS)
+    [ ${#lrs[@]} -gt 0 ] || { echo "FT_LRS is empty; give at least one learning rate."; return 1; }
+    lr=${lrs[0]}
+    if [ ${#lrs[@]} -gt 1 ]; then
+        for lr in "${lrs[@]}"; do
+            row "lr-trials/$name-lr$lr" python3 finetune.py "$@" --lr "$lr" --holdout "$HOLDOUT" \
+                --eval-every "$FT_EPOCHS" --out-dir "$OUT/lr-trials/$name-lr$lr"
+        done
+        lr=$(python3 scripts/results_table.py --best-lr "$OUT" "$name" "${lrs[@]}")
+    fi
+    row "$name" python3 finetune.py "$@" --lr "$lr" --out-dir "$OUT/$name"
+}
+
 # together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1.
 together() {
     if [ "${PARALLEL:-0}" = 1 ]; then
@@ -78,8 +104,8 @@ pretrain_chain() {  # MDRA (G = 4): pretraining, then everything that uses its b
     local ckpt=$OUT/mdra/checkpoint.pth
     together \
         "row mdra-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $OUT/mdra-knn/knn.json" \
-        "row mdra-ft1 python3 finetune.py $COMMON --ckpt $ckpt --label-fraction 0.01 --epochs $FT_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-ft1" \
-        "row mdra-ft10 python3 finetune.py $COMMON --ckpt $ckpt --label-fraction 0.1 --epochs $FT_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-ft10" \
+        "finetune_row mdra-ft1 $COMMON --ckpt $ckpt --label-fraction 0.01 --epochs $FT_EPOCHS ${FT_FLAGS:-}" \
+        "finetune_row mdra-ft10 $COMMON --ckpt $ckpt --label-fraction 0.1 --epochs $FT_EPOCHS ${FT_FLAGS:-}" \
         "row mdra-linear python3 finetune.py $COMMON --ckpt $ckpt --linear --label-fraction 1.0 --epochs $LINEAR_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-linear"
 }
 
@@ -91,8 +117,8 @@ ablation_chain() {  # the same run with one subspace
 baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same seed, same class-balanced draw)
     row pixels-knn python3 eval_knn.py $COMMON --pixels ${KNN_FLAGS:-} --out "$OUT/pixels-knn/knn.json"
     row random-knn python3 eval_knn.py $COMMON --random-init --arch resnet18 ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
-    row scratch1 python3 finetune.py $COMMON --random-init --arch resnet18 --label-fraction 0.01 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/scratch1"
-    row scratch10 python3 finetune.py $COMMON --random-init --arch resnet18 --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-} --out-dir "$OUT/scratch10"
+    finetune_row scratch1 $COMMON --random-init --arch resnet18 --label-fraction 0.01 --epochs "$FT_EPOCHS" ${FT_FLAGS:-}
+    finetune_row scratch10 $COMMON --random-init --arch resnet18 --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-}
 }
 
 together pretrain_chain ablation_chain baseline_chain

@@ -1,6 +1,8 @@
-"""The results table of scripts/reproduce_fashion_mnist.sh, in Markdown, from its output folder.
+"""The results table of scripts/reproduce_fashion_mnist.sh, in Markdown, from its output folder;
+and, for the script, the learning rate whose trial did best on the held-out training images.
 
     python3 scripts/results_table.py runs/fashion-mnist
+    python3 scripts/results_table.py --best-lr runs/fashion-mnist scratch1 0.3 0.1 0.03 0.01
 """
 import json
 import sys
@@ -31,24 +33,58 @@ def accuracy(folder):
     epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r.get("event") == "epoch"]
     last = epochs[-1]
+    assert last["eval"] == "val", f"{folder} was not evaluated on the test split"
     return last["top1"], last["top5"], last["epoch"]
 
 
+def records(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def lr_trials(out, name):
+    """{lr: (held-out top-1, wall seconds)} of the finished learning-rate trials of a fine-tuning row."""
+    trials = {}
+    for folder in sorted((out / "lr-trials").glob(f"{name}-lr*")):
+        if (folder / "time_s").exists():
+            last = [r for r in records(folder) if r.get("event") == "epoch"][-1]
+            assert last["eval"] == "held-out", f"{folder} was not evaluated on held-out images"
+            trials[folder.name[len(name) + 3:]] = (last["top1"], int((folder / "time_s").read_text()))
+    return trials
+
+
+def best_lr(out, name, lrs):
+    """The learning rate of lrs with the best held-out top-1 (the first of equals)."""
+    trials = lr_trials(Path(out), name)
+    return max(lrs, key=lambda lr: (trials[lr][0], -lrs.index(lr)))
+
+
+def learning_rate(out, name):
+    """The row's learning rate, and the held-out top-1 of each trial it was chosen from."""
+    start = next((r for r in records(out / name) if r.get("event") == "start"), None)
+    if start is None or "lr" not in start["args"]:
+        return "–"
+    chosen, trials = start["args"]["lr"], lr_trials(out, name)
+    if not trials:
+        return f"{chosen:g}"
+    tried = ", ".join(f"{lr}: {top1:.2f}" for lr, (top1, _) in sorted(trials.items(), key=lambda t: -float(t[0])))
+    return f"{chosen:g} (held-out top-1 {tried}; trials {sum(s for _, s in trials.values())} s)"
+
+
 def pretraining_epochs(folder):
-    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    return max((r["epoch"] for r in records if r.get("event") == "epoch"), default=0)
+    return max((r["epoch"] for r in records(folder) if r.get("event") == "epoch"), default=0)
 
 
 def main(out):
     out = Path(out)
-    lines = ["| row | labels | top-1 | top-5 | epochs | wall time | hardware | command |",
-             "| --- | --- | ---: | ---: | --- | ---: | --- | --- |"]
+    lines = ["| row | labels | top-1 | top-5 | epochs | lr | wall time | hardware | command |",
+             "| --- | --- | ---: | ---: | --- | --- | ---: | --- | --- |"]
     for name, what, labels in ROWS:
         folder = out / name
         if not (folder / "time_s").exists():
-            lines.append(f"| {what} | {labels} | not run | | | | | |")
+            lines.append(f"| {what} | {labels} | not run | | | | | | |")
             continue
         top1, top5, epochs = accuracy(folder)
+        lr = learning_rate(out, name) if (folder / "log.jsonl").exists() else "–"
         seconds = int((folder / "time_s").read_text())
         epoch_text = f"{epochs} fine-tuning" if epochs else ""
         if name in PRETRAINING:
@@ -60,7 +96,7 @@ def main(out):
             time_text = f"{seconds} s"
         command = (folder / "command").read_text().strip()
         hardware = (folder / "hardware").read_text().strip()
-        lines.append(f"| {what} | {labels} | {top1:.2f} | {top5:.2f} | {epoch_text} | {time_text} | {hardware} | `{command}` |")
+        lines.append(f"| {what} | {labels} | {top1:.2f} | {top5:.2f} | {epoch_text} | {lr} | {time_text} | {hardware} | `{command}` |")
     for name in ("mdra", "mdra-g1"):
         folder = out / name
         if (folder / "time_s").exists():
@@ -70,4 +106,7 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/fashion-mnist")
+    if sys.argv[1:2] == ["--best-lr"]:
+        print(best_lr(sys.argv[2], sys.argv[3], sys.argv[4:]))
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "runs/fashion-mnist")

@@ -1,5 +1,6 @@
 """scripts/reproduce_fashion_mnist.sh at a tiny scale on the CPU: every row of the table, and a
 second run that resumes what a signal (a time limit) interrupted."""
+import json
 import os
 import signal
 import subprocess
@@ -9,15 +10,17 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_fashion_mnist.sh"
-ROWS = ["mdra", "mdra-knn", "mdra-ft1", "mdra-ft10", "mdra-linear", "mdra-g1", "mdra-g1-knn",
-        "pixels-knn", "random-knn", "scratch1", "scratch10"]
+FINE_TUNED = ["mdra-ft1", "mdra-ft10", "scratch1", "scratch10"]
+LRS = ["0.1", "0.01"]
+ROWS = ["mdra", "mdra-knn", "mdra-linear", "mdra-g1", "mdra-g1-knn", "pixels-knn", "random-knn", *FINE_TUNED,
+        *(f"lr-trials/{row}-lr{lr}" for row in FINE_TUNED for lr in LRS)]
 
 
 def tiny_env(epochs=3):
     return {**os.environ, "DATA": "synthetic", "EPOCHS": str(epochs), "FT_EPOCHS": "1", "LINEAR_EPOCHS": "1",
             "WORKERS": "0", "DEVICE": "cpu", "PARALLEL": "0", "FLAGS": "--synthetic-size 64",
             "PRETRAIN_FLAGS": "--queue-size 32 --img-size 16 --batch-size 16 --save-every 2",
-            "FT_FLAGS": "--batch-size 8", "KNN_FLAGS": "--k 10 20"}
+            "FT_FLAGS": "--batch-size 8", "FT_LRS": " ".join(LRS), "HOLDOUT": "16", "KNN_FLAGS": "--k 10 20"}
 
 
 def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
@@ -40,6 +43,16 @@ def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
     assert "resumed from" in (out / "mdra" / "output.log").read_text()
     for row in ROWS:
         assert (out / row / "time_s").exists(), row
+    for row in FINE_TUNED:  # trained with the learning rate whose trial did best on held-out images
+        held_out = {}
+        for lr in LRS:
+            trial = out / "lr-trials" / f"{row}-lr{lr}"
+            assert f"--lr {lr} --holdout 16" in (trial / "command").read_text()
+            last = [r for r in map(json.loads, (trial / "log.jsonl").read_text().splitlines()) if r.get("event") == "epoch"][-1]
+            held_out[lr] = last["top1"] if last["eval"] == "held-out" else None
+        best = max(LRS, key=lambda lr: (held_out[lr], -LRS.index(lr)))
+        command = (out / row / "command").read_text()
+        assert f"--lr {best} --out-dir" in command and "--holdout" not in command
     table = (out / "results.md").read_text()
     results = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| row", "| ---"))]
     assert len(results) == 9 and "not run" not in table  # the two pretrainings are notes under the table
