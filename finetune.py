@@ -23,6 +23,7 @@ does the same with it.
 import argparse
 import datetime
 import json
+import math
 import os
 import time
 import warnings
@@ -381,6 +382,7 @@ def finetune(args, env, start):
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     loss_sum = torch.zeros((), device=device)  # since the last log line
     skipped_total = 0
+    chance_loss, warned = math.log(info.num_classes), False
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
@@ -421,6 +423,11 @@ def finetune(args, env, start):
                           f"data {100 * record['data_wait']:.0f}% eta {datetime.timedelta(seconds=round(record['eta_s']))} "
                           f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skipped_total}" if skipped_total else ""))
                 log.json(record)
+                if record["loss"] > 2 * chance_loss and not warned:  # e.g. the patent's lr 0.3 on 10 classes
+                    warned = True
+                    log.print(f"warning: the training loss {record['loss']:.2f} is over twice the chance level "
+                              f"ln {info.num_classes} = {chance_loss:.2f}: the learning rate is likely too high for "
+                              "this data; try a lower --lr (--holdout chooses one without the test split).")
                 loss_sum.zero_()
                 tic, data_time, logged_step = time.perf_counter(), 0.0, step
             mdra.exit_if_stop_requested(control, save, log, step, ckpt_path)

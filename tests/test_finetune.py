@@ -143,6 +143,17 @@ def test_holdout_evaluates_held_out_training_images_at_the_epochs_asked_for(tmp_
                                                             ("epoch", "top1", "top5", "eval", "eval_images")}
 
 
+@pytest.mark.parametrize("lr, warnings", [("10", 1), ("0.01", 0)])
+def test_a_loss_over_twice_chance_level_warns_once_that_the_lr_is_too_high(lr, warnings, tmp_path, capsys):
+    finetune.main(["--random-init", "--arch", "resnet18", "--img-size", "16", *TINY, "--label-fraction", "0.25",
+                   "--epochs", "2", "--lr", lr, "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("epoch") and " loss " in line]
+    assert len(losses) == 4 and (max(losses) > 2 * math.log(10)) == bool(warnings)
+    assert out.count("warning: the training loss") == warnings
+    assert out.count("the learning rate is likely too high for this data; try a lower --lr") == warnings
+
+
 def test_linear_probe_trains_only_the_head_and_leaves_the_backbone_bit_identical(pretrained, classifier, tmp_path):
     split = classifier.parent / "subset.txt"  # the labelled images of the fine-tuning run, as a split file
     path = finetune.main(["--ckpt", str(pretrained), *TINY, "--subset-file", str(split), "--epochs", "1",
