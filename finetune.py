@@ -113,8 +113,7 @@ def held_out_subset(targets, labelled, size, seed):
     rest[labelled] = False
     rest = rest.nonzero().squeeze(1)
     if not 0 < size <= len(rest):
-        raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images outside the "
-                         "labelled subset.")
+        raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images it can hold out.")
     chosen = class_balanced_subset(targets[rest], size / len(rest), seed + 1)
     return rest[chosen].tolist()
 
@@ -277,14 +276,18 @@ def finetune(args, env, start):
         subset = read_subset_file(args.subset_file, train_images.names)
     else:
         subset = class_balanced_subset(train_images.targets, args.label_fraction or 1.0, args.seed)
-    if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
-        (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
     if args.holdout:  # evaluate on training images the classifier never sees, not on the validation split
-        held_out = held_out_subset(train_images.targets, subset, args.holdout, args.seed)
+        if len(subset) == len(train_images):  # all labels: the held-out images leave the labelled set
+            held_out = held_out_subset(train_images.targets, [], args.holdout, args.seed)
+            subset = sorted(set(subset) - set(held_out))
+        else:
+            held_out = held_out_subset(train_images.targets, subset, args.holdout, args.seed)
         eval_images, eval_name = Subset(train_images, held_out), "held-out"
     else:
         eval_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)
         eval_name = "val"
+    if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
+        (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
     steps_per_epoch = len(subset) // args.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"the labelled subset has {len(subset)} images, fewer than one batch of "
@@ -375,7 +378,7 @@ def finetune(args, env, start):
     log.print(f"{mode} of {args.arch} from {origin}: {len(subset)} of {len(train_images)} labelled images "
               f"({100 * len(subset) / len(train_images):.3g}%), {steps_per_epoch} steps per epoch of "
               f"{args.batch_size}, {len(eval_images)} " + ("held-out training" if args.holdout else "validation")
-              + f" images evaluated every {args.eval_every} epochs")
+              + " images evaluated " + ("after every epoch" if args.eval_every == 1 else f"every {args.eval_every} epochs"))
     log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device),
               "labelled_images": len(subset), "args": plain_args})
 
@@ -453,7 +456,7 @@ def finetune(args, env, start):
     if args.linear:
         check_backbone_unchanged(model_raw.backbone, reference)
         log.print("linear probe: the backbone is bit-identical to the one it started from")
-    log.print(f"done: {step} steps" + (f"; {metrics['eval']} top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
+    log.print(f"done: {step} steps" + (f"; {metrics.get('eval', 'val')} top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
                                         f"{metrics['epoch']}" if metrics else "") + f"; checkpoint: {ckpt_path.resolve()}")
     return ckpt_path
 
@@ -577,7 +580,8 @@ def get_parser():
       help="train on the images this file names, one file name per line (the ImageNet 1%% / 10%% split files)")
     a("--holdout", type=int, default=0, metavar="N",
       help="evaluate on about N training images outside the labelled subset (the same share of every class, "
-           "drawn with --seed) instead of the validation split: for choosing hyperparameters")
+           "drawn with --seed) instead of the validation split: for choosing hyperparameters; with all labels, "
+           "they are taken out of the labelled set")
     a("--eval-every", type=int, default=1, metavar="EPOCHS", help="evaluate every this many epochs, and after the last")
     a("--linear", action="store_true",
       help="linear probe: only the classifier learns; the backbone is frozen, BatchNorm in eval mode")

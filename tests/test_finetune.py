@@ -80,7 +80,7 @@ def test_held_out_images_are_outside_the_labelled_subset_and_class_balanced():
     assert Counter(targets[i] for i in held_out) == {c: 40 if c == 3 else 20 for c in range(10)}
     assert held_out == finetune.held_out_subset(targets, labelled, 220, seed=0)
     assert held_out != finetune.held_out_subset(targets, labelled, 220, seed=1)
-    with pytest.raises(mdra.UsageError, match="--holdout 991 must be between 1 and the 990 training images"):
+    with pytest.raises(mdra.UsageError, match="--holdout 991 must be between 1 and the 990 training images it can hold out"):
         finetune.held_out_subset(targets, labelled, 991, seed=0)
 
 
@@ -141,6 +141,17 @@ def test_holdout_evaluates_held_out_training_images_at_the_epochs_asked_for(tmp_
                                                                          (3, "held-out", len(held_out))]
     assert load(tmp_path / "checkpoint.pth")["metrics"] == {k: epochs[-1][k] for k in
                                                             ("epoch", "top1", "top5", "eval", "eval_images")}
+
+
+def test_holdout_with_all_labels_takes_the_held_out_images_out_of_the_labelled_set(tmp_path):
+    finetune.main(["--random-init", "--arch", "resnet18", "--img-size", "16", *TINY, "--holdout", "16",
+                   "--epochs", "1", "--out-dir", str(tmp_path)])
+    images, _ = mdra.build_dataset("synthetic", "", "train", 64, 16)
+    held_out = finetune.held_out_subset(images.targets, [], 16, 0)
+    labelled = finetune.read_subset_file(tmp_path / "subset.txt", images.names)
+    assert sorted(labelled + held_out) == list(range(64)) and len(held_out) >= 10
+    epochs = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if r.get("event") == "epoch"]
+    assert [(r["eval"], r["eval_images"]) for r in epochs] == [("held-out", len(held_out))]
 
 
 @pytest.mark.parametrize("lr, warnings", [("10", 1), ("0.01", 0)])
@@ -302,7 +313,7 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{pretrained}", "--subset-file", "{tmp}/missing.txt"], "--subset-file {tmp}/missing.txt does not exist."),
     (["--ckpt", "{pretrained}", "--linear", "--lr-backbone", "0.01"], "--lr-backbone has no effect with --linear"),
     (["--ckpt", "{pretrained}", "--label-fraction", "0.1", "--batch-size", "64"], "fewer than one batch of 64"),
-    (["--ckpt", "{pretrained}", "--linear", "--holdout", "10"], "--holdout 10 must be between 1 and the 0 training"),
+    (["--ckpt", "{pretrained}", "--label-fraction", "0.5", "--holdout", "31"], "--holdout 31 must be between 1 and the 30 "),
     (["--ckpt", "{pretrained}", "--eval-every", "0"], "--eval-every must be at least 1."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
