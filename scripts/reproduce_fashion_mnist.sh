@@ -8,11 +8,12 @@
 #
 # Every fine-tuning row (MDRA and from scratch alike) first fine-tunes once with each learning rate of
 # FT_LRS, evaluated on HOLDOUT training images outside its labelled subset, and then once more with the
-# best of them, evaluated on the test split: the test images choose nothing. The linear probe uses
-# the patent's lr 0.3.
+# best of them, evaluated on the test split: the test images choose nothing. The linear probe does the
+# same with LINEAR_LRS, its trials holding the HOLDOUT images out of its labels.
 #
 # Environment (defaults in brackets): EPOCHS pretraining epochs [200], FT_EPOCHS fine-tuning epochs
-# [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01], HOLDOUT [10000],
+# [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01], LINEAR_LRS [FT_LRS],
+# HOLDOUT [10000],
 # DEVICE [auto], WORKERS [8], FLAGS extra flags for
 # every script, PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for
 # eval_knn.py, PARALLEL=1
@@ -30,6 +31,7 @@ EPOCHS=${EPOCHS:-200}
 FT_EPOCHS=${FT_EPOCHS:-100}
 LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
 FT_LRS=${FT_LRS:-0.3 0.1 0.03 0.01}
+LINEAR_LRS=${LINEAR_LRS:-$FT_LRS}
 HOLDOUT=${HOLDOUT:-10000}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
 mkdir -p "$OUT"
@@ -71,21 +73,20 @@ add_elapsed() {  # add_elapsed DIR START: DIR/elapsed_s += now - START
     echo $(( $(cat "$1/elapsed_s" 2>/dev/null || echo 0) + $(date +%s) - $2 )) > "$1/elapsed_s"
 }
 
-# finetune_row NAME FLAGS...: finetune.py FLAGS with the learning rate of FT_LRS that is best on
-# HOLDOUT held-out training images (each trial a row of its own), evaluated on the test split.
+# finetune_row NAME EPOCHS "LR..." FLAGS...: finetune.py FLAGS for EPOCHS with the learning rate that
+# is best on HOLDOUT held-out training images (each trial a row of its own), evaluated on the test split.
 finetune_row() {
-    local name=$1; shift
-    local lr lrs=($FT_LRS)
-    [ ${#lrs[@]} -gt 0 ] || { echo "FT_LRS is empty; give at least one learning rate."; return 1; }
+    local name=$1 epochs=$2 lrs=($3) lr; shift 3
+    [ ${#lrs[@]} -gt 0 ] || { echo "$name: no learning rate to try; give at least one."; return 1; }
     lr=${lrs[0]}
     if [ ${#lrs[@]} -gt 1 ]; then
         for lr in "${lrs[@]}"; do
-            row "lr-trials/$name-lr$lr" python3 finetune.py "$@" --lr "$lr" --holdout "$HOLDOUT" \
-                --eval-every "$FT_EPOCHS" --out-dir "$OUT/lr-trials/$name-lr$lr"
+            row "lr-trials/$name-lr$lr" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" \
+                --holdout "$HOLDOUT" --eval-every "$epochs" --out-dir "$OUT/lr-trials/$name-lr$lr"
         done
         lr=$(python3 scripts/results_table.py --best-lr "$OUT" "$name" "${lrs[@]}")
     fi
-    row "$name" python3 finetune.py "$@" --lr "$lr" --out-dir "$OUT/$name"
+    row "$name" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" --out-dir "$OUT/$name"
 }
 
 # together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1.
@@ -104,9 +105,9 @@ pretrain_chain() {  # MDRA (G = 4): pretraining, then everything that uses its b
     local ckpt=$OUT/mdra/checkpoint.pth
     together \
         "row mdra-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $OUT/mdra-knn/knn.json" \
-        "finetune_row mdra-ft1 $COMMON --ckpt $ckpt --label-fraction 0.01 --epochs $FT_EPOCHS ${FT_FLAGS:-}" \
-        "finetune_row mdra-ft10 $COMMON --ckpt $ckpt --label-fraction 0.1 --epochs $FT_EPOCHS ${FT_FLAGS:-}" \
-        "row mdra-linear python3 finetune.py $COMMON --ckpt $ckpt --linear --label-fraction 1.0 --epochs $LINEAR_EPOCHS ${FT_FLAGS:-} --out-dir $OUT/mdra-linear"
+        "finetune_row mdra-ft1 $FT_EPOCHS '$FT_LRS' $COMMON --ckpt $ckpt --label-fraction 0.01 ${FT_FLAGS:-}" \
+        "finetune_row mdra-ft10 $FT_EPOCHS '$FT_LRS' $COMMON --ckpt $ckpt --label-fraction 0.1 ${FT_FLAGS:-}" \
+        "finetune_row mdra-linear $LINEAR_EPOCHS '$LINEAR_LRS' $COMMON --ckpt $ckpt --linear --label-fraction 1.0 ${FT_FLAGS:-}"
 }
 
 ablation_chain() {  # the same run with one subspace
@@ -117,8 +118,8 @@ ablation_chain() {  # the same run with one subspace
 baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same seed, same class-balanced draw)
     row pixels-knn python3 eval_knn.py $COMMON --pixels ${KNN_FLAGS:-} --out "$OUT/pixels-knn/knn.json"
     row random-knn python3 eval_knn.py $COMMON --random-init --arch resnet18 ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
-    finetune_row scratch1 $COMMON --random-init --arch resnet18 --label-fraction 0.01 --epochs "$FT_EPOCHS" ${FT_FLAGS:-}
-    finetune_row scratch10 $COMMON --random-init --arch resnet18 --label-fraction 0.1 --epochs "$FT_EPOCHS" ${FT_FLAGS:-}
+    finetune_row scratch1 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.01 ${FT_FLAGS:-}
+    finetune_row scratch10 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.1 ${FT_FLAGS:-}
 }
 
 together pretrain_chain ablation_chain baseline_chain

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_fashion_mnist.sh"
-FINE_TUNED = ["mdra-ft1", "mdra-ft10", "scratch1", "scratch10"]
+FINE_TUNED = ["mdra-ft1", "mdra-ft10", "mdra-linear", "scratch1", "scratch10"]
 LRS = ["0.1", "0.01"]
-ROWS = ["mdra", "mdra-knn", "mdra-linear", "mdra-g1", "mdra-g1-knn", "pixels-knn", "random-knn", *FINE_TUNED,
+ROWS = ["mdra", "mdra-knn", "mdra-g1", "mdra-g1-knn", "pixels-knn", "random-knn", *FINE_TUNED,
         *(f"lr-trials/{row}-lr{lr}" for row in FINE_TUNED for lr in LRS)]
 
 
