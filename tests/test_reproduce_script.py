@@ -1,5 +1,6 @@
-"""scripts/reproduce_fashion_mnist.sh at a tiny scale on the CPU: every row of the table, and a
-second run that resumes what a signal (a time limit) interrupted."""
+"""scripts/reproduce_fashion_mnist.sh at a tiny scale on the CPU, its chains in parallel as on a GPU:
+every row of the table, the learning-rate trials, and a second run that resumes what a signal (a time
+limit) interrupted."""
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ ROWS = ["mdra", "mdra-knn", "mdra-g1", "mdra-g1-knn", "pixels-knn", "random-knn"
 
 def tiny_env(epochs=3):
     return {**os.environ, "DATA": "synthetic", "EPOCHS": str(epochs), "FT_EPOCHS": "1", "LINEAR_EPOCHS": "1",
-            "WORKERS": "0", "DEVICE": "cpu", "PARALLEL": "0", "FLAGS": "--synthetic-size 64",
+            "WORKERS": "0", "DEVICE": "cpu", "PARALLEL": "1", "OMP_NUM_THREADS": "1", "FLAGS": "--synthetic-size 64",
             "PRETRAIN_FLAGS": "--queue-size 32 --img-size 16 --batch-size 16 --save-every 2",
             "FT_FLAGS": "--batch-size 8", "FT_LRS": " ".join(LRS), "HOLDOUT": "16", "KNN_FLAGS": "--k 10 20"}
 
