@@ -375,28 +375,44 @@ def adjust_hue(x, shift):
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's fn_idx order
 
 
-def jitter_groups(apply, order, factors, enabled=(True,) * 4):
-    """ColorJitter's work for a batch, as a list of (operation index, rows, factors of those rows) in
-    the order it is applied: stage by stage, the images whose stage-th operation it is.
+def jitter_stages(apply, order, factors, enabled=(True,) * 4):
+    """ColorJitter's work for a batch as four stages, worked out on the CPU: stage s applies every
+    image's s-th operation. Brightness, contrast and saturation each blend the image with something
+    (black, its mean grey, its grey) by a factor, so a stage is one batched blend, in which factor 1
+    keeps the images that do something else (or nothing) at this stage, followed by a hue rotation of
+    the rows whose s-th operation is hue. A few dozen launches per view, whatever the orders.
 
     apply [N] bool, order [N, 4] a permutation of the operations per image, factors [N, 4]; on the
     CPU, so that choosing the rows needs no device synchronisation. enabled: which operations the
     recipe has (ColorJitter skips those it was given no range for).
+    Returns per stage a dict: "blend" [N] (0 black, 1 mean grey, 2 grey), or None when no image
+    blends at this stage; "factor" [N] float32; "hue_rows" [k] and their "hue_shift" [k] float32.
     """
-    groups = []
+    enabled = torch.tensor(list(enabled))
+    stages = []
     for stage in range(4):
-        for op_index in range(4):
-            rows = (apply & (order[:, stage] == op_index)).nonzero().flatten()
-            if enabled[op_index] and len(rows):
-                groups.append((op_index, rows, factors[rows, op_index]))
-    return groups
+        op = order[:, stage]
+        active = apply & enabled[op]
+        blends = active & (op < 3)
+        hue_rows = (active & (op == 3)).nonzero().flatten()
+        stages.append({"blend": op.clamp(max=2) if blends.any() else None,
+                       "factor": torch.where(blends, factors.gather(1, op[:, None])[:, 0], 1.0).float(),
+                       "hue_rows": hue_rows, "hue_shift": factors[hue_rows, 3].float()})
+    return stages
 
 
-def color_jitter(x, groups):
-    """ColorJitter with each image's own factors and order of the four operations; groups from
-    jitter_groups, on x's device. x is changed in place."""
-    for op_index, rows, factors in groups:
-        x[rows] = JITTER_OPS[op_index](x[rows], factors)
+def color_jitter(x, stages):
+    """ColorJitter with each image's own factors and order of the four operations; stages from
+    jitter_stages, on x's device."""
+    for stage in stages:
+        if stage["blend"] is not None:  # torchvision's _blend with black, the mean grey or the grey
+            grey = grayscale(x)
+            target = stage["blend"].view(-1, 1, 1, 1)
+            other = torch.where(target == 2, grey, torch.where(target == 1, grey.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
+            x = blend(x, other, stage["factor"])
+        rows = stage["hue_rows"]
+        if len(rows):  # a shape, known without asking the device
+            x[rows] = adjust_hue(x[rows], stage["hue_shift"])
     return x
 
 
@@ -421,7 +437,7 @@ def view_plan(params, recipe):
     sigmas, and the normalisation. Rows chosen on the CPU mean that nothing waits for the device."""
     blur_rows = params["blur"].nonzero().flatten() if recipe.blur_kernel > 1 else torch.zeros(0, dtype=torch.long)
     return {"flip": params["flip"], "grey": params["grey"], "solarize": params["solarize"],
-            "jitter": jitter_groups(params["jitter"], params["jitter_order"], params["jitter_factors"],
+            "jitter": jitter_stages(params["jitter"], params["jitter_order"], params["jitter_factors"],
                                     enabled=[r is not None for r in recipe.jitter]),
             "blur_rows": blur_rows, "blur_sigma": params["sigma"][blur_rows],
             "mean": torch.tensor(recipe.mean).view(3, 1, 1), "std": torch.tensor(recipe.std).view(3, 1, 1)}

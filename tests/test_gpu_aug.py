@@ -100,12 +100,15 @@ def test_colour_jitter_applies_each_images_own_order_and_skips_unselected_images
     factors = torch.tensor([[1.3, 0.7, 1.1, 0.08], [0.7, 1.2, 0.9, -0.06], [1.1, 1.4, 0.8, 0.02], [0.9, 0.6, 1.2, -0.1]])
     apply = torch.tensor([True, True, True, False])
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-    expected = x.clone()
-    for i in range(3):
-        for op_index in order[i].tolist():
-            expected[i] = ops[op_index](expected[i], factors[i, op_index].item())
-    groups = gpu_aug.jitter_groups(apply, order, factors)
-    torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), groups), expected, atol=1e-5, rtol=0)
+    for enabled in [(True,) * 4, (True, False, True, False)]:  # ColorJitter skips an operation without a range
+        expected = x.clone()
+        for i in range(3):
+            for op_index in order[i].tolist():
+                if enabled[op_index]:
+                    expected[i] = ops[op_index](expected[i], factors[i, op_index].item())
+        stages = gpu_aug.jitter_stages(apply, order, factors, enabled)
+        torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), stages), expected, atol=1e-5, rtol=0)
+        assert torch.equal(gpu_aug.color_jitter(x.clone(), stages)[3], x[3])  # not selected: untouched
 
 
 def test_to_device_moves_a_nest_of_tensors_in_one_buffer_keeping_values_dtypes_and_shapes():
