@@ -337,7 +337,16 @@ def device_views_rate(loader, batch_size, device, rounds=5):
     def augment():
         loader.device_views(*next(batches), 0, 0)
 
-    return batch_size / median_step_time(augment, device, warmup=2, steps=len(undecoded), repeats=rounds)
+    rate = batch_size / median_step_time(augment, device, warmup=2, steps=len(undecoded), repeats=rounds)
+    return rate, host_ops(augment)
+
+
+def host_ops(fn):
+    """How many aten operations one call of fn dispatches (views and launches alike): the host work
+    that a GPU waits behind when each is a small kernel. The same count on any device."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        fn()
+    return sum(event.count for event in profiler.key_averages() if event.key.startswith("aten::"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,8 +431,9 @@ def measure_data(report, loaders, args, device):
         if loader.device_views is not None:
             what = f"{name}: device work alone (decode + views)"
             with failure_reported(report, "data", what):
-                rate = device_views_rate(loader, args.batch_size, device)
-                report.add("data", what, device_work=True, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
+                rate, ops = device_views_rate(loader, args.batch_size, device)
+                report.add("data", what, device_work=True, pairs_per_s=rate, ms=args.batch_size / rate * 1e3,
+                           host_ops=ops)
 
 
 def measure_e2e(report, step, loaders, args, device):
@@ -495,7 +505,7 @@ class Report:
     table also go under --out."""
 
     COLUMNS = {"section": "section", "what": "what", "pairs/s": "pairs_per_s", "ms": "ms", "peak GB": "peak_gb",
-               "GFLOP/pair": "gflop_per_pair", "TFLOPS": "tflops", "% bf16 peak": "pct_peak", "vs": "vs",
+               "GFLOP/pair": "gflop_per_pair", "TFLOPS": "tflops", "% bf16 peak": "pct_peak", "host ops": "host_ops", "vs": "vs",
                "note": "note"}
 
     def __init__(self, out):

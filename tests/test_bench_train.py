@@ -30,7 +30,20 @@ def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, t
     assert all(row["pairs_per_s"] > 0 for row in rows if "pairs_per_s" in row)
     assert all(row["vs"] for row in rows)
     assert rows[0]["vs"] == "1.00x eager-fp32-nchw" and rows[0]["gflop_per_pair"] > 0
+    assert [row["host_ops"] > 100 for row in rows if "host_ops" in row] == [True]  # the device work of --gpu-aug
     assert "| step | resnet18 16px b8 eager-fp32-cl |" in (tmp_path / "table.md").read_text()
+
+
+def test_host_ops_counts_the_operations_a_call_dispatches(bench_train):
+    x = bench_train.torch.ones(4)
+
+    def adds(n):
+        for _ in range(n):
+            x.add(x)
+
+    assert bench_train.host_ops(lambda: adds(1)) == 1  # aten::add
+    assert bench_train.host_ops(lambda: adds(30)) == 30
+    assert bench_train.host_ops(lambda: x.add(1)) > 1  # a Python number is wrapped in a tensor first
 
 
 def test_a_malformed_configuration_is_one_clear_error(bench_train):
