@@ -250,9 +250,7 @@ def resolve_args(args, info, env, start):
         raise UsageError("--lr-backbone has no effect with --linear, whose backbone is frozen.")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
-    for name in ("epochs", "batch_size", "log_every", "save_every", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    mdra.require_positive(args, "epochs", "batch_size", "log_every", "save_every", "eval_every")
     return args
 
 

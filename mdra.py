@@ -854,10 +854,15 @@ def resolve_args(args, info, env):
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
     if args.queue_size % args.batch_size:
         raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
-    for name in ("epochs", "batch_size", "accum_steps", "sinkhorn_iters", "log_every"):
+    require_positive(args, "epochs", "batch_size", "accum_steps", "sinkhorn_iters", "log_every")
+    return args
+
+
+def require_positive(args, *names):
+    """One clear error for the first of these counting options that is below 1."""
+    for name in names:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
-    return args
 
 
 # ------------------------------------------------------------------------------------------------

@@ -179,6 +179,7 @@ def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
     (["--queue-size", "100"], "--queue-size 100 is not a multiple of the global batch 16."),
     (["--groups", "3"], "--groups 3 does not divide the embedding dimension 256."),
     (["--arch", "vgg16"], "--arch vgg16 is not a torchvision ResNet"),
+    (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be at least 1."),
 ])
 def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
