@@ -376,7 +376,7 @@ def jitter_stages(apply, order, factors, enabled=(True,) * 4):
     image's s-th operation. Brightness, contrast and saturation each blend the image with something
     (black, its mean grey, its grey) by a factor, so a stage is one batched blend, in which factor 1
     keeps the images that do something else (or nothing) at this stage, followed by a hue rotation of
-    the rows whose s-th operation is hue. A few dozen launches per view, whatever the orders.
+    the rows whose s-th operation is hue: the same few launches per stage, whatever the orders.
 
     apply [N] bool, order [N, 4] a permutation of the operations per image, factors [N, 4]; on the
     CPU, so that choosing the rows needs no device synchronisation. enabled: which operations the

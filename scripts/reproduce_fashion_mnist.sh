@@ -13,11 +13,9 @@
 #
 # Environment (defaults in brackets): EPOCHS pretraining epochs [200], FT_EPOCHS fine-tuning epochs
 # [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01], LINEAR_LRS [FT_LRS],
-# HOLDOUT [10000],
-# DEVICE [auto], WORKERS [8], FLAGS extra flags for
-# every script, PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for
-# eval_knn.py, PARALLEL=1
-# runs independent rows at once (one GPU has room for several), DATA [fashion-mnist]
+# HOLDOUT [10000], DEVICE [auto], WORKERS [8], FLAGS extra flags for every script, PRETRAIN_FLAGS for
+# mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for eval_knn.py, PARALLEL=1 runs
+# independent rows at once (one GPU has room for several), DATA [fashion-mnist]
 # (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
 #   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
 #   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \

@@ -30,10 +30,8 @@ def accuracy(folder):
     if knn.exists():
         result = json.loads(knn.read_text())["results"]["20"]
         return result["top1"], result["top5"], None
-    epochs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    epochs = [r for r in epochs if r.get("event") == "epoch"]
-    last = epochs[-1]
-    assert last["eval"] == "val", f"{folder} was not evaluated on the test split"
+    last = [r for r in records(folder) if r.get("event") == "epoch"][-1]
+    assert last.get("eval", "val") == "val", f"{folder} was not evaluated on the test split"
     return last["top1"], last["top5"], last["epoch"]
 
 
