@@ -15,7 +15,8 @@
 # [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01], LINEAR_LRS [FT_LRS],
 # HOLDOUT [10000], DEVICE [auto], WORKERS [8], FLAGS extra flags for every script, PRETRAIN_FLAGS for
 # mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for eval_knn.py, PARALLEL=1 runs
-# independent rows at once (one GPU has room for several), DATA [fashion-mnist]
+# independent rows at once (one GPU has room for several), ABLATION=0 skips the --groups 1 pretraining
+# (it costs as much as the main one), DATA [fashion-mnist]
 # (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
 #   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
 #   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \
@@ -120,5 +121,7 @@ baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same
     finetune_row scratch10 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.1 ${FT_FLAGS:-}
 }
 
-together pretrain_chain ablation_chain baseline_chain
+chains=(pretrain_chain baseline_chain)
+[ "${ABLATION:-1}" = 0 ] || chains+=(ablation_chain)
+together "${chains[@]}"
 python3 scripts/results_table.py "$OUT" | tee "$OUT/results.md"

@@ -61,6 +61,10 @@ def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
     third = subprocess.run(["bash", str(SCRIPT), str(out)], env=tiny_env(), capture_output=True, text=True,
                            timeout=120)
     assert third.returncode == 0 and third.stdout.count("finished in an earlier run, kept") == len(ROWS)
+    without_ablation = subprocess.run(["bash", str(SCRIPT), str(out)], env={**tiny_env(), "ABLATION": "0"},
+                                      capture_output=True, text=True, timeout=120)
+    assert without_ablation.returncode == 0 and "] mdra-g1" not in without_ablation.stdout  # no row line
+    assert without_ablation.stdout.count("finished in an earlier run, kept") == len(ROWS) - 2
 
     other = subprocess.run(["bash", str(SCRIPT), str(out)], env=tiny_env(epochs=4), capture_output=True,
                            text=True, timeout=120)
