@@ -13,8 +13,10 @@ One run prints one table (and writes it, a JSON line per row and the full log un
 - e2e: the step of the first architecture fed by each loader, against the same step on synthetic data.
 
 Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on the GPU); the data
-and end-to-end rates are taken in the steady state, after the workers' first round of batches, and wait
-for the device only at both ends of the timed batches, as the training loop does not wait for it.
+and end-to-end rates are taken in the steady state, after the workers' first round of batches (e2e:
+after as many as the loader prefetches, then the median of --repeats windows of --e2e-steps steps, the
+range in the vs column), and wait for the device only at both ends of the timed batches, as the
+training loop does not wait for it.
 A measurement that fails becomes a row saying why; --time-limit skips compilations that would not fit.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
@@ -54,11 +56,11 @@ import mdra  # noqa: E402  (the repository root is on the path only from here)
 PRESETS = {
     "cpu": dict(device="cpu", archs=["resnet18", "resnet50"], img_size=96, batch_size=16, queue_size=4096,
                 configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
-                data_images=256, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8),
+                data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8),
     "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
                  configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "compiled-bf16-cl"],
-                 warmup=5, steps=10, repeats=3, data_images=3072, workers=16, gpu_aug=True,
-                 loss_batch=512, loss_queue=65536, e2e_steps=40, time_limit=420),
+                 warmup=5, steps=10, repeats=3, data_images=16384, workers=16, gpu_aug=True,
+                 loss_batch=512, loss_queue=65536, e2e_steps=60, time_limit=420),
 }
 SECTIONS = ("step", "loss", "data", "e2e")
 
@@ -157,20 +159,23 @@ def median_step_time(step, device, warmup, steps, repeats):
     return statistics.median(times)
 
 
-def steady_rate(run_one, count, items_each, skip, device):
-    """Items per second of `count` calls of run_one in the steady state: the first `skip` calls (worker
-    launch, the first round of batches) are left out, as a long run does not pay for them again, and
-    the device is waited for only before and after the timed calls, as the training loop never waits
-    for it: host work (reading, launching the augmentation) overlaps the device's as it does there."""
-    skip = min(max(skip, 1), count - 1)
+def steady_rates(run_one, count, items_each, skip, device, windows=1):
+    """Items per second of `windows` consecutive windows of `count` calls of run_one in the steady state:
+    the first `skip` calls (worker launch, the batches prefetched before the first was asked for) are left
+    out, as a long run does not pay for them again, and the device is waited for only at both ends of
+    each window, as the training loop never waits for it: host work (reading, launching the
+    augmentation) overlaps the device's as it does there."""
     for _ in range(skip):
         run_one()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(count - skip):
-        run_one()
-    synchronize(device)
-    return (count - skip) * items_each / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(windows):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            run_one()
+        synchronize(device)
+        rates.append(count * items_each / (time.perf_counter() - t0))
+    return rates
 
 
 def reset_peak_memory(device):
@@ -323,7 +328,8 @@ def loader_rate(loader, batch_size, workers, device, max_batches=100):
     """Pairs/s of the loader alone (views made and on the device) over one epoch or max_batches (a
     real data set's epoch is far longer than needed), in the steady state."""
     batches = loader.batches()
-    return steady_rate(lambda: next(batches), min(loader.num_batches, max_batches), batch_size, workers, device)
+    skip = min(max(workers, 1), loader.num_batches - 1)
+    return steady_rates(lambda: next(batches), min(loader.num_batches, max_batches) - skip, batch_size, skip, device)[0]
 
 
 def device_views_rate(loader, batch_size, device, rounds=5):
@@ -437,14 +443,24 @@ def measure_data(report, loaders, args, device):
 
 
 def measure_e2e(report, step, loaders, args, device):
+    """The kept step fed by each loader: the median of --repeats windows of --e2e-steps steps, after
+    as many micro-batches as the loader prefetches (a full buffer would otherwise hide a slow loader)."""
     for name, loader in loaders.items():
         what = f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}"
         with failure_reported(report, "e2e", what):
             batches = loader.batches()
             pairs = args.batch_size * args.accum_steps
-            rate = steady_rate(lambda: step(lambda: next(batches)), args.e2e_steps, pairs,
-                               args.workers // args.accum_steps, device)
-            report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3)
+            prefetched = args.workers * (loader.loader.prefetch_factor or 1)
+            skip = max(1, -(-prefetched // args.accum_steps))
+            rates = steady_rates(lambda: step(lambda: next(batches)), args.e2e_steps, pairs, skip, device,
+                                 windows=args.repeats)
+            rate = statistics.median(rates)
+            used = (skip + args.repeats * args.e2e_steps) * args.accum_steps
+            note = f"median of {args.repeats} x {args.e2e_steps} steps after {skip}"
+            if used > loader.num_batches:
+                note += (f"; crosses an epoch boundary ({loader.num_batches} micro-batches per epoch), whose "
+                         f"restart a long epoch would pay far less often: give more --data-images")
+            report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3, window_rates=rates, note=note)
 
 
 @contextlib.contextmanager
@@ -493,7 +509,9 @@ def compare(rows, args):
                 bound = "the loader is the bottleneck" if ratio > 1 else "the step is the bottleneck"
                 row["vs"] = f"{1 / ratio:.2f}x the {reference['what']} step: {bound}"
         elif row["section"] == "e2e" and reference:
-            row["vs"] = f"{row['pairs_per_s'] / reference['pairs_per_s']:.2f}x the same step on synthetic data"
+            low, high = (min(row["window_rates"]) / reference["pairs_per_s"],
+                         max(row["window_rates"]) / reference["pairs_per_s"])
+            row["vs"] = f"{row['pairs_per_s'] / reference['pairs_per_s']:.2f}x (windows {low:.2f}–{high:.2f}x) the same step on synthetic data"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 GPU run it exists for comes."""
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +25,7 @@ def bench_train():
 def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, tmp_path):
     bench_train.main(["--archs", "resnet18", "--img-size", "16", "--batch-size", "8", "--queue-size", "32",
                       "--configs", "eager-fp32-nchw", "eager-fp32-cl", "--warmup", "0", "--steps", "1",
-                      "--repeats", "1", "--data-images", "32", "--workers", "0", "--gpu-aug",
+                      "--repeats", "2", "--data-images", "32", "--workers", "0", "--gpu-aug",
                       "--loss-batch", "16", "--loss-queue", "64", "--e2e-steps", "3", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [row["section"] for row in rows] == ["step"] * 2 + ["loss"] * 2 + ["data"] * 3 + ["e2e"] * 2
@@ -32,6 +34,16 @@ def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, t
     assert rows[0]["vs"] == "1.00x eager-fp32-nchw" and rows[0]["gflop_per_pair"] > 0
     assert [row["host_ops"] > 100 for row in rows if "host_ops" in row] == [True]  # the device work of --gpu-aug
     assert "| step | resnet18 16px b8 eager-fp32-cl |" in (tmp_path / "table.md").read_text()
+    for row in rows[-2:]:  # two windows of 3 steps after the 1 micro-batch a worker-less loader prefetches: 7 of 4
+        assert row["note"].startswith("median of 2 x 3 steps after 1; crosses an epoch boundary (4 micro-batches")
+        assert len(row["window_rates"]) == 2 and row["pairs_per_s"] == statistics.median(row["window_rates"])
+        assert "(windows " in row["vs"]
+
+
+def test_steady_rates_leave_out_the_skipped_calls_and_time_each_window(bench_train):
+    calls = []
+    rates = bench_train.steady_rates(lambda: calls.append(1), 5, 8, 3, torch.device("cpu"), windows=4)
+    assert len(calls) == 3 + 4 * 5 and len(rates) == 4 and all(rate > 0 for rate in rates)
 
 
 def test_host_ops_counts_the_operations_a_call_dispatches(bench_train):
