@@ -179,8 +179,7 @@ class AugmentedSubset(Dataset):
     def __getitem__(self, key):
         epoch, position = key
         image, label, skipped = mdra.read_image(self.images, position)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mdra.sample_seed(self.seed, epoch, position))
+        with mdra.sample_rng(mdra.sample_seed(self.seed, epoch, position)):
             return self.transform(image), label, skipped
 
 

@@ -257,6 +257,17 @@ def test_two_views_depend_only_on_seed_epoch_and_index():
     assert not torch.equal(a1, views[(3, 5)][0])
 
 
+def test_sample_rng_draws_what_torch_manual_seed_draws_and_restores_the_global_state():
+    torch.manual_seed(7)
+    expected = (torch.rand(3), torch.randint(0, 1000, (3,)), torch.randperm(4))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with mdra.sample_rng(7):
+        drawn = (torch.rand(3), torch.randint(0, 1000, (3,)), torch.randperm(4))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))  # the views of earlier versions
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_unreadable_image_is_skipped_and_counted(tmp_path):
     from PIL import Image
     for cls in ("a", "b"):
