@@ -83,7 +83,9 @@ def get_parser():
     a("--warmup", type=int, help="untimed steps (the first compiles)")
     a("--steps", type=int, help="steps per timed repeat")
     a("--repeats", type=int, help="timed repeats; the median is reported")
-    a("--data", help="an existing ImageFolder to read instead of generated JPEGs")
+    a("--data", help="an existing ImageFolder, or a data set name of mdra.py (e.g. fashion-mnist, with "
+                     "--data-dir), to read instead of generated JPEGs")
+    a("--data-dir", default="data", help="where mdra.py's named data sets are read from")
     a("--data-images", type=int, help="JPEGs to generate (enough for several rounds of all workers)")
     a("--workers", type=int)
     a("--gpu-aug", action="store_true", default=None, help="also measure mdra.py --gpu-aug's loader and device augmentation")
@@ -304,7 +306,7 @@ class Loader:
     """mdra.py's pretraining loader for one process, with or without --gpu-aug; yields views on device."""
 
     def __init__(self, root, args, device, gpu_aug):
-        self.images, info = mdra.build_dataset(str(root), None, "pretrain")
+        self.images, info = mdra.build_dataset(str(root), args.data_dir, "pretrain")
         loader_args = SimpleNamespace(img_size=args.img_size, solarize=0.0, batch_size=args.batch_size, seed=0,
                                       workers=args.workers, gpu_aug=gpu_aug)
         env = mdra.DistEnv(rank=0, world_size=1, local_rank=0, device=device)

@@ -71,3 +71,11 @@ def test_a_failing_measurement_becomes_a_row_and_the_run_goes_on(bench_train, tm
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rows[1]["what"] == "resnet18 16px b8 compiled-fp32-nchw" and rows[1]["note"].startswith("failed: ")
     assert rows[2]["section"] == "loss" and rows[2]["ms"] > 0
+
+
+def test_the_loader_of_a_named_data_set_is_measured(bench_train, tmp_path):
+    bench_train.main(["--sections", "data", "--data", "synthetic", "--img-size", "16", "--batch-size", "64",
+                      "--workers", "0", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["what"] for row in rows] == ["loader cpu-aug, 0 workers, 16px b64"] and rows[0]["pairs_per_s"] > 0
+    assert "generated" not in (tmp_path / "log.txt").read_text()  # mdra.py's synthetic images, no JPEGs written
