@@ -20,7 +20,7 @@ training loop does not wait for it.
 A measurement that fails becomes a row saying why; --time-limit skips compilations that would not fit.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
-    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100, within 7 minutes
+    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100; --time-limit skips compiled rows that would not fit
     python benchmarks/bench_train.py --device cuda --archs resnet50 --configs compiled-bf16-cl \\
         --batch-size 128 --sections step e2e --data /path/to/imagenet/train --gpu-aug
 """
