@@ -30,6 +30,7 @@ import datetime
 import gc
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -453,7 +454,7 @@ def measure_e2e(report, step, loaders, args, device):
             batches = loader.batches()
             pairs = args.batch_size * args.accum_steps
             prefetched = args.workers * (loader.loader.prefetch_factor or 1)
-            skip = max(1, -(-prefetched // args.accum_steps))
+            skip = max(1, math.ceil(prefetched / args.accum_steps))
             rates = steady_rates(lambda: step(lambda: next(batches)), args.e2e_steps, pairs, skip, device,
                                  windows=args.repeats)
             rate = statistics.median(rates)
