@@ -69,3 +69,11 @@ def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
     other = subprocess.run(["bash", str(SCRIPT), str(out)], env=tiny_env(epochs=4), capture_output=True,
                            text=True, timeout=120)
     assert other.returncode != 0 and "was made by another command" in other.stdout
+
+
+def test_the_committed_h100_table_is_what_its_logs_give():
+    folder = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist-h100-80ep"
+    made = subprocess.run(["python3", str(SCRIPT.parent / "results_table.py"), str(folder)], capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == (folder / "results.md").read_text().strip()
