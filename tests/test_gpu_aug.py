@@ -193,9 +193,24 @@ def test_listed_images_of_different_sizes_are_cropped_in_one_padded_batch_as_eac
     torch.testing.assert_close(crops, expected, atol=1e-4, rtol=0)
     # The pad matters: crops that touch the right and bottom borders read past the last pixel.
     padded = gpu_aug.replicate_padded_batch(images)
-    for image, out in zip(images, padded):
+    assert padded.shape == (len(sizes), 3, 31, 32) and padded.dtype == torch.float32
+    for image, out in zip(images, padded):  # each image, its last row and column repeated to the batch's size
         h, w = image.shape[-2:]
-        torch.testing.assert_close(out[:, :h + 1, :w + 1], F.pad(image[None].float(), (0, 1, 0, 1), mode="replicate")[0])
+        assert torch.equal(out, F.pad(image[None].float(), (0, 32 - w, 0, 31 - h), mode="replicate")[0])
+
+
+def test_the_padded_batch_reads_images_in_any_memory_layout_and_views_dense_ones_without_a_copy():
+    generator = torch.Generator().manual_seed(0)
+    chw = torch.randint(0, 256, (3, 5, 9), dtype=torch.uint8, generator=generator)
+    hwc = torch.randint(0, 256, (7, 4, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)  # as decoders write
+    sliced = torch.randint(0, 256, (3, 12, 8), dtype=torch.uint8, generator=generator)[:, ::2, 1:]  # not dense
+    images = [chw, hwc, sliced]
+    padded = gpu_aug.replicate_padded_batch(images)
+    for image, out in zip(images, padded):
+        assert torch.equal(out, F.pad(image.float(), (0, 10 - image.shape[-1], 0, 8 - image.shape[-2]), mode="replicate"))
+    for image in (chw, hwc):
+        flat, layout = gpu_aug.memory_order(image)
+        assert flat.data_ptr() == image.data_ptr() and layout == [*image.shape[-2:], *image.stride()]
 
 
 @pytest.mark.parametrize("height,width", [(375, 500), (60, 400)])  # ImageNet-like; so wide that few tries fit
