@@ -478,14 +478,20 @@ def to_device(tree, device):
     collect(tree)
     if not leaves:
         return tree
-    flat = torch.cat([leaf.reshape(-1).double() for leaf in leaves])
+    # Grouped by dtype, each group is one stretch of the buffer and becomes its dtype in one cast.
+    groups = {}
+    for leaf in leaves:
+        groups.setdefault(leaf.dtype, []).append(leaf)
+    flat = torch.cat([torch.cat([leaf.reshape(-1) for leaf in group]).double() for group in groups.values()])
     if device.type == "cuda":
         flat = flat.pin_memory()  # a copy from pageable memory would be staged, and slower
     flat = flat.to(device, non_blocking=True)
     moved, offset = {}, 0
-    for leaf in leaves:
-        moved[id(leaf)] = flat[offset:offset + leaf.numel()].view(leaf.shape).to(leaf.dtype)
-        offset += leaf.numel()
+    for dtype, group in groups.items():
+        size = sum(leaf.numel() for leaf in group)
+        cast, offset = flat[offset:offset + size].to(dtype), offset + size
+        for leaf, part in zip(group, cast.split([leaf.numel() for leaf in group])):
+            moved[id(leaf)] = part.view(leaf.shape)
 
     def rebuild(node):
         if isinstance(node, torch.Tensor):
