@@ -377,21 +377,18 @@ def adjust_saturation(x, factor):
 
 def adjust_hue(x, shift):
     """Rotate the hue by shift (a fraction of a turn) in HSV space, keeping saturation and value."""
-    r, g, b = x.unbind(dim=-3)
-    value, low = x.amax(dim=-3), x.amin(dim=-3)
-    chroma = value - low
-    safe_chroma = torch.where(chroma > 0, chroma, 1)
-    # Hue in sixths of a turn, from the largest channel (red wins ties, then green, as in torchvision).
-    hue = torch.where(value == r, (g - b) / safe_chroma,
-                      torch.where(value == g, 2 + (b - r) / safe_chroma, 4 + (r - g) / safe_chroma))
-    hue = (hue / 6 + per_image(shift, x)[:, 0]) % 1
+    value, largest = x.max(dim=-3, keepdim=True)  # the first of equal channels: red, then green, as in torchvision
+    chroma = value - x.amin(dim=-3, keepdim=True)
+    # Hue in sixths of a turn: 2 c + (next channel - the one after) / chroma, from the largest channel c.
+    spread = (x.roll(-1, dims=-3) - x.roll(-2, dims=-3)).gather(-3, largest)
+    hue = 2 * largest + spread / torch.where(chroma > 0, chroma, 1)
+    hue = (hue / 6 + per_image(shift, x)) % 1
     saturation = chroma / torch.where(value > 0, value, 1)
     # Back to RGB: channel c = value * (1 - saturation * clamp(min(k, 4 - k), 0, 1)),
     # k = (n_c + 6 hue) mod 6 with n = 5, 3, 1 for red, green, blue.
     n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(3, 1, 1)  # made on the device: no copy, no sync
-    k = (n + 6 * hue[:, None]) % 6
-    weight = torch.minimum(k, 4 - k).clamp(0, 1)
-    return value[:, None] * (1 - saturation[:, None] * weight)
+    k = (n + 6 * hue) % 6
+    return value * (1 - saturation * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's fn_idx order
