@@ -395,44 +395,54 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def jitter_stages(apply, order, factors, enabled=(True,) * 4):
-    """ColorJitter's work for a batch as four stages, worked out on the CPU: stage s applies every
-    image's s-th operation. Brightness, contrast and saturation each blend the image with something
-    (black, its mean grey, its grey) by a factor, so a stage is one batched blend, in which factor 1
-    keeps the images that do something else (or nothing) at this stage, followed by a hue rotation of
-    the rows whose s-th operation is hue: the same few launches per stage, whatever the orders.
+    """ColorJitter's work for a batch as a few stages, worked out on the CPU.
+
+    Brightness, contrast and saturation each blend the image with something (black, its mean grey,
+    its grey) by a factor, so the images' blends at one stage are one batched blend, in which factor 1
+    keeps the images that do nothing at this stage. The hue rotation costs as many launches as three
+    blends, so every image's operations are shifted in time to bring all hue rotations to one stage:
+    with the four operations in random orders, six blend stages around one hue stage instead of four
+    stages of both. Each image still gets its own operations in its own order.
 
     apply [N] bool, order [N, 4] a permutation of the operations per image, factors [N, 4]; on the
     CPU, so that choosing the rows needs no device synchronisation. enabled: which operations the
     recipe has (ColorJitter skips those it was given no range for).
-    Returns per stage a dict: "blend" [3, N] float32, each image's factor f and the weights 1 - f of
-    its grey and of its mean grey (both 0 for brightness, which blends with black), or None when no
-    image blends at this stage; "hue_rows" [k] and their "hue_shift" [k] float32.
+    Returns a dict: "blend" [stages, 3, N] float32, per stage each image's factor f and the weights
+    1 - f of its grey and of its mean grey (both 0 for brightness, which blends with black; f = 1 and
+    0, 0 where an image does nothing); "blending", per stage whether any image blends; "hue_stage";
+    "hue_rows" [k], the images that rotate their hue there, and their "hue_shift" [k] float32.
     """
-    active = apply[:, None] & torch.tensor(list(enabled))[order]                      # [N, stage]
+    n = len(order)
+    active = apply[:, None] & torch.tensor(list(enabled))[order]                      # [N, position]
+    hue = active & (order == 3)
+    has_hue = hue.any(dim=1)
+    hue_at = hue.int().argmax(dim=1)  # where each image rotates its hue, if it does
+    hue_stage = int(hue_at[has_hue].max()) if has_hue.any() else 0
+    stage_of = torch.arange(4) + torch.where(has_hue, hue_stage - hue_at, 0)[:, None]  # [N, position]
+    stages = int(stage_of.max()) + 1
     blends = active & (order < 3)
     factor = torch.where(blends, factors.gather(1, order), 1.0).float()
     rest = 1 - factor  # in float32, as torchvision's _blend computes it
-    blend = torch.stack([factor, rest * (order == 2), rest * (order == 1)])             # [3, N, stage]
-    hue = active & (order == 3)
-    stages = []
-    for stage, any_blend in enumerate(blends.any(dim=0).tolist()):
-        hue_rows = hue[:, stage].nonzero().flatten()
-        stages.append({"blend": blend[..., stage] if any_blend else None,
-                       "hue_rows": hue_rows, "hue_shift": factors[hue_rows, 3].float()})
-    return stages
+    weights = torch.stack([factor, rest * (order == 2), rest * (order == 1)])           # [3, N, position]
+    blend = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).repeat(1, n, stages)          # nothing, unless scattered
+    blend.scatter_(2, stage_of.expand(3, -1, -1), weights)
+    blending = torch.zeros(n, stages, dtype=torch.bool).scatter_(1, stage_of, blends).any(dim=0)
+    hue_rows = has_hue.nonzero().flatten()
+    return {"blend": blend.permute(2, 0, 1).contiguous(), "blending": blending.tolist(), "hue_stage": hue_stage,
+            "hue_rows": hue_rows, "hue_shift": factors[hue_rows, 3].float()}
 
 
-def color_jitter(x, stages):
-    """ColorJitter with each image's own factors and order of the four operations; stages from
+def color_jitter(x, jitter):
+    """ColorJitter with each image's own factors and order of the four operations; jitter from
     jitter_stages, on x's device."""
-    for stage in stages:
-        if stage["blend"] is not None:  # torchvision's _blend with black, the mean grey or the grey, at once
-            factor, to_grey, to_mean = stage["blend"][..., None, None, None]  # each [N, 1, 1, 1]
+    for stage, blending in enumerate(jitter["blending"]):
+        if blending:  # torchvision's _blend with black, the mean grey or the grey, at once
+            factor, to_grey, to_mean = jitter["blend"][stage, ..., None, None, None]  # each [N, 1, 1, 1]
             grey = grayscale(x)
             x = (factor * x + to_grey * grey + to_mean * grey.mean(dim=(-3, -2, -1), keepdim=True)).clamp(0, 1)
-        rows = stage["hue_rows"]
-        if len(rows):  # a shape, known without asking the device
-            x[rows] = adjust_hue(x[rows], stage["hue_shift"])
+        rows = jitter["hue_rows"]
+        if stage == jitter["hue_stage"] and len(rows):  # a shape, known without asking the device
+            x[rows] = adjust_hue(x[rows], jitter["hue_shift"])
     return x
 
 

@@ -111,6 +111,25 @@ def test_colour_jitter_applies_each_images_own_order_and_skips_unselected_images
         assert torch.equal(gpu_aug.color_jitter(x.clone(), stages)[3], x[3])  # not selected: untouched
 
 
+def test_colour_jitter_rotates_every_hue_in_one_stage_and_still_follows_each_images_order():
+    generator = torch.Generator().manual_seed(2)
+    n = 24
+    x = torch.rand(n, 3, 6, 6, generator=generator)
+    order = torch.rand(n, 4, generator=generator).argsort(dim=1)
+    factors = torch.cat([0.6 + 0.8 * torch.rand(n, 3, generator=generator),
+                         0.2 * torch.rand(n, 1, generator=generator) - 0.1], dim=1).double()
+    apply = torch.rand(n, generator=generator) < 0.8
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    expected = x.clone()
+    for i in apply.nonzero().flatten().tolist():
+        for op_index in order[i].tolist():
+            expected[i] = ops[op_index](expected[i], factors[i, op_index].item())
+    jitter = gpu_aug.jitter_stages(apply, order, factors)
+    torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), jitter), expected, atol=1e-5, rtol=0)
+    assert torch.equal(jitter["hue_rows"], apply.nonzero().flatten())  # every jittered image, in one stage
+    assert len(jitter["blending"]) <= 7 and not jitter["blending"][jitter["hue_stage"]]
+
+
 def test_to_device_moves_a_nest_of_tensors_in_one_buffer_keeping_values_dtypes_and_shapes():
     tree = ({"flags": torch.tensor([True, False, True]), "rows": torch.tensor([2, 0], dtype=torch.long),
              "none": torch.zeros(0, dtype=torch.long), "name": "kept"},
