@@ -288,16 +288,20 @@ def replicate_padded_batch(images):
     rows, cols, channel = (torch.arange(n, device=flat.device, dtype=index_dtype) for n in (height, width, channels))
     # Pixel (c, y, x) of image i: start_i + c stride_c + min(y, h_i - 1) stride_y + min(x, w_i - 1) stride_x.
     row_starts = start + channel[:, None, None] * stride_c + torch.minimum(rows[:, None], h - 1) * stride_y
-    return flat[row_starts + torch.minimum(cols, w - 1) * stride_x]                  # [N, C, H, W]
+    index = row_starts + torch.minimum(cols, w - 1) * stride_x                         # [N, C, H, W]
+    return flat.index_select(0, index.view(-1)).view(index.shape)  # index_select reads 32-bit indices as they are
 
 
 def memory_order(image):
-    """A [C, H, W] image as a 1-d view of its memory, without a copy where its layout allows (any
-    order of the three axes), and [H, W, stride of C, of H, of W] to read it back."""
-    dense = image.permute(sorted(range(3), key=image.stride, reverse=True))
-    if not dense.is_contiguous():
-        image = dense = image.contiguous()
-    return dense.view(-1), [*image.shape[-2:], *image.stride()]
+    """A [C, H, W] image as a 1-d view of its memory, without a copy when it is laid out [C, H, W] or,
+    as decoders write it, [H, W, C]; and [H, W, stride of C, of H, of W] to read it back."""
+    c, h, w = image.shape
+    if image.is_contiguous():
+        return image.view(-1), [h, w, h * w, w, 1]
+    channels_last = image.permute(1, 2, 0)
+    if channels_last.is_contiguous():
+        return channels_last.view(-1), [h, w, 1, w * c, c]
+    return image.reshape(-1), [h, w, h * w, w, 1]  # any other layout is copied
 
 
 PAD_LIMIT = 640  # images larger than this on either side are not padded into the shared batch
@@ -439,7 +443,8 @@ def color_jitter(x, jitter):
         if blending:  # torchvision's _blend with black, the mean grey or the grey, at once
             factor, to_grey, to_mean = jitter["blend"][stage, ..., None, None, None]  # each [N, 1, 1, 1]
             grey = grayscale(x)
-            x = (factor * x + to_grey * grey + to_mean * grey.mean(dim=(-3, -2, -1), keepdim=True)).clamp(0, 1)
+            other = to_grey * grey + to_mean * grey.mean(dim=(-3, -2, -1), keepdim=True)  # one term is 0
+            x = torch.addcmul(other, factor, x).clamp_(0, 1)  # factor x + (1 - factor) other, in one pass
         rows = jitter["hue_rows"]
         if stage == jitter["hue_stage"] and len(rows):  # a shape, known without asking the device
             x[rows] = adjust_hue(x[rows], jitter["hue_shift"])
