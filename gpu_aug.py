@@ -603,8 +603,9 @@ class Prefetcher:
     (on a side stream of its own on CUDA) while the training loop runs the current step.
 
     Making a micro-batch's views launches a few hundred small kernels: ~20 ms of host time per batch
-    of 64 at 224 px against ~5 ms of device time. Made in the loop, that host time adds to the
-    step's; made here, it overlaps it (PyTorch releases the GIL while it launches work).
+    of 64 at 224 px against ~5 ms of device time, as measured on an H100 machine before their host
+    operations were cut by 40% (BENCHMARKS.md sections 11 and 13). Made in the loop, that host time
+    adds to the step's; made here, it overlaps it (PyTorch releases the GIL while it launches work).
 
     batches: the loader's iterator over collate_undecoded batches; batch k of it is global micro-batch
     first_index + k of the epoch, which seeds its parameters as before, so the views are exactly
