@@ -361,24 +361,6 @@ def luma_weights(device, dtype):
     return torch.tensor([0.2989, 0.587, 0.114], dtype=dtype).view(3, 1, 1).to(device)
 
 
-def blend(x, y, factor):
-    """factor * x + (1 - factor) * y, clipped to the image range, per image (torchvision's _blend)."""
-    factor = per_image(factor, x)
-    return (factor * x + (1 - factor) * y).clamp(0, 1)
-
-
-def adjust_brightness(x, factor):
-    return blend(x, torch.zeros_like(x), factor)
-
-
-def adjust_contrast(x, factor):
-    return blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def adjust_saturation(x, factor):
-    return blend(x, grayscale(x), factor)
-
-
 def adjust_hue(x, shift):
     """Rotate the hue by shift (a fraction of a turn) in HSV space, keeping saturation and value."""
     value, largest = x.max(dim=-3, keepdim=True)  # the first of equal channels: red, then green, as in torchvision
@@ -393,9 +375,6 @@ def adjust_hue(x, shift):
     n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(3, 1, 1)  # made on the device: no copy, no sync
     k = (n + 6 * hue) % 6
     return value * (1 - saturation * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's fn_idx order
 
 
 def jitter_stages(apply, order, factors, enabled=(True,) * 4):

@@ -86,10 +86,15 @@ def test_colour_operations_equal_torchvisions_image_by_image():
                TF.adjust_contrast: torch.tensor([0.6, 0.9, 1.0, 1.1, 1.4, 1.3]),
                TF.adjust_saturation: torch.tensor([0.8, 0.9, 1.0, 1.05, 1.2, 0.85]),
                TF.adjust_hue: torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.1, 0.5])}
-    ours = dict(zip(factors, gpu_aug.JITTER_OPS))
-    for theirs, f in factors.items():
+    n = len(x)
+    for op, (theirs, f) in enumerate(factors.items()):  # in ColorJitter's order of the operations
+        only_this = [other == op for other in range(4)]
+        by_op = torch.zeros(n, 4, dtype=torch.float64)
+        by_op[:, op] = f
+        jitter = gpu_aug.jitter_stages(torch.ones(n, dtype=torch.bool), torch.arange(4).repeat(n, 1), by_op, only_this)
         expected = torch.stack([theirs(image, factor) for image, factor in zip(x, f.tolist())])
-        torch.testing.assert_close(ours[theirs](x, f), expected, atol=2e-6, rtol=0, msg=theirs.__name__)
+        torch.testing.assert_close(gpu_aug.color_jitter(x.clone(), jitter), expected, atol=2e-6, rtol=0,
+                                   msg=theirs.__name__)
     torch.testing.assert_close(gpu_aug.grayscale(x), TF.rgb_to_grayscale(x), atol=0, rtol=0)
 
 
