@@ -418,13 +418,13 @@ def jitter_stages(apply, order, factors, enabled=(True,) * 4):
 def color_jitter(x, jitter):
     """ColorJitter with each image's own factors and order of the four operations; jitter from
     jitter_stages, on x's device."""
+    rows = jitter["hue_rows"]
     for stage, blending in enumerate(jitter["blending"]):
         if blending:  # torchvision's _blend with black, the mean grey or the grey, at once
             factor, to_grey, to_mean = jitter["blend"][stage, ..., None, None, None]  # each [N, 1, 1, 1]
             grey = grayscale(x)
             other = to_grey * grey + to_mean * grey.mean(dim=(-3, -2, -1), keepdim=True)  # one term is 0
             x = torch.addcmul(other, factor, x).clamp_(0, 1)  # factor x + (1 - factor) other, in one pass
-        rows = jitter["hue_rows"]
         if stage == jitter["hue_stage"] and len(rows):  # a shape, known without asking the device
             x[rows] = adjust_hue(x[rows], jitter["hue_shift"])
     return x
