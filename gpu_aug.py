@@ -2,9 +2,10 @@
 
 At 224 px the CPU loader, which decodes every JPEG and makes two augmented views of it with PIL, is
 slower than a GPU training step. With --gpu-aug the loader workers only read the files; JPEGs are
-decoded on the GPU in one batched call, and each view is made for the whole micro-batch at once:
-random resized crop, horizontal flip, colour jitter in a random order, greyscale, Gaussian blur,
-solarize and normalisation, every image with its own random parameters.
+decoded on the GPU in one batched call, and both views of the whole micro-batch are made as one batch
+of crops: random resized crop, horizontal flip, colour jitter in a random order, greyscale, Gaussian
+blur, solarize and normalisation, every crop with its own random parameters (the two views differ only
+in how those are drawn).
 
 The recipe is read from the CPU path's transforms (mdra.pretrain_transforms), and every parameter is
 drawn from the same distribution as torchvision's get_params draws it there; tests/test_gpu_aug.py
@@ -24,7 +25,7 @@ import contextlib
 import functools
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,24 @@ def recipe_from_transforms(compose):
     if "size" not in recipe:
         raise ValueError("gpu_aug needs a RandomResizedCrop in the view's transforms")
     return ViewRecipe(**recipe)
+
+
+def shared_recipe(recipes):
+    """The recipe by which the crops of both views are augmented as one batch. The views may differ in
+    whatever is drawn per image (probabilities, ranges), not in what the batch's operations are: the
+    crop size and fallback aspect ratios, which jitter operations exist, the blur kernel and solarize
+    threshold of the views that use them, and the normalisation."""
+    def operations(recipe):
+        return recipe.size, recipe.ratio, [r is None for r in recipe.jitter], recipe.mean, recipe.std
+
+    kernels = {recipe.blur_kernel for recipe in recipes if recipe.blur_p > 0}
+    thresholds = {recipe.solarize_threshold for recipe in recipes if recipe.solarize_p > 0}
+    if len(kernels) > 1 or len(thresholds) > 1 or any(operations(r) != operations(recipes[0]) for r in recipes):
+        raise ValueError("gpu_aug augments both views as one batch: they may differ in probabilities and ranges, "
+                         "not in crop size, aspect ratios, jitter operations, blur kernel, solarize threshold "
+                         "or normalisation")
+    return replace(recipes[0], blur_kernel=max(kernels, default=1),
+                   solarize_threshold=max(thresholds, default=recipes[0].solarize_threshold))
 
 
 def sample_params(recipe, n, generator):
@@ -445,8 +464,8 @@ def gaussian_blur(x, kernel_size, sigma):
     return y.view(n, c, h, w)
 
 
-def view_plan(params, recipe):
-    """What augment_view needs of one view's parameters (sample_params), worked out on the CPU:
+def augment_plan(params, recipe):
+    """What augment_crops needs of the crops' parameters (sample_params), worked out on the CPU:
     per-image choices, the rows and factors of each colour-jitter stage, the rows to blur and their
     sigmas, and the normalisation. Rows chosen on the CPU mean that nothing waits for the device."""
     blur_rows = params["blur"].nonzero().flatten() if recipe.blur_kernel > 1 else torch.zeros(0, dtype=torch.long)
@@ -503,10 +522,10 @@ def to_device(tree, device):
     return rebuild(tree)
 
 
-def augment_view(crops, plan, recipe):
+def augment_crops(crops, plan, recipe):
     """Everything after the crop, in the CPU path's order: flip, colour jitter (p), greyscale (p),
-    blur (p), solarize (p), normalisation. crops: float [N, 3, H, W] in [0, 1]; plan: view_plan's,
-    on the crops' device."""
+    blur (p), solarize (p), normalisation. crops: float [N, 3, H, W] in [0, 1], of one view or of
+    both; plan: augment_plan's, on the crops' device."""
     def chosen(name):
         return plan[name].view(-1, 1, 1, 1)
 
@@ -527,21 +546,24 @@ def augment_view(crops, plan, recipe):
 class DeviceTwoViews:
     """Decodes a micro-batch from UndecodedImages and makes its two views on device.
 
-    view1, view2: the CPU path's transforms (mdra.pretrain_transforms), read as recipes.
+    view1, view2: the CPU path's transforms (mdra.pretrain_transforms), read as recipes. The crops of
+    both views are augmented as one batch of 2B, each with the parameters of its own view's recipe:
+    half the launches of making each view on its own.
     """
 
     def __init__(self, view1, view2, seed, rank, world_size, device):
         self.recipes = (recipe_from_transforms(view1), recipe_from_transforms(view2))
-        if self.recipes[0].size != self.recipes[1].size:
-            raise ValueError("both views must have the same crop size")
+        self.recipe = shared_recipe(self.recipes)
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
 
     def params(self, n, epoch, batch_index):
-        """This rank's n rows of the parameters of global micro-batch batch_index, for each view."""
+        """The parameters of this rank's n images of global micro-batch batch_index, as [2n] rows: view 1's,
+        then view 2's. Each view's are drawn in turn for the whole global micro-batch, of which this rank
+        takes its rows."""
         generator = torch.Generator().manual_seed(mdra.sample_seed(self.seed, epoch, batch_index))
         rows = slice(self.rank * n, (self.rank + 1) * n)
-        return [{k: v[rows] for k, v in sample_params(recipe, n * self.world_size, generator).items()}
-                for recipe in self.recipes]
+        views = [sample_params(recipe, n * self.world_size, generator) for recipe in self.recipes]
+        return {k: torch.cat([view[k][rows] for view in views]) for k in views[0]}
 
     def prefetch(self, batches, epoch, first_index):
         """The views of batches (global micro-batches first_index, first_index + 1, ... of epoch),
@@ -560,11 +582,11 @@ class DeviceTwoViews:
             heights = torch.tensor([x.shape[-2] for x in images])
             widths = torch.tensor([x.shape[-1] for x in images])
         params = self.params(len(images), epoch, batch_index)
-        boxes = torch.stack([crop_boxes(p, heights, widths, r.ratio) for p, r in zip(params, self.recipes)])
-        plans = [view_plan(p, r) for p, r in zip(params, self.recipes)]
-        boxes, plans = to_device((boxes, plans), self.device)
-        crops = (resized_crops(images, boxes, self.recipes[0].size) / 255).chunk(2)
-        v1, v2 = (augment_view(c, plan, r) for c, plan, r in zip(crops, plans, self.recipes))
+        boxes = crop_boxes(params, heights.repeat(2), widths.repeat(2), self.recipe.ratio)
+        plan = augment_plan(params, self.recipe)
+        boxes, plan = to_device((boxes, plan), self.device)
+        crops = resized_crops(images, boxes.view(2, -1, 4), self.recipe.size) / 255
+        v1, v2 = augment_crops(crops, plan, self.recipe).chunk(2)
         return v1, v2, skipped
 
 
@@ -583,8 +605,9 @@ class Prefetcher:
 
     Making a micro-batch's views launches a few hundred small kernels: ~20 ms of host time per batch
     of 64 at 224 px against ~5 ms of device time, as measured on an H100 machine before their host
-    operations were cut by 40% (BENCHMARKS.md sections 11 and 13). Made in the loop, that host time
-    adds to the step's; made here, it overlaps it (PyTorch releases the GIL while it launches work).
+    operations were cut to less than half (BENCHMARKS.md sections 11, 13 and 14). Made in the loop,
+    that host time adds to the step's; made here, it overlaps it (PyTorch releases the GIL while it
+    launches work).
 
     batches: the loader's iterator over collate_undecoded batches; batch k of it is global micro-batch
     first_index + k of the epoch, which seeds its parameters as before, so the views are exactly

@@ -5,6 +5,7 @@ seeded, so a test either always passes or always fails; the tolerances say how f
 stated sizes may differ by chance (about 4.5 standard errors, or a two-sample Kolmogorov-Smirnov
 distance at the 0.1% level), so that they would catch a wrong distribution, not sampling noise.
 """
+import dataclasses
 import io
 import math
 
@@ -44,7 +45,7 @@ def assert_rate(hits, p):
 
 
 def no_op_params(n, **overrides):
-    """augment_view parameters that leave the crops unchanged except for what is overridden."""
+    """augment_crops parameters that leave the crops unchanged except for what is overridden."""
     params = {"flip": torch.zeros(n, dtype=torch.bool), "jitter": torch.zeros(n, dtype=torch.bool),
               "jitter_order": torch.arange(4).repeat(n, 1), "jitter_factors": torch.ones(n, 4),
               "grey": torch.zeros(n, dtype=torch.bool), "blur": torch.zeros(n, dtype=torch.bool),
@@ -75,6 +76,38 @@ def test_recipe_is_read_from_the_cpu_transforms_of_each_view():
 def test_a_transform_without_a_batched_version_is_an_error():
     with pytest.raises(ValueError, match="RandomRotation"):
         gpu_aug.recipe_from_transforms(T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]))
+
+
+def test_both_views_share_one_recipe_unless_their_operations_differ():
+    view1, view2 = (gpu_aug.recipe_from_transforms(t) for t in mdra.pretrain_transforms(IMAGENET, 224, solarize=0.2))
+    shared = gpu_aug.shared_recipe([view1, view2])  # view 1 never solarizes: view 2's threshold serves both
+    assert (shared.size, shared.blur_kernel, shared.solarize_threshold) == ((224, 224), 23, 128 / 255)
+    assert (shared.mean, shared.std) == (mdra.IMAGENET_MEAN, mdra.IMAGENET_STD)
+    unblurred = dataclasses.replace(view2, blur_p=0.0, blur_kernel=1)  # a view without blur has no kernel
+    assert gpu_aug.shared_recipe([unblurred, view1]).blur_kernel == 23
+    for change in ({"size": (192, 192)}, {"blur_kernel": 21}, {"jitter": (None, *view2.jitter[1:])},
+                   {"std": (1, 1, 1)}):
+        with pytest.raises(ValueError, match="one batch"):
+            gpu_aug.shared_recipe([view1, dataclasses.replace(view2, **change)])
+
+
+def test_both_views_made_as_one_batch_equal_each_view_made_on_its_own_with_its_own_parameters():
+    n, size = 12, 40  # 40 px: view 1 always blurred, view 2 sometimes, and solarized sometimes
+    transforms = mdra.pretrain_transforms(dataclasses.replace(IMAGENET, native_size=size), size, solarize=0.5)
+    views = gpu_aug.DeviceTwoViews(*transforms, seed=5, rank=0, world_size=1, device="cpu")
+    generator = torch.Generator().manual_seed(5)
+    images = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=generator)
+              for h, w in torch.randint(30, 70, (n, 2), generator=generator)]
+    made = views(images, torch.zeros(n, dtype=torch.long), 2, 3)[:2]
+    params = views.params(n, 2, 3)  # view 1's rows, then view 2's
+    assert params["blur"][:n].all() and not params["solarize"][:n].any() and params["solarize"][n:].any()
+    heights, widths = (torch.tensor([image.shape[axis] for image in images]) for axis in (-2, -1))
+    for view, recipe in enumerate(views.recipes):
+        own = {key: value[view * n:(view + 1) * n] for key, value in params.items()}
+        boxes = gpu_aug.crop_boxes(own, heights, widths, recipe.ratio)
+        crops = gpu_aug.resized_crops(images, boxes[None], recipe.size) / 255
+        alone = gpu_aug.augment_crops(crops, gpu_aug.augment_plan(own, recipe), recipe)
+        assert torch.equal(made[view], alone), f"view {view + 1}"
 
 
 def test_colour_operations_equal_torchvisions_image_by_image():
@@ -168,7 +201,7 @@ def test_flip_greyscale_solarize_and_normalisation_equal_torchvision():
     cases = {"flip": TF.hflip, "grey": lambda x: TF.rgb_to_grayscale(x, 3),
              "solarize": lambda x: TF.solarize(x, 128 / 255)}
     for name, op in cases.items():
-        out = gpu_aug.augment_view(crops, gpu_aug.view_plan(no_op_params(4, **{name: chosen}), recipe), recipe)
+        out = gpu_aug.augment_crops(crops, gpu_aug.augment_plan(no_op_params(4, **{name: chosen}), recipe), recipe)
         expected = torch.stack([normalise(op(c) if pick else c) for c, pick in zip(crops, chosen)])
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=0, msg=name)
 
