@@ -548,7 +548,7 @@ class DeviceTwoViews:
 
     view1, view2: the CPU path's transforms (mdra.pretrain_transforms), read as recipes. The crops of
     both views are augmented as one batch of 2B, each with the parameters of its own view's recipe:
-    half the launches of making each view on its own.
+    after the crop, half the launches of augmenting each view on its own.
     """
 
     def __init__(self, view1, view2, seed, rank, world_size, device):
