@@ -181,6 +181,26 @@ def steady_rates(run_one, count, items_each, skip, device, windows=1):
     return rates
 
 
+def fed_rates(step, batches, count, items_each, skip, device, windows):
+    """steady_rates of step (called with a function that gives the next micro-batch) fed from the
+    iterator batches, and the share of the timed windows' time spent waiting for batches."""
+    waited, steps = [0.0], [0]
+
+    def next_views():
+        t0 = time.perf_counter()
+        views = next(batches)
+        if steps[0] > skip:  # the skipped steps' waits are left out, as their time is
+            waited[0] += time.perf_counter() - t0
+        return views
+
+    def one_step():
+        steps[0] += 1
+        step(next_views)
+
+    rates = steady_rates(one_step, count, items_each, skip, device, windows)
+    return rates, waited[0] / sum(count * items_each / rate for rate in rates)
+
+
 def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -447,23 +467,25 @@ def measure_data(report, loaders, args, device):
 
 def measure_e2e(report, step, loaders, args, device):
     """The kept step fed by each loader: the median of --repeats windows of --e2e-steps steps, after
-    as many micro-batches as the loader prefetches (a full buffer would otherwise hide a slow loader)."""
+    as many micro-batches as the loader prefetches (a full buffer would otherwise hide a slow loader).
+    The share of the windows' time the loop waited for the next views tells a loader (or, with
+    --gpu-aug, a prefetch thread) that cannot keep up from a step slowed by sharing the device."""
     for name, loader in loaders.items():
         what = f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}"
         with failure_reported(report, "e2e", what):
-            batches = loader.batches()
             pairs = args.batch_size * args.accum_steps
             prefetched = args.workers * (loader.loader.prefetch_factor or 1)
             skip = max(1, math.ceil(prefetched / args.accum_steps))
-            rates = steady_rates(lambda: step(lambda: next(batches)), args.e2e_steps, pairs, skip, device,
-                                 windows=args.repeats)
+            rates, data_wait = fed_rates(step, loader.batches(), args.e2e_steps, pairs, skip, device, args.repeats)
             rate = statistics.median(rates)
             used = (skip + args.repeats * args.e2e_steps) * args.accum_steps
-            note = f"median of {args.repeats} x {args.e2e_steps} steps after {skip}"
+            note = (f"median of {args.repeats} x {args.e2e_steps} steps after {skip}; "
+                    f"waited for views {100 * data_wait:.0f}%")
             if used > loader.num_batches:
                 note += (f"; crosses an epoch boundary ({loader.num_batches} micro-batches per epoch), whose "
                          f"restart a long epoch would pay far less often: give more --data-images")
-            report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3, window_rates=rates, note=note)
+            report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3, window_rates=rates, data_wait=data_wait,
+                       note=note)
 
 
 @contextlib.contextmanager

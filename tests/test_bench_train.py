@@ -1,6 +1,7 @@
 """benchmarks/bench_train.py runs end to end (at tiny sizes, on the CPU), so that it still works when the
 GPU run it exists for comes."""
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -35,7 +36,9 @@ def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, t
     assert [row["host_ops"] > 100 for row in rows if "host_ops" in row] == [True]  # the device work of --gpu-aug
     assert "| step | resnet18 16px b8 eager-fp32-cl |" in (tmp_path / "table.md").read_text()
     for row in rows[-2:]:  # two windows of 3 steps after the 1 micro-batch a worker-less loader prefetches: 7 of 4
-        assert row["note"].startswith("median of 2 x 3 steps after 1; crosses an epoch boundary (4 micro-batches")
+        assert row["note"].startswith("median of 2 x 3 steps after 1; waited for views ")
+        assert "; crosses an epoch boundary (4 micro-batches" in row["note"]
+        assert 0 <= row["data_wait"] < 1
         assert len(row["window_rates"]) == 2 and row["pairs_per_s"] == statistics.median(row["window_rates"])
         assert "(windows " in row["vs"]
 
@@ -44,6 +47,24 @@ def test_steady_rates_leave_out_the_skipped_calls_and_time_each_window(bench_tra
     calls = []
     rates = bench_train.steady_rates(lambda: calls.append(1), 5, 8, 3, torch.device("cpu"), windows=4)
     assert len(calls) == 3 + 4 * 5 and len(rates) == 4 and all(rate > 0 for rate in rates)
+
+
+def test_fed_rates_share_of_waiting_for_views_counts_the_timed_steps_only(bench_train, monkeypatch):
+    clock = [0.0]  # a clock that moves only where the batches and the step say
+    monkeypatch.setattr(bench_train.time, "perf_counter", lambda: clock[0])
+
+    def batches():  # the micro-batches of the 2 skipped steps take 100 each, the others 5
+        for i in itertools.count():
+            clock[0] += 100 if i < 4 else 5
+            yield i
+
+    def step(next_views):  # two micro-batches per step, 10 of work each
+        for _ in range(2):
+            next_views()
+            clock[0] += 10
+
+    rates, data_wait = bench_train.fed_rates(step, batches(), 3, 16, 2, torch.device("cpu"), windows=2)
+    assert rates == [3 * 16 / 90] * 2 and data_wait == 30 / 90
 
 
 def test_host_ops_counts_the_operations_a_call_dispatches(bench_train):
