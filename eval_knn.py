@@ -93,16 +93,19 @@ def weighted_knn(train_features, train_labels, test_features, num_classes, k=20,
 
 
 def count_correct(scores, labels, topk=(1, 5)):
-    """Number of queries whose class is among the top-k voted, for each k in topk.
+    """Number of queries whose class is among the top-k voted, for each k in topk, with ties broken at
+    random in expectation: a class that shares its score with t classes (itself included) while g
+    classes score more is counted min(1, (k - g) / t) times, its chance to come out in the first k.
 
-    A class counts only if it got a vote, and ties are broken in its favour: the class is ranked by
-    how many classes got strictly more. (Sorting the scores, as DINO does, can credit a class no
-    neighbour voted for, depending on the arbitrary order of the zero scores.)
+    A class counts only if it got a vote. (Sorting the scores, as DINO does, puts tied classes in an
+    arbitrary order: it can credit a class no neighbour voted for, and whether a class tied with the
+    winner counts depends on that order; when the features collapse to one point, all classes tie.)
     """
     own = scores.gather(1, labels[:, None])
-    rank = (scores > own).sum(dim=1)
+    above = (scores > own).sum(dim=1)
+    tied = (scores == own).sum(dim=1)
     voted = own[:, 0] > 0
-    return {k: int(((rank < k) & voted).sum()) for k in topk}
+    return {k: float(((k - above).clamp(min=0).double() / tied).clamp(max=1)[voted].sum()) for k in topk}
 
 
 def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, ks, temperature, chunk_mb, env):

@@ -128,13 +128,30 @@ def test_k_larger_than_the_bank_is_refused():
         eval_knn.weighted_knn(train, labels, test, num_classes, k=11)
 
 
-def test_top5_credits_only_a_class_that_got_votes_and_breaks_ties_in_its_favour():
+def test_top5_credits_only_a_class_that_got_votes_and_a_tie_by_its_chance_to_win_it():
     scores = torch.tensor([[3.0, 0, 0, 0, 0, 0, 0, 0],    # class 6 got no vote: wrong at top-1 and top-5
                            [3.0, 0, 0, 0, 0, 0, 0, 0],    # class 0 won
-                           [1.0, 2.0, 2.0, 0, 0, 0, 0, 0],  # class 2 tied with the winner
+                           [1.0, 2.0, 2.0, 0, 0, 0, 0, 0],  # class 2 tied with the winner: half a hit at top-1
                            [5.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0, 0]])  # class 5 is sixth
     labels = torch.tensor([6, 0, 2, 5])
-    assert eval_knn.count_correct(scores, labels) == {1: 2, 5: 2}
+    assert eval_knn.count_correct(scores, labels) == {1: 1.5, 5: 2.0}
+
+
+def test_tied_votes_count_as_the_average_over_every_order_of_the_tied_classes():
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (40, 5), generator=g).double()  # many ties, some classes without votes
+    labels = torch.randint(0, 5, (40,), generator=g)
+    counts = eval_knn.count_correct(scores, labels, topk=(1, 2, 3))
+    for k in (1, 2, 3):  # reference: rank by score, ties in each of the 5! orders of the classes equally often
+        hits = 0
+        for order in itertools.permutations(range(5)):
+            for row, label in zip(scores.tolist(), labels.tolist()):
+                ranked = sorted(range(5), key=lambda c: (-row[c], order.index(c)))
+                hits += label in ranked[:k] and row[label] > 0
+        assert counts[k] == pytest.approx(hits / 120, rel=1e-12)
+    collapsed = torch.ones(10, 10)  # every class voted for equally: the chance level, not a win for each
+    assert eval_knn.count_correct(collapsed, torch.arange(10)) == {1: pytest.approx(1.0), 5: pytest.approx(5.0)}
 
 
 def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path):
