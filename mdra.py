@@ -529,10 +529,10 @@ class EpochSampler(Sampler):
     any world size. Only whole micro-batches are used; start_batch skips those already trained on.
     """
 
-    def __init__(self, size, global_batch, num_batches, world_size, rank, seed, shuffle=True):
+    def __init__(self, size, global_batch, num_batches, world_size, rank, seed):
         self.size, self.global_batch, self.num_batches = size, global_batch, num_batches
         self.local_batch = global_batch // world_size
-        self.rank, self.seed, self.shuffle = rank, seed, shuffle
+        self.rank, self.seed = rank, seed
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -542,10 +542,7 @@ class EpochSampler(Sampler):
         return (self.num_batches - self.start_batch) * self.local_batch
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.size)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for b in range(self.start_batch, self.num_batches):
             first = b * self.global_batch + self.rank * self.local_batch
             for i in order[first:first + self.local_batch].tolist():
@@ -696,18 +693,18 @@ def plain_values(args):
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
-def load_strict(module, state_dict, what, allowed_missing=()):
+def load_strict(module, state_dict, what):
     """load_state_dict that names what does not fit, as one sentence."""
     state_dict = plain_state_dict(state_dict)
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allowed_missing))]
+    missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         parts = [f"{name} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if keys]
         raise UsageError(f"{what} does not match the model: {'; '.join(parts)}.")
-    module.load_state_dict(state_dict, strict=not allowed_missing)
+    module.load_state_dict(state_dict)
 
 
 def peak_memory_gb(device):
