@@ -440,7 +440,7 @@ def get_parser():
 
 def main(argv=None):
     # An evaluation has nothing to save: SIGINT and SIGTERM end it at once (torchrun stops other ranks so).
-    return mdra.run_main(evaluate, argv, get_parser(), defer_signals=False)
+    return mdra.run_main(evaluate, argv, get_parser())
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ import mdra
 from mdra import UsageError
 
 CLASSIFIER_FORMAT = "mdra-classifier"
-RESUME_MUST_MATCH = ("data", "random_init", "arch", "small_stem", "img_size", "batch_size",
-                     "label_fraction", "subset_file", "holdout", "linear", "seed")
+# What a resumed run may change (as mdra.RESUME_MAY_CHANGE): where and how it runs, how often it logs,
+# saves and evaluates, and what it does with the classifier afterwards.
+RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
+                     "max_steps", "save_every", "log_every", "eval_every", "export", "predict")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def resolve_args(args, info, env, start):
         raise UsageError("--lr-backbone has no effect with --linear, whose backbone is frozen.")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
-    mdra.require_positive(args, "epochs", "batch_size", "log_every", "save_every", "eval_every")
+    mdra.require_at_least(1, args, "epochs", "batch_size", "log_every", "save_every", "eval_every")
     return args
 
 
@@ -283,8 +285,6 @@ def finetune(args, env, start):
     else:
         eval_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)
         eval_name = "val"
-    if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
-        (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
     steps_per_epoch = len(subset) // args.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"the labelled subset has {len(subset)} images, fewer than one batch of "
@@ -316,13 +316,16 @@ def finetune(args, env, start):
     step, metrics = 0, {}
     ckpt_path = out_dir / "checkpoint.pth"
     if ckpt_path.exists():
-        ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MUST_MATCH, formats=(CLASSIFIER_FORMAT,))
+        ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, formats=(CLASSIFIER_FORMAT,))
         mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {ckpt_path}")
         mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
+            scaler.load_state_dict(ckpt["scaler"])
         step, metrics = int(ckpt["step"]), ckpt["metrics"]
         log.print(f"resumed from {ckpt_path} at step {step}")
+    if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
+        (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
 
     model_raw = model
     if args.compile:  # compiled in place, so state-dict keys stay plain
@@ -384,6 +387,7 @@ def finetune(args, env, start):
     skipped_total = 0
     chance_loss, warned = math.log(info.num_classes), False
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
+    mdra.defer_stop_signals()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
             break
@@ -512,7 +516,7 @@ def predict(model, files, ckpt, device, batch_size):
     transform = eval_transform(ckpt["img_size"], ckpt["resize"])
     model.to(device)
     for first in range(0, len(files), batch_size):
-        if mdra.stop_requested():  # mdra.run_main defers SIGINT and SIGTERM to here
+        if mdra.stop_requested():  # after fine-tuning, whose loop deferred SIGINT and SIGTERM
             raise SystemExit(128 + mdra.STOP_SIGNALS[0])
         chunk = files[first:first + batch_size]
         images = torch.stack([transform(open_image(path)) for path in chunk])

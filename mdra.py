@@ -672,13 +672,14 @@ def load_checkpoint(path, formats=("mdra",)):
     return ckpt
 
 
-def load_resume_checkpoint(path, args, must_match, formats=("mdra",)):
-    """The checkpoint an earlier run left in --out-dir, refused if a setting in must_match changed
-    (those shape the model, the data order or the schedule, so the run could not continue exactly)."""
+def load_resume_checkpoint(path, args, may_change, formats=("mdra",)):
+    """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
+    differs from the run's (the others define the model, the data, the schedule or the seed, so the run
+    could not continue as the one it resumes)."""
     ckpt = load_checkpoint(path, formats)
-    saved = ckpt["args"]
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
-               for k in must_match if saved.get(k) != getattr(args, k)]
+    saved, now = ckpt["args"], plain_values(args)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
+               for k in sorted(saved.keys() | now.keys()) if k not in may_change and saved.get(k) != now.get(k)]
     if changed:
         raise UsageError(f"{path} comes from a different run ({', '.join(changed)}); "
                          "use another --out-dir or the same settings.")
@@ -730,7 +731,16 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
-STOP_SIGNALS = []  # SIGTERM / SIGINT received; the training loops save and exit at the next step
+STOP_SIGNALS = []  # SIGTERM / SIGINT received while deferred; the training loops save and exit at the next step
+
+
+def defer_stop_signals():
+    """From here on, SIGTERM and SIGINT only ask the training loop to save and stop after the current
+    step (run_main hands the handlers back). Before the loop they act at once: a run stopped while it
+    lists its data or waits for its peers has nothing to save."""
+    STOP_SIGNALS.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
 
 
 def stop_requested(group=None):
@@ -759,23 +769,28 @@ def raise_if_nonfinite(nonfinite, since, step, ckpt_path, prog, hint=""):
                          f"the last good checkpoint is {last}.")
 
 
-def run_main(train_fn, argv, parser, defer_signals=True):
-    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2.
-    With defer_signals, SIGTERM and SIGINT only ask the training loop to save and stop."""
+def run_main(train_fn, argv, parser):
+    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2, and a
+    stop signal that a training loop deferred (defer_stop_signals) exit status 128 + the signal."""
     args = parser.parse_args(argv)
     STOP_SIGNALS.clear()
-    previous = {sig: signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)} if defer_signals else {}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return train_fn(args)
+        result = train_fn(args)
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if STOP_SIGNALS:  # received after the loop's last look, e.g. while finetune.py exported
+        sys.exit(128 + STOP_SIGNALS[0])
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -792,8 +807,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def get_parser():
     p = argparse.ArgumentParser(
-        prog="mdra.py", description="MDRA self-supervised pretraining (defaults: the patent's ImageNet run).",
-        formatter_class=HelpFormatter)
+        prog="mdra.py", formatter_class=HelpFormatter,
+        description="MDRA self-supervised pretraining. The defaults are the patent's ImageNet run once --data "
+                    "names ImageNet; without --data, Fashion-MNIST with the small-data preset (the quick start).")
     a = p.add_argument
     a("--data", default="fashion-mnist",
       help="ImageFolder root (its train/ if present) or one of: " + ", ".join(SMALL_DATASETS))
@@ -843,39 +859,53 @@ def get_parser():
 def resolve_args(args, info, env):
     """Fill the data-dependent defaults (spec section 6) and check what cannot work."""
     small = info.small
-    args.img_size = args.img_size or info.native_size
+    defaults = {"img_size": info.native_size, "batch_size": 256 if small else 512, "accum_steps": 1 if small else 8,
+                "queue_size": 4096 if small else 65536}
+    for name, value in defaults.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if args.small_stem is None:
         args.small_stem = small or args.img_size <= 64
-    args.batch_size = args.batch_size or (256 if small else 512)
-    args.accum_steps = args.accum_steps or (1 if small else 8)
-    args.queue_size = args.queue_size or (4096 if small else 65536)
     cuda = env.device.type == "cuda"
     args.compile = cuda if args.compile is None else args.compile
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
+    require_at_least(1, args, "img_size", "epochs", "batch_size", "accum_steps", "queue_size", "groups",
+                     "sinkhorn_iters", "log_every", "save_every")
+    require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
+                     "lr", "weight_decay")
+    for name in ("tau", "mu"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} {getattr(args, name)} must be positive.")
+    for name in ("momentum", "solarize"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
     if EMBED_DIM % args.groups:
         raise UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
     if args.queue_size % args.batch_size:
         raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
-    require_positive(args, "epochs", "batch_size", "accum_steps", "sinkhorn_iters", "log_every")
+    if args.sync_bn and env.world_size > 1 and not cuda:
+        raise UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
     return args
 
 
-def require_positive(args, *names):
-    """One clear error for the first of these counting options that is below 1."""
+def require_at_least(least, args, *names):
+    """One clear error for the first of these options that is below least."""
     for name in names:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}.")
 
 
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 
-RESUME_MUST_MATCH = ("arch", "small_stem", "img_size", "queue_size", "groups", "batch_size", "accum_steps")
+# What a resumed run may change: where and how it runs, and how often it logs, saves and evaluates.
+# Everything else (the method, the data, the schedule, the seed) must be the interrupted run's.
+RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
+                     "sync_bn", "max_steps", "save_every", "keep_every", "log_every", "knn_every", "knn_subset")
 
 
 def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
@@ -937,18 +967,18 @@ def train(args):
     step = 0
     ckpt_path = out_dir / "checkpoint.pth"
     if ckpt_path.exists():
-        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MUST_MATCH)
+        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE)
         load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
         load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
+            scaler.load_state_dict(ckpt["scaler"])
         queue.copy_(ckpt["queue"])
         queue_ptr, step = int(ckpt["queue_ptr"]), int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if cuda and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         log.print(f"resumed from {ckpt_path} at step {step}")
-    torch.manual_seed(args.seed + env.rank + step)  # per-rank randomness from here on
+    # Per-rank randomness from here on, a function of the step: a resumed run needs none of the saved
+    # generator states (kept in the checkpoint for the record), and may run on another number of ranks.
+    torch.manual_seed(args.seed + env.rank + step)
 
     online_raw, offline_raw = online, offline
     if args.compile:  # compiled in place, so state-dict keys stay plain
@@ -1003,6 +1033,7 @@ def train(args):
     epoch_loss_sum = torch.zeros((), device=device)
     skipped_total = 0
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
+    defer_stop_signals()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
             break

@@ -209,6 +209,23 @@ def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(p
     assert not torch.equal(whole["head"]["weight"], interrupted["head"]["weight"])
 
 
+def test_resuming_with_another_start_subset_or_learning_rate_is_refused_and_leaves_the_run_alone(
+        pretrained, classifier, capsys):
+    finished = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "1",
+                "--out-dir", str(classifier.parent)]  # the classifier fixture's run
+    subset = (classifier.parent / "subset.txt").read_text()
+    other = classifier.parent.parent / "other.pth"
+    other.write_bytes(pretrained.read_bytes())
+    for changed, message in ((["--ckpt", str(other)], f"--ckpt {pretrained} -> {other}"),
+                             (["--label-fraction", "0.5"], "--label-fraction 0.25 -> 0.5"),
+                             (["--lr", "0.1"], "--lr 0.3 -> 0.1")):
+        with pytest.raises(SystemExit) as exc:
+            finetune.main(finished + changed)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "comes from a different run" in err, err
+    assert (classifier.parent / "subset.txt").read_text() == subset  # still the finished run's images
+
+
 def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
     with pytest.raises(SystemExit, match="finetune.py: error: the loss became non-finite between steps"):
         finetune.main(["--random-init", "--arch", "resnet18", *TINY, "--img-size", "16", "--label-fraction", "0.25",

@@ -119,6 +119,38 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits(tmp_path):
     assert ckpt["step"] >= 2 and ckpt["step"] == log_records(tmp_path)[-1]["step"]
 
 
+def test_a_stop_signal_before_the_training_loop_acts_at_once_and_one_inside_it_waits_for_the_step(capsys):
+    def interrupted_while_setting_up(args):
+        os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt here
+        raise AssertionError("the signal did not stop the run")
+
+    with pytest.raises(SystemExit) as exc:
+        mdra.run_main(interrupted_while_setting_up, [], mdra.get_parser())
+    assert exc.value.code == 128 + signal.SIGINT and capsys.readouterr().err == "mdra.py: interrupted\n"
+
+    def stopped_inside_the_loop(args):
+        mdra.defer_stop_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "the loop went on to the end of its step"
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        mdra.run_main(stopped_inside_the_loop, [], mdra.get_parser())
+    assert exc.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resuming_refuses_a_changed_recipe_and_accepts_a_changed_precision(tmp_path, capsys):
+    run(tmp_path, "--max-steps", "1", "--amp", "bf16")
+    for changed, message in ((["--seed", "5"], "--seed 0 -> 5"), (["--epochs", "7"], "--epochs 200 -> 7"),
+                             (["--lr", "0.1"], "--lr 0.3 -> 0.1")):
+        with pytest.raises(SystemExit) as exc:
+            run(tmp_path, "--max-steps", "2", *changed)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "comes from a different run" in err
+    # Where and how it runs may change: here the autocast dtype, whose GradScaler state was empty.
+    assert load(run(tmp_path, "--max-steps", "2", "--amp", "fp16", "--workers", "1"))["step"] == 2
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss, calls = mdra.mdra_loss, []
 
@@ -180,6 +212,13 @@ def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
     (["--groups", "3"], "--groups 3 does not divide the embedding dimension 256."),
     (["--arch", "vgg16"], "--arch vgg16 is not a torchvision ResNet"),
     (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be at least 1."),
+    (["--groups", "0"], "--groups must be at least 1."),
+    (["--batch-size", "0"], "--batch-size must be at least 1."),  # not silently the default
+    (["--queue-size", "-16"], "--queue-size must be at least 1."),
+    (["--save-every", "0"], "--save-every must be at least 1."),
+    (["--workers", "-1"], "--workers must be at least 0."),
+    (["--tau", "0"], "--tau 0.0 must be positive."),
+    (["--momentum", "1.5"], "--momentum 1.5 is not in [0, 1]."),
 ])
 def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -187,6 +226,15 @@ def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, me
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mdra.py: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
+    args = mdra.get_parser().parse_args([*TINY, "--sync-bn"])
+    _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
+    two_cpu_ranks = mdra.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(mdra.UsageError, match="--sync-bn needs CUDA"):
+        mdra.resolve_args(args, info, two_cpu_ranks)
+    assert mdra.resolve_args(args, info, mdra.DistEnv(0, 1, 0, torch.device("cpu"))).sync_bn  # one rank: allowed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
