@@ -121,26 +121,33 @@ def held_out_subset(targets, labelled, size, seed):
 
 
 def read_subset_file(path, names):
-    """Sorted indices of the images a split file names, one file name per line, as in the ImageNet
+    """Sorted indices of the images a split file names, one per line: a name as the data set gives it
+    (an ImageFolder's "class/file", as subset.txt holds them), or a bare file name, as in the ImageNet
     1% / 10% files of SimCLR ("n01440764_10026.JPEG"). names: the data set's .names."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--subset-file {path} does not exist.")
-    wanted = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
+        raise UsageError(f"--subset-file {path} does not exist or is not a file.")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--subset-file {path} cannot be read as text ({type(e).__name__}).") from None
+    wanted = sorted({line.strip() for line in lines if line.strip()})
     if not wanted:
         raise UsageError(f"--subset-file {path} names no images.")
     where = {}
     for index, name in enumerate(names):
         where.setdefault(name, []).append(index)
+        if "/" in name:
+            where.setdefault(name.rsplit("/", 1)[1], []).append(index)
     unknown = [name for name in wanted if name not in where]
     if unknown:
         raise UsageError(f"--subset-file {path} names {len(unknown)} images that are not in the training set, "
                          f"e.g. {', '.join(unknown[:3])}.")
     ambiguous = [name for name in wanted if len(where[name]) > 1]
     if ambiguous:
-        raise UsageError(f"--subset-file {path} names {len(ambiguous)} images whose file names occur more than "
-                         f"once in the training set, e.g. {ambiguous[0]}; the names must be unique.")
-    return sorted(where[name][0] for name in wanted)
+        raise UsageError(f"--subset-file {path} names {len(ambiguous)} images by a file name that occurs more than "
+                         f"once in the training set, e.g. {ambiguous[0]}; name them as class/file.")
+    return sorted({where[name][0] for name in wanted})  # an image named both ways counts once
 
 
 # ------------------------------------------------------------------------------------------------
@@ -578,7 +585,8 @@ def get_parser():
       help="train on this fraction of the labels (0.01, 0.1), the same share of every class, drawn with --seed; "
            "default: all labels")
     a("--subset-file", default=None,
-      help="train on the images this file names, one file name per line (the ImageNet 1%% / 10%% split files)")
+      help="train on the images this file names, one per line as class/file or as a file name alone "
+           "(the ImageNet 1%% / 10%% split files)")
     a("--holdout", type=int, default=0, metavar="N",
       help="evaluate on about N training images outside the labelled subset (the same share of every class, "
            "drawn with --seed) instead of the validation split: for choosing hyperparameters; with all labels, "

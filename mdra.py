@@ -316,7 +316,7 @@ class ImageFiles(Dataset):
         folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path)
         self.paths = [path for path, _ in folder.samples]
         self.targets = [label for _, label in folder.samples]
-        self.names = [os.path.basename(path) for path in self.paths]
+        self.names = [Path(path).relative_to(root).as_posix() for path in self.paths]  # class/file
         self.classes = folder.classes
 
     def __len__(self):

@@ -3,6 +3,7 @@ and the errors a user can cause. Everything runs on CPU with tiny synthetic data
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -84,25 +85,41 @@ def test_held_out_images_are_outside_the_labelled_subset_and_class_balanced():
         finetune.held_out_subset(targets, labelled, 991, seed=0)
 
 
-def test_subset_file_selects_the_images_it_names(tmp_path):
-    names = ["n01440764_10026.JPEG", "n01440764_10027.JPEG", "n01443537_2.JPEG", "n01443537_7.JPEG"]
-    split = tmp_path / "1percent.txt"
-    split.write_text("n01443537_7.JPEG\n\n  n01440764_10026.JPEG \nn01443537_7.JPEG\n")
+def test_subset_file_selects_images_by_class_and_file_or_by_a_unique_file_name(tmp_path):
+    names = ["n01440764/n01440764_10026.JPEG", "n01440764/n01440764_10027.JPEG", "n01443537/n01443537_2.JPEG",
+             "n01443537/n01443537_7.JPEG"]  # an ImageFolder's names
+    split = tmp_path / "1percent.txt"  # SimCLR's files name the file alone
+    split.write_text("n01443537_7.JPEG\n\n  n01440764_10026.JPEG \nn01443537/n01443537_7.JPEG\n")
     assert finetune.read_subset_file(split, names) == [0, 3]
+
+
+def test_subset_txt_of_an_image_folder_whose_classes_reuse_file_names_reads_back(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "train" / label / f"{i:03d}.png")
+    images = mdra.ImageFiles(tmp_path / "train")
+    assert images.names[:2] == ["cat/000.png", "cat/001.png"] and images.names[4] == "dog/000.png"
+    chosen = finetune.class_balanced_subset(images.targets, 0.5, seed=0)
+    (tmp_path / "subset.txt").write_text("".join(images.names[i] + "\n" for i in chosen))  # as finetune.py writes it
+    assert finetune.read_subset_file(tmp_path / "subset.txt", images.names) == chosen
 
 
 @pytest.mark.parametrize("content, names, message", [
     ("a.png\nz1.png\nz2.png\nz3.png\nz4.png\nz5.png\n", ["a.png", "b.png"],
      "names 5 images that are not in the training set, e.g. z1.png, z2.png, z3.png."),
-    ("a.png\n", ["a.png", "a.png"], "names 1 images whose file names occur more than once"),
+    ("000.png\n", ["cat/000.png", "dog/000.png"], "names 1 images by a file name that occurs more than once"),
     ("\n \n", ["a.png"], "names no images."),
-    (None, ["a.png"], "does not exist."),
-], ids=["unknown names", "ambiguous name", "empty file", "missing file"])
+    (b"\xff\xd8\xff\xe0 a JPEG", ["a.png"], "cannot be read as text (UnicodeDecodeError)."),
+    (None, ["a.png"], "does not exist or is not a file."),
+], ids=["unknown names", "ambiguous name", "empty file", "binary file", "missing file"])
 def test_subset_file_errors_say_what_is_wrong(tmp_path, content, names, message):
     split = tmp_path / "split.txt"
-    if content is not None:
+    if isinstance(content, bytes):
+        split.write_bytes(content)
+    elif content is not None:
         split.write_text(content)
-    with pytest.raises(mdra.UsageError, match="--subset-file .*" + message.replace(".", r"\.")):
+    with pytest.raises(mdra.UsageError, match="--subset-file .*" + re.escape(message)):
         finetune.read_subset_file(split, names)
 
 
@@ -327,7 +344,7 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{classifier}", "--predict", "{tmp}/missing.png"], "--predict {tmp}/missing.png does not exist."),
     (["--random-init", "--data", "{tmp}/no-such-folder"], "is neither a data set name"),
     (["--ckpt", "{pretrained}", "--arch", "resnet34"], "--arch resnet34 does not match the checkpoint's resnet18"),
-    (["--ckpt", "{pretrained}", "--subset-file", "{tmp}/missing.txt"], "--subset-file {tmp}/missing.txt does not exist."),
+    (["--ckpt", "{pretrained}", "--subset-file", "{tmp}/missing.txt"], "--subset-file {tmp}/missing.txt does not exist or is not a file."),
     (["--ckpt", "{pretrained}", "--linear", "--lr-backbone", "0.01"], "--lr-backbone has no effect with --linear"),
     (["--ckpt", "{pretrained}", "--label-fraction", "0.1", "--batch-size", "64"], "fewer than one batch of 64"),
     (["--ckpt", "{pretrained}", "--label-fraction", "0.5", "--holdout", "31"], "--holdout 31 must be between 1 and the 30 "),
