@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour evaluation of a representation (../MDRA_SPEC.md section 7).
+"""Weighted k-nearest-neighbour evaluation of a representation (MDRA_SPEC.md section 7).
 
 Backbone features (after global pooling, centre crop, no augmentation) of the train split form the
 bank, those of the val/test split are the queries; each query takes the k most cosine-similar bank
@@ -353,6 +353,8 @@ def evaluate(args):
     bank_device = torch.device("cpu") if args.bank_device == "cpu" else env.device
     if args.temperature <= 0 or args.chunk_mb <= 0 or min(args.k) < 1:
         raise mdra.UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
+    mdra.require_at_least(1, args, "batch_size")
+    mdra.require_at_least(0, args, "workers")
     if cuda:
         torch.backends.cudnn.benchmark = True
 

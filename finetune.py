@@ -3,7 +3,7 @@
 Step 5 puts a new linear layer on the pretrained online backbone f; step 6 fine-tunes that network
 with cross-entropy on a small labelled subset (the field's 1% / 10% protocols) and reports top-1 and
 top-5 on the full validation split after every epoch; step 7 classifies image files, here with
---predict or anywhere after --export (../MDRA_SPEC.md sections 7-8).
+--predict or anywhere after --export (MDRA_SPEC.md sections 7-8).
 
 Launch:
     python finetune.py --ckpt runs/mdra/checkpoint.pth --data fashion-mnist --label-fraction 0.01 \\
@@ -73,8 +73,15 @@ class Classifier(nn.Module):
         return self.head(self.backbone((images - self.mean) / self.std))
 
 
+CLASSIFIER_KEYS = ("arch", "small_stem", "backbone", "head", "num_classes", "class_names", "mean", "std",
+                   "img_size", "resize")
+
+
 def load_classifier(ckpt, path):
     """The fine-tuned network of a classifier checkpoint, in eval mode."""
+    missing = [key for key in CLASSIFIER_KEYS if key not in ckpt]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)}; it was not written by finetune.py.")
     backbone, width = mdra.build_backbone(ckpt["arch"], ckpt["small_stem"])
     model = Classifier(backbone, width, ckpt["num_classes"], ckpt["mean"], ckpt["std"])
     mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {path}")

@@ -212,6 +212,16 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
             "arch mismatch": "--arch resnet34 does not match"}[problem] in err
 
 
+@pytest.mark.parametrize("option, message", [(["--batch-size", "0"], "--batch-size must be at least 1."),
+                                             (["--workers", "-1"], "--workers must be at least 0."),
+                                             (["--k", "0"], "every --k at least 1.")])
+def test_bad_options_are_refused_with_one_sentence(option, message, checkpoint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(["--ckpt", str(checkpoint), "--pixels", *option])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("eval_knn.py: error: ") and message in err and "\n" not in err
+
+
 def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
     args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=25,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)

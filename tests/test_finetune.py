@@ -341,6 +341,7 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{tmp}/foreign.pth"], "has format 'something-else'; expected 'mdra' or 'mdra-classifier'."),
     (["--ckpt", "{classifier}"], "is already a fine-tuned classifier"),
     (["--ckpt", "{classifier}", "--export", "{tmp}/model.onnx"], "must end in .pt (TorchScript) or .pt2"),
+    (["--ckpt", "{tmp}/no-head.pth", "--export", "{tmp}/model.pt"], "no-head.pth lacks head, resize; it was not written by finetune.py."),
     (["--ckpt", "{classifier}", "--predict", "{tmp}/missing.png"], "--predict {tmp}/missing.png does not exist."),
     (["--random-init", "--data", "{tmp}/no-such-folder"], "is neither a data set name"),
     (["--ckpt", "{pretrained}", "--arch", "resnet34"], "--arch resnet34 does not match the checkpoint's resnet18"),
@@ -352,6 +353,7 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
     torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
+    torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, tmp_path / "no-head.pth")
     places = {"{pretrained}": str(pretrained), "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
     for key, value in places.items():
         argv = [a.replace(key, value) for a in argv]
