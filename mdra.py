@@ -3,7 +3,7 @@
 The whole method in one file: two augmented views, an online encoder (backbone f, projector g,
 predictor h) trained by back-propagation, an offline encoder (f', g') that is its moving average, a
 queue of past offline embeddings as negatives, and the relation-alignment loss computed in G
-subspaces (../MDRA_SPEC.md sections 2-6 and 8).
+subspaces (MDRA_SPEC.md sections 2-6 and 8).
 
 Launch:
     python mdra.py --data fashion-mnist --arch resnet18 --epochs 1       # one process, CPU or GPU
