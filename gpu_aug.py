@@ -341,15 +341,11 @@ def resized_crops(images, boxes, size):
     """
     if isinstance(images, torch.Tensor):
         return roi_crops(images.float(), boxes, size)
-    views, n = boxes.shape[:2]
     large = [i for i, image in enumerate(images) if max(image.shape[-2:]) > PAD_LIMIT]
-    if not large:
-        return roi_crops(replicate_padded_batch(images), boxes, size)
-    small = sorted(set(range(n)) - set(large))
-    crops = torch.empty(views, n, images[0].shape[0], *size, device=images[0].device)
-    if small:
-        crops[:, small] = roi_crops(replicate_padded_batch([images[i] for i in small]), boxes[:, small],
-                                    size).unflatten(0, (views, len(small)))
+    # A large image is padded as a 1-pixel stand-in, whose crops are then replaced by its own: rows
+    # are chosen by Python integers only, as an index tensor would be a copy that waits for the device.
+    padded = replicate_padded_batch([image[:, :1, :1] if i in large else image for i, image in enumerate(images)])
+    crops = roi_crops(padded, boxes, size).unflatten(0, boxes.shape[:2])
     for i in large:
         crops[:, i] = roi_crops(images[i][None].float(), boxes[:, i:i + 1], size)
     return crops.flatten(0, 1)
