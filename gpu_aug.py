@@ -11,7 +11,9 @@ The recipe is read from the CPU path's transforms (mdra.pretrain_transforms), an
 drawn from the same distribution as torchvision's get_params draws it there; tests/test_gpu_aug.py
 checks the distributions against the CPU path and each colour operation against torchvision's. Two
 differences are deliberate: crops are resized bilinearly with area averaging (roi_align) rather than
-with PIL's bicubic filter, and intermediate results are not rounded to 8 bits.
+with PIL's bicubic filter, and intermediate results are not rounded to 8 bits. A third comes with the
+GPU decoder: its pixels may differ from PIL's in the last bits, and in how it upsamples the colour
+planes of a JPEG that subsamples them.
 
 The parameters of a micro-batch come from a generator seeded by (seed, epoch, batch index) and are
 drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
@@ -23,6 +25,7 @@ and each micro-batch's parameters reach the device in one copy (to_device).
 """
 import contextlib
 import functools
+import io
 import queue
 import threading
 from dataclasses import dataclass, replace
@@ -30,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode
@@ -135,13 +139,18 @@ def decode_stream(device):
 
 
 def _decode_one(data, device):
-    """One JPEG on the device, else on the CPU (the GPU decoder rejects some, e.g. CMYK), else None."""
-    for where in (device, torch.device("cpu")):
-        try:
-            return decode_jpegs([data], where)[0].to(device)
-        except RuntimeError:
-            continue
-    return None
+    """One JPEG on the device, else as the CPU path reads it, with PIL, which takes files torchvision's
+    decoders refuse (e.g. a scan with a stray marker, which libjpeg only warns about); None if PIL
+    cannot read it either."""
+    try:
+        return decode_jpegs([data], device)[0]
+    except RuntimeError:
+        pass
+    try:
+        with Image.open(io.BytesIO(data.numpy())) as image:
+            return pil_to_tensor(image.convert("RGB")).to(device)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------

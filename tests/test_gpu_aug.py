@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
@@ -375,6 +376,27 @@ def test_decode_replaces_an_undecodable_file_by_the_next_image_and_counts_it():
     assert (decoded[0].permute(1, 2, 0).int() - from_pil.int()).abs().max() <= 2  # two libjpeg builds
     with pytest.raises(RuntimeError, match="no image"):
         gpu_aug.decode([items[1]], torch.device("cpu"))
+
+
+def test_a_jpeg_that_pil_reads_but_torchvision_refuses_is_decoded_as_the_cpu_path_reads_it():
+    rng = np.random.default_rng(0)
+    good = bytearray(jpeg_bytes(Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))).numpy().tobytes())
+    for _ in range(100):  # a stray marker in the scan data: libjpeg warns, torchvision then refuses the file
+        data = bytearray(good)
+        at = int(rng.integers(len(data) // 2, len(data) - 4))
+        data[at:at + 2] = bytes([0xFF, int(rng.integers(0xD0, 0xFF))])
+        encoded = torch.frombuffer(data, dtype=torch.uint8)
+        try:
+            pil = TF.pil_to_tensor(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+            torchvision.io.decode_jpeg(encoded)
+        except (OSError, SyntaxError, ValueError):
+            continue  # PIL cannot read it either
+        except RuntimeError:
+            break
+    else:
+        pytest.skip("no stray marker made a file that only PIL reads")
+    decoded, failed = gpu_aug.decode([encoded], torch.device("cpu"))
+    assert failed.tolist() == [0] and torch.equal(decoded[0], pil)
 
 
 def test_the_loader_yields_jpeg_bytes_for_the_gpu_and_decodes_everything_else(tmp_path):
