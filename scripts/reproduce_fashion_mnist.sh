@@ -35,32 +35,33 @@ HOLDOUT=${HOLDOUT:-10000}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
 mkdir -p "$OUT"
 
-hardware() {
-    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | grep . \
-        || echo "CPU: $(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
-}
+# The GPU if any, the CPU and its cores (all of them: nproc alone follows OMP_NUM_THREADS), and torch.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
+HARDWARE="${gpu:+$gpu, }$(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc --all) cores),\
+ torch $(python3 -c 'import torch; print(torch.__version__)')"
 
 # row NAME COMMAND...: run COMMAND; OUT/NAME/ keeps its output, command line, wall time and hardware.
-# Running the script again resumes: finished rows are kept, and an interrupted row (a time limit, a
-# signal) runs again, where mdra.py and finetune.py resume from their checkpoints; its wall time
-# adds up over the runs.
+# Running the script again resumes: finished rows are kept, and an interrupted or failed row runs
+# again, where mdra.py and finetune.py resume from their checkpoints; its wall time adds up over the
+# runs. Returns 1 if COMMAND failed (OUT/NAME/failed marks it), 2 if OUT/NAME is another command's.
 row() {
     local name=$1; shift
     if [ -f "$OUT/$name/command" ] && [ "$(cat "$OUT/$name/command")" != "$*" ]; then
         echo "[$(date +%T)] $name: $OUT/$name was made by another command ($(cat "$OUT/$name/command")); use another OUT or remove it."
-        return 1
+        return 2
     fi
     if [ -f "$OUT/$name/time_s" ]; then
         echo "[$(date +%T)] $name: finished in an earlier run, kept"; return 0
     fi
     mkdir -p "$OUT/$name"
+    rm -f "$OUT/$name/failed"
     echo "$*" > "$OUT/$name/command"
-    hardware > "$OUT/$name/hardware"
+    echo "$HARDWARE" > "$OUT/$name/hardware"
     local start; start=$(date +%s)
     echo "[$(date +%T)] $name: $*"
     trap 'add_elapsed "$OUT/$name" "$start"; exit 143' TERM INT  # after COMMAND has saved and exited
     if ! "$@" >> "$OUT/$name/output.log" 2>&1; then
-        trap - TERM INT; add_elapsed "$OUT/$name" "$start"
+        trap - TERM INT; add_elapsed "$OUT/$name" "$start"; touch "$OUT/$name/failed"
         echo "[$(date +%T)] $name FAILED; the end of $OUT/$name/output.log:"; tail -n 20 "$OUT/$name/output.log"; return 1
     fi
     trap - TERM INT; add_elapsed "$OUT/$name" "$start"
@@ -74,6 +75,7 @@ add_elapsed() {  # add_elapsed DIR START: DIR/elapsed_s += now - START
 
 # finetune_row NAME EPOCHS "LR..." FLAGS...: finetune.py FLAGS for EPOCHS with the learning rate that
 # is best on HOLDOUT held-out training images (each trial a row of its own), evaluated on the test split.
+# A trial that fails (a rate that diverges stops finetune.py) only drops out of the choice.
 finetune_row() {
     local name=$1 epochs=$2 lrs=($3) lr; shift 3
     [ ${#lrs[@]} -gt 0 ] || { echo "$name: no learning rate to try; give at least one."; return 1; }
@@ -81,7 +83,7 @@ finetune_row() {
     if [ ${#lrs[@]} -gt 1 ]; then
         for lr in "${lrs[@]}"; do
             row "lr-trials/$name-lr$lr" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" \
-                --holdout "$HOLDOUT" --eval-every "$epochs" --out-dir "$OUT/lr-trials/$name-lr$lr"
+                --holdout "$HOLDOUT" --eval-every "$epochs" --out-dir "$OUT/lr-trials/$name-lr$lr" || [ $? = 1 ]
         done
         lr=$(python3 scripts/results_table.py --best-lr "$OUT" "$name" "${lrs[@]}")
     fi
@@ -93,7 +95,11 @@ together() {
     if [ "${PARALLEL:-0}" = 1 ]; then
         local pids=() status=0
         for cmd in "$@"; do eval "$cmd" & pids+=($!); done
+        # A signal (a time limit) stops the rows, which save first: leave only once they have, so that a
+        # run started next does not meet them still writing.
+        trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 143' TERM INT
         for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+        trap - TERM INT
         return $status
     fi
     for cmd in "$@"; do eval "$cmd"; done
@@ -101,12 +107,14 @@ together() {
 
 pretrain_chain() {  # MDRA (G = 4): pretraining, then everything that uses its backbone
     row mdra python3 mdra.py $COMMON --arch resnet18 --epochs "$EPOCHS" --out-dir "$OUT/mdra" ${PRETRAIN_FLAGS:-}
-    local ckpt=$OUT/mdra/checkpoint.pth
+    local ckpt out lrs linear_lrs  # quoted for eval, as paths may hold spaces
+    printf -v ckpt %q "$OUT/mdra/checkpoint.pth"; printf -v out %q "$OUT/mdra-knn/knn.json"
+    printf -v lrs %q "$FT_LRS"; printf -v linear_lrs %q "$LINEAR_LRS"
     together \
-        "row mdra-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $OUT/mdra-knn/knn.json" \
-        "finetune_row mdra-ft1 $FT_EPOCHS '$FT_LRS' $COMMON --ckpt $ckpt --label-fraction 0.01 ${FT_FLAGS:-}" \
-        "finetune_row mdra-ft10 $FT_EPOCHS '$FT_LRS' $COMMON --ckpt $ckpt --label-fraction 0.1 ${FT_FLAGS:-}" \
-        "finetune_row mdra-linear $LINEAR_EPOCHS '$LINEAR_LRS' $COMMON --ckpt $ckpt --linear --label-fraction 1.0 ${FT_FLAGS:-}"
+        "row mdra-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $out" \
+        "finetune_row mdra-ft1 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.01 ${FT_FLAGS:-}" \
+        "finetune_row mdra-ft10 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.1 ${FT_FLAGS:-}" \
+        "finetune_row mdra-linear $LINEAR_EPOCHS $linear_lrs $COMMON --ckpt $ckpt --linear --label-fraction 1.0 ${FT_FLAGS:-}"
 }
 
 ablation_chain() {  # the same run with one subspace
@@ -124,4 +132,6 @@ baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same
 chains=(pretrain_chain baseline_chain)
 [ "${ABLATION:-1}" = 0 ] || chains+=(ablation_chain)
 together "${chains[@]}"
-python3 scripts/results_table.py "$OUT" | tee "$OUT/results.md"
+python3 scripts/results_table.py "$OUT" > "$OUT/results.md.tmp"
+mv "$OUT/results.md.tmp" "$OUT/results.md"
+cat "$OUT/results.md"

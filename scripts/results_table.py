@@ -25,14 +25,16 @@ PRETRAINING = {"mdra-knn": "mdra", "mdra-g1-knn": "mdra-g1", "mdra-ft1": "mdra",
 
 
 def accuracy(folder):
-    """(top-1, top-5, epochs of this row) from a kNN result (k = 20) or a fine-tuning log."""
+    """(top-1, top-5, epochs of this row, k) from a kNN result (k = 20, else the smallest k it has) or
+    a fine-tuning log (k None)."""
     knn = folder / "knn.json"
     if knn.exists():
-        result = json.loads(knn.read_text())["results"]["20"]
-        return result["top1"], result["top5"], None
+        results = json.loads(knn.read_text())["results"]
+        k = "20" if "20" in results else min(results, key=int)
+        return results[k]["top1"], results[k]["top5"], None, k
     last = [r for r in records(folder) if r.get("event") == "epoch"][-1]
     assert last.get("eval", "val") == "val", f"{folder} was not evaluated on the test split"
-    return last["top1"], last["top5"], last["epoch"]
+    return last["top1"], last["top5"], last["epoch"], None
 
 
 def records(folder):
@@ -40,20 +42,28 @@ def records(folder):
 
 
 def lr_trials(out, name):
-    """{lr: (held-out top-1, wall seconds)} of the finished learning-rate trials of a fine-tuning row."""
+    """{lr: (held-out top-1, wall seconds)} of the finished learning-rate trials of a fine-tuning row;
+    the top-1 is None for a trial that failed (a rate that diverges)."""
     trials = {}
     for folder in sorted((out / "lr-trials").glob(f"{name}-lr*")):
+        lr = folder.name[len(name) + 3:]
         if (folder / "time_s").exists():
             last = [r for r in records(folder) if r.get("event") == "epoch"][-1]
             assert last["eval"] == "held-out", f"{folder} was not evaluated on held-out images"
-            trials[folder.name[len(name) + 3:]] = (last["top1"], int((folder / "time_s").read_text()))
+            trials[lr] = (last["top1"], int((folder / "time_s").read_text()))
+        elif (folder / "failed").exists():
+            trials[lr] = (None, int((folder / "elapsed_s").read_text()))
     return trials
 
 
 def best_lr(out, name, lrs):
-    """The learning rate of lrs with the best held-out top-1 (the first of equals)."""
+    """The learning rate of lrs with the best held-out top-1 (the first of equals), among the trials
+    that did not fail."""
     trials = lr_trials(Path(out), name)
-    return max(lrs, key=lambda lr: (trials[lr][0], -lrs.index(lr)))
+    scored = [lr for lr in lrs if lr in trials and trials[lr][0] is not None]
+    if not scored:
+        sys.exit(f"results_table.py: every learning-rate trial of {name} ({' '.join(lrs)}) failed.")
+    return max(scored, key=lambda lr: (trials[lr][0], -lrs.index(lr)))
 
 
 def learning_rate(out, name):
@@ -64,7 +74,8 @@ def learning_rate(out, name):
     chosen, trials = start["args"]["lr"], lr_trials(out, name)
     if not trials:
         return f"{chosen:g}"
-    tried = ", ".join(f"{lr}: {top1:.2f}" for lr, (top1, _) in sorted(trials.items(), key=lambda t: -float(t[0])))
+    tried = ", ".join(f"{lr}: " + ("failed" if top1 is None else f"{top1:.2f}")
+                      for lr, (top1, _) in sorted(trials.items(), key=lambda t: -float(t[0])))
     return f"{chosen:g} (held-out top-1 {tried}; trials {sum(s for _, s in trials.values())} s)"
 
 
@@ -81,7 +92,9 @@ def main(out):
         if not (folder / "time_s").exists():
             lines.append(f"| {what} | {labels} | not run | | | | | | |")
             continue
-        top1, top5, epochs = accuracy(folder)
+        top1, top5, epochs, k = accuracy(folder)
+        if k not in (None, "20"):
+            labels += f" (k = {k})"
         lr = learning_rate(out, name) if (folder / "log.jsonl").exists() else "–"
         seconds = int((folder / "time_s").read_text())
         epoch_text = f"{epochs} fine-tuning" if epochs else ""

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,18 +25,33 @@ def tiny_env(epochs=3):
             "FT_FLAGS": "--batch-size 8", "FT_LRS": " ".join(LRS), "HOLDOUT": "16", "KNN_FLAGS": "--k 10 20"}
 
 
+def processes_naming(path):
+    """The command lines of the running processes that name path."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode() if proc.name.isdigit() else ""
+        except OSError:  # it ended meanwhile
+            continue
+        if str(path) in command:
+            found.append(command)
+    return found
+
+
 def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
     out = tmp_path / "table"
     # First run: signalled as a time limit signals, the whole process group, once pretraining has saved.
-    first = subprocess.Popen(["bash", str(SCRIPT), str(out)], env=tiny_env(), start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(["bash", str(SCRIPT), str(out)], env=tiny_env(), start_new_session=True,
+                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not (out / "mdra" / "checkpoint.pth").exists():
         assert first.poll() is None and time.monotonic() < deadline, "pretraining never saved a checkpoint"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGTERM)
-    first.communicate(timeout=120)
+    first.wait(timeout=120)
     assert first.returncode != 0
+    assert not processes_naming(out)  # the rows saved and exited before the script did
     assert not (out / "mdra" / "time_s").exists() and (out / "mdra" / "elapsed_s").exists()
 
     second = subprocess.run(["bash", str(SCRIPT), str(out)], env=tiny_env(), capture_output=True, text=True,
@@ -77,3 +93,35 @@ def test_the_committed_h100_table_is_what_its_logs_give():
                           text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     assert made.stdout.strip() == (folder / "results.md").read_text().strip()
+
+
+def test_a_failed_learning_rate_trial_drops_out_of_the_choice_and_shows_in_the_table(tmp_path):
+    def trial(lr, top1=None):
+        folder = tmp_path / "lr-trials" / f"scratch1-lr{lr}"
+        folder.mkdir(parents=True)
+        if top1 is None:  # what reproduce_fashion_mnist.sh leaves of a trial whose command failed
+            (folder / "failed").touch()
+            (folder / "elapsed_s").write_text("3")
+            return
+        (folder / "log.jsonl").write_text(json.dumps({"event": "epoch", "eval": "held-out", "top1": top1}) + "\n")
+        (folder / "time_s").write_text("5")
+
+    trial("0.3")
+    trial("0.1", 61.5)
+    trial("0.01", 62.0)
+    table = SCRIPT.parent / "results_table.py"
+
+    def best(*lrs):
+        return subprocess.run(["python3", str(table), "--best-lr", str(tmp_path), "scratch1", *lrs],
+                              capture_output=True, text=True, timeout=60)
+
+    assert best("0.3", "0.1", "0.01").stdout.strip() == "0.01"
+    assert best("0.3", "0.1").stdout.strip() == "0.1"
+    refused = best("0.3")
+    assert refused.returncode != 0 and "every learning-rate trial of scratch1 (0.3) failed" in refused.stderr
+    sys.path.insert(0, str(SCRIPT.parent))
+    import results_table
+    (tmp_path / "scratch1").mkdir()
+    (tmp_path / "scratch1" / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"lr": 0.01}}) + "\n")
+    assert results_table.learning_rate(tmp_path, "scratch1") == \
+        "0.01 (held-out top-1 0.3: failed, 0.1: 61.50, 0.01: 62.00; trials 13 s)"
