@@ -266,6 +266,9 @@ def resolve_args(args, info, env, start):
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
     mdra.require_at_least(1, args, "epochs", "batch_size", "log_every", "save_every", "eval_every")
+    mdra.require_at_least(0, args, "lr", "weight_decay", "workers", "max_steps", "holdout")
+    if args.lr_backbone is not None:
+        mdra.require_at_least(0, args, "lr_backbone")
     return args
 
 
