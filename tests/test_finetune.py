@@ -350,6 +350,7 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{pretrained}", "--label-fraction", "0.1", "--batch-size", "64"], "fewer than one batch of 64"),
     (["--ckpt", "{pretrained}", "--label-fraction", "0.5", "--holdout", "31"], "--holdout 31 must be between 1 and the 30 "),
     (["--ckpt", "{pretrained}", "--eval-every", "0"], "--eval-every must be at least 1."),
+    (["--ckpt", "{pretrained}", "--lr", "-1"], "--lr must be at least 0."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
     torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
