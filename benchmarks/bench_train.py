@@ -72,7 +72,8 @@ def get_parser():
     a("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the flags below; explicit flags win")
     a("--device", choices=["cpu", "cuda"])
     a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    a("--archs", nargs="+", help="torchvision ResNets; the first one is the reference of the loss, data and e2e rows")
+    a("--archs", nargs="+", help="torchvision ResNets; the first one is the reference of the data and e2e rows "
+                                 "(the loss rows are related to each)")
     a("--img-size", type=int, help="crop size (a small stem at <= 64 px, as in mdra.py)")
     a("--batch-size", type=int, help="micro-batch of one GPU (the ImageNet recipe: 512 over 8 GPUs = 64)")
     a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
@@ -81,7 +82,7 @@ def get_parser():
     a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT with MODE eager|compiled, DTYPE fp32|bf16, LAYOUT nchw|cl; "
                                    "the first is the baseline of the speed-up column")
     a("--compile-backend", default="inductor")
-    a("--warmup", type=int, help="untimed steps (the first compiles)")
+    a("--warmup", type=int, help="untimed steps after the first (which compiles, and is never timed)")
     a("--steps", type=int, help="steps per timed repeat")
     a("--repeats", type=int, help="timed repeats; the median is reported")
     a("--data", help="an existing ImageFolder, or a data set name of mdra.py (e.g. fashion-mnist, with "
@@ -89,7 +90,8 @@ def get_parser():
     a("--data-dir", default="data", help="where mdra.py's named data sets are read from")
     a("--data-images", type=int, help="JPEGs to generate (enough for several rounds of all workers)")
     a("--workers", type=int)
-    a("--gpu-aug", action="store_true", default=None, help="also measure mdra.py --gpu-aug's loader and device augmentation")
+    a("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
+      help="also measure mdra.py --gpu-aug's loader and device augmentation")
     a("--loss-batch", type=int)
     a("--loss-queue", type=int)
     a("--e2e-steps", type=int)
@@ -111,6 +113,10 @@ def parse_args(argv=None):
         parse_config(config)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given but no CUDA GPU is available")
+    if args.queue_size % args.batch_size:
+        parser.error(f"--queue-size {args.queue_size} is not a multiple of --batch-size {args.batch_size}")
+    if {"data", "e2e"} & set(args.sections) and args.data is None and args.data_images < 2 * args.batch_size:
+        parser.error(f"--data-images {args.data_images} is fewer than two batches of {args.batch_size}")
     return args
 
 
@@ -204,6 +210,7 @@ def fed_rates(step, batches, count, items_each, skip, device, windows):
 def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        PEAK_BASE[device] = torch.cuda.memory_allocated(device)
     else:
         try:  # Linux: writing 5 resets the process's peak resident size (VmHWM)
             Path("/proc/self/clear_refs").write_text("5")
@@ -211,10 +218,15 @@ def reset_peak_memory(device):
             pass
 
 
+PEAK_BASE = {}  # CUDA: what was allocated at the reset, e.g. the step kept for the e2e rows
+
+
 def peak_memory_gb(device):
-    """CUDA: peak allocated tensor memory. CPU: peak resident size of the process since the reset."""
+    """CUDA: the peak of tensor memory since the reset, over what was allocated then (so that a step
+    kept for later rows weighs on none of the rows measured meanwhile). CPU: the peak resident size of
+    the process since the reset, all of it."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return (torch.cuda.max_memory_allocated(device) - PEAK_BASE.get(device, 0)) / 2**30
     try:
         status = Path("/proc/self/status").read_text()
         return int(status.split("VmHWM:")[1].split()[0]) / 2**20
@@ -342,9 +354,20 @@ class Loader:
         """Views on the device, epoch after epoch, as mdra.train makes them."""
         while True:
             self.sampler.set_epoch(self.epoch)
-            for v1, v2, _ in mdra.epoch_batches(self.loader, self.device_views, self.epoch, 0):
-                yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+            epoch = mdra.epoch_batches(self.loader, self.device_views, self.epoch, 0)
+            try:
+                for v1, v2, _ in epoch:
+                    yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+            finally:  # a --gpu-aug prefetch thread stops with it
+                epoch.close()
             self.epoch += 1
+
+    def stop(self):
+        """Stop the workers, which mdra.py keeps between epochs (persistent) and which would otherwise
+        go on filling their prefetch queues behind the rows measured next; batches() starts new ones."""
+        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def loader_rate(loader, batch_size, workers, device, max_batches=100):
@@ -352,7 +375,12 @@ def loader_rate(loader, batch_size, workers, device, max_batches=100):
     real data set's epoch is far longer than needed), in the steady state."""
     batches = loader.batches()
     skip = min(max(workers, 1), loader.num_batches - 1)
-    return steady_rates(lambda: next(batches), min(loader.num_batches, max_batches) - skip, batch_size, skip, device)[0]
+    try:
+        return steady_rates(lambda: next(batches), min(loader.num_batches, max_batches) - skip, batch_size, skip,
+                            device)[0]
+    finally:
+        batches.close()
+        loader.stop()
 
 
 def device_views_rate(loader, batch_size, device, rounds=5):
@@ -385,7 +413,8 @@ def host_ops(fn):
 def measure_steps(report, args, device, started):
     """Every architecture and configuration: eager ones first, so that a time limit only ever cuts
     compilations. Returns the step kept for the e2e rows (or None)."""
-    configs = sorted(dict.fromkeys(args.configs), key=lambda c: parse_config(c).compiled)
+    e2e = [args.e2e_config] if "e2e" in args.sections else []  # measured, as the e2e rows' reference
+    configs = sorted(dict.fromkeys(args.configs + e2e), key=lambda c: parse_config(c).compiled)
     flops = {}
     for arch in args.archs:
         with failure_reported(report, "step", f"{arch} FLOP count"):
@@ -396,7 +425,8 @@ def measure_steps(report, args, device, started):
         for arch in args.archs:
             for name in configs:
                 keep = arch == args.archs[0] and name == args.e2e_config and "e2e" in args.sections
-                if parse_config(name).compiled != compiled or ("step" not in args.sections and not keep):
+                asked = "step" in args.sections and name in args.configs
+                if parse_config(name).compiled != compiled or not (asked or keep):
                     continue
                 left = args.time_limit - (time.perf_counter() - started)
                 if compiled and args.time_limit and left < args.compile_allowance:
@@ -435,6 +465,10 @@ def measure_loss(report, batch, queue_size, args, device):
     def loss_step():
         mdra.mdra_loss(q1, q2, k1, k2, queue, args.groups).backward()
 
+    reset_peak_memory(device)
+    timing = dict(warmup=2, steps=max(2, args.steps), repeats=args.repeats)
+    seconds = median_step_time(loss_step, device, **timing)
+    peak = peak_memory_gb(device)
     scores = torch.einsum("bgd,ngd->gbn", mdra.normalize_subspaces(k1, args.groups),
                           mdra.normalize_subspaces(queue, args.groups))
 
@@ -442,10 +476,6 @@ def measure_loss(report, batch, queue_size, args, device):
         mdra.sinkhorn(scores)
         mdra.sinkhorn(scores)
 
-    reset_peak_memory(device)
-    timing = dict(warmup=2, steps=max(2, args.steps), repeats=args.repeats)
-    seconds = median_step_time(loss_step, device, **timing)
-    peak = peak_memory_gb(device)
     sinkhorn_ms = median_step_time(sinkhorn_step, device, **timing) * 1e3
     report.add("loss", f"mdra_loss fwd+bwd B{batch} N{queue_size} G{args.groups}", batch=batch,
                ms=seconds * 1e3, peak_gb=peak, note=f"of which Sinkhorn {sinkhorn_ms:.3g} ms")
@@ -476,7 +506,12 @@ def measure_e2e(report, step, loaders, args, device):
             pairs = args.batch_size * args.accum_steps
             prefetched = args.workers * (loader.loader.prefetch_factor or 1)
             skip = max(1, math.ceil(prefetched / args.accum_steps))
-            rates, data_wait = fed_rates(step, loader.batches(), args.e2e_steps, pairs, skip, device, args.repeats)
+            batches = loader.batches()
+            try:
+                rates, data_wait = fed_rates(step, batches, args.e2e_steps, pairs, skip, device, args.repeats)
+            finally:
+                batches.close()
+                loader.stop()
             rate = statistics.median(rates)
             used = (skip + args.repeats * args.e2e_steps) * args.accum_steps
             note = (f"median of {args.repeats} x {args.e2e_steps} steps after {skip}; "
@@ -614,18 +649,18 @@ def main(argv=None):
             report.add("peak", "bf16 matmul 8192^3", tflops=bf16_matmul_tflops(device))
 
     generated, loaders = None, {}
-    if {"data", "e2e"} & set(args.sections):
-        root = args.data
-        if root is None:
-            root = generated = Path(tempfile.mkdtemp(prefix="mdra_bench_jpegs_"))
-            t0 = time.perf_counter()
-            kb = make_image_folder(generated, args.data_images, max(1, args.workers)) / 1e3
-            report.log(f"generated {args.data_images} JPEGs of {kb:.0f} kB on average in {time.perf_counter() - t0:.0f} s")
-        for gpu_aug in (False, True) if args.gpu_aug else (False,):
-            name = "gpu-aug" if gpu_aug else "cpu-aug"
-            with failure_reported(report, "data", f"loader {name}"):
-                loaders[name] = Loader(root, args, device, gpu_aug)
     try:
+        if {"data", "e2e"} & set(args.sections):
+            root = args.data
+            if root is None:
+                root = generated = Path(tempfile.mkdtemp(prefix="mdra_bench_jpegs_"))
+                t0 = time.perf_counter()
+                kb = make_image_folder(generated, args.data_images, max(1, args.workers)) / 1e3
+                report.log(f"generated {args.data_images} JPEGs of {kb:.0f} kB on average in {time.perf_counter() - t0:.0f} s")
+            for gpu_aug in (False, True) if args.gpu_aug else (False,):
+                name = "gpu-aug" if gpu_aug else "cpu-aug"
+                with failure_reported(report, "data", f"loader {name}"):
+                    loaders[name] = Loader(root, args, device, gpu_aug)
         if "data" in args.sections:
             measure_data(report, loaders, args, device)
         if "loss" in args.sections:

@@ -25,10 +25,11 @@ def bench_train():
 @pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, tmp_path):
     bench_train.main(["--archs", "resnet18", "--img-size", "16", "--batch-size", "8", "--queue-size", "32",
-                      "--configs", "eager-fp32-nchw", "eager-fp32-cl", "--warmup", "0", "--steps", "1",
+                      "--configs", "eager-fp32-nchw", "--e2e-config", "eager-fp32-cl", "--warmup", "0", "--steps", "1",
                       "--repeats", "2", "--data-images", "32", "--workers", "0", "--gpu-aug",
                       "--loss-batch", "16", "--loss-queue", "64", "--e2e-steps", "3", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    # The e2e rows' configuration is measured as their reference, although not among --configs.
     assert [row["section"] for row in rows] == ["step"] * 2 + ["loss"] * 2 + ["data"] * 3 + ["e2e"] * 2
     assert all(row["pairs_per_s"] > 0 for row in rows if "pairs_per_s" in row)
     assert all(row["vs"] for row in rows)
@@ -100,3 +101,25 @@ def test_the_loader_of_a_named_data_set_is_measured(bench_train, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [row["what"] for row in rows] == ["loader cpu-aug, 0 workers, 16px b64"] and rows[0]["pairs_per_s"] > 0
     assert "generated" not in (tmp_path / "log.txt").read_text()  # mdra.py's synthetic images, no JPEGs written
+
+
+def test_a_loaders_workers_stop_when_its_row_is_measured(bench_train, tmp_path):
+    import multiprocessing
+    bench_train.make_image_folder(tmp_path / "jpegs", 48, 1)
+    args = bench_train.parse_args(["--img-size", "16", "--batch-size", "4", "--queue-size", "32", "--workers", "2",
+                                   "--data-images", "48"])
+    loader = bench_train.Loader(tmp_path / "jpegs", args, torch.device("cpu"), gpu_aug=False)
+    batches = loader.batches()
+    next(batches)
+    assert len(multiprocessing.active_children()) == 2  # persistent, as in mdra.py
+    batches.close()
+    assert bench_train.loader_rate(loader, 4, 2, torch.device("cpu"), max_batches=6) > 0
+    assert not multiprocessing.active_children()  # none left augmenting behind the next rows
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "8", "--queue-size", "20"], "not a multiple"),
+                                           (["--batch-size", "8", "--data-images", "12"], "fewer than two batches")])
+def test_sizes_that_cannot_work_are_refused_before_anything_runs(bench_train, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(argv)
+    assert message in capsys.readouterr().err
