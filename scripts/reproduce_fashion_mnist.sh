@@ -35,10 +35,11 @@ HOLDOUT=${HOLDOUT:-10000}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
 mkdir -p "$OUT"
 
-# The GPU if any, the CPU and its cores (all of them: nproc alone follows OMP_NUM_THREADS), and torch.
+# The GPU if any, the CPU and its cores (all of them: nproc alone follows OMP_NUM_THREADS), and torch's
+# version (from its metadata: importing torch takes seconds).
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
 HARDWARE="${gpu:+$gpu, }$(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc --all) cores),\
- torch $(python3 -c 'import torch; print(torch.__version__)')"
+ torch $(python3 -c 'import importlib.metadata as m; print(m.version("torch"))')"
 
 # row NAME COMMAND...: run COMMAND; OUT/NAME/ keeps its output, command line, wall time and hardware.
 # Running the script again resumes: finished rows are kept, and an interrupted or failed row runs
