@@ -19,6 +19,7 @@ import copy
 import datetime
 import gzip
 import json
+import math
 import os
 import resource
 import signal
@@ -38,6 +39,7 @@ import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import find_classes
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -310,14 +312,22 @@ class ArrayImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError."""
+    """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError.
 
-    def __init__(self, root):
+    classes: the class names whose order numbers the labels (a val/ folder takes train/'s, so that a
+    class it lacks does not shift the others' labels); default: root's own folders.
+    """
+
+    def __init__(self, root, classes=None):
         folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path)
+        self.classes = classes or folder.classes
+        label = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in folder.classes if name not in label]
+        if unknown:
+            raise UsageError(f"{root} has {len(unknown)} classes that the training images lack, e.g. {unknown[0]}.")
         self.paths = [path for path, _ in folder.samples]
-        self.targets = [label for _, label in folder.samples]
+        self.targets = [label[folder.classes[index]] for _, index in folder.samples]
         self.names = [Path(path).relative_to(root).as_posix() for path in self.paths]  # class/file
-        self.classes = folder.classes
 
     def __len__(self):
         return len(self.paths)
@@ -349,12 +359,17 @@ class SyntheticImages(Dataset):
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format), gzipped or not, as a numpy array."""
+    """An IDX file (the MNIST format) of bytes, gzipped or not, as a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # a truncated .gz ends in EOFError
+        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}).") from None
+    ndim = data[3] if len(data) > 3 and data[:3] == b"\0\0\x08" else 0  # magic: two zeros, 0x08 (bytes)
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
+    if not ndim or len(data) != 4 + 4 * ndim + math.prod(shape):
+        raise UsageError(f"{path} is not a whole IDX file of bytes.")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -404,16 +419,18 @@ def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
     if not root.is_dir():
         raise UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
                          "nor an existing ImageFolder directory.")
-    sub = root / ("train" if train else "val")
-    if sub.is_dir():
-        root = sub
-    elif not train:
+    if not train and not (root / "val").is_dir():
         raise UsageError(f"{data} has no val/ folder to evaluate on.")
+    if (root / "val").is_dir() and not (root / "train").is_dir():
+        raise UsageError(f"{data} has a val/ folder but no train/ folder: the training images would include "
+                         "val/ as a class; put them in train/.")
+    train_root = root / "train" if (root / "train").is_dir() else root
+    folder = train_root if train else root / "val"
     try:
-        images = ImageFiles(root)
+        images = ImageFiles(folder, None if train else find_classes(train_root)[0])
     except (FileNotFoundError, OSError) as e:
-        raise UsageError(f"{root} is not an ImageFolder root with one folder of images per class ({e}).") from None
-    return images, DataInfo(root.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
+        raise UsageError(f"{folder} is not an ImageFolder root with one folder of images per class ({e}).") from None
+    return images, DataInfo(folder.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
 
 
 def read_image(images, index):

@@ -1,6 +1,7 @@
 """The method's pieces against independent references: loss, Sinkhorn, EMA, queue, LARS, schedule."""
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,44 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     broken = images.paths.index(str(tmp_path / "a" / "broken.png"))
     image, label, skipped = mdra.read_image(images, broken)
     assert skipped == 1 and image.size == (20, 20)
+
+
+def test_val_images_are_labelled_by_the_training_classes_even_where_val_lacks_one(tmp_path):
+    from PIL import Image
+    for split, classes in (("train", "cat dog eel"), ("val", "cat eel")):
+        for cls in classes.split():
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.png")
+    train, info = mdra.build_dataset(str(tmp_path), "data", "train")
+    val, val_info = mdra.build_dataset(str(tmp_path), "data", "val")
+    assert train.targets == [0, 1, 2] and val.targets == [0, 2]  # eel is 2 in both, not 1 in val
+    assert val_info.num_classes == info.num_classes == 3 and val.classes == train.classes
+    (tmp_path / "val" / "fox").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "fox" / "0.png")
+    with pytest.raises(mdra.UsageError, match="val has 1 classes that the training images lack, e.g. fox"):
+        mdra.build_dataset(str(tmp_path), "data", "val")
+    (tmp_path / "train").rename(tmp_path / "elsewhere")  # classes and val/ side by side: val/ is not a class
+    with pytest.raises(mdra.UsageError, match="has a val/ folder but no train/ folder"):
+        mdra.build_dataset(str(tmp_path), "data", "pretrain")
+
+
+def test_a_truncated_or_foreign_idx_file_is_one_sentence(tmp_path):
+    import gzip
+    import numpy as np
+    header = bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (4).to_bytes(4, "big")
+    whole = tmp_path / "whole-idx3-ubyte"
+    whole.write_bytes(header + bytes(range(24)))
+    assert np.array_equal(mdra.read_idx(whole), np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    short = tmp_path / "short-idx3-ubyte"
+    short.write_bytes(header + bytes(20))
+    foreign = tmp_path / "foreign-idx3-ubyte"
+    foreign.write_bytes(b"\x89PNG\r\n" + bytes(30))
+    truncated = tmp_path / "truncated-idx3-ubyte.gz"
+    truncated.write_bytes(gzip.compress(header + bytes(24))[:-12])
+    for path, message in ((short, "is not a whole IDX file"), (foreign, "is not a whole IDX file"),
+                          (truncated, "cannot be read (EOFError")):
+        with pytest.raises(mdra.UsageError, match=re.escape(message)):
+            mdra.read_idx(path)
 
 
 def test_fashion_mnist_is_read_from_the_system_idx_files(tmp_path):
