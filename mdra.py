@@ -393,12 +393,41 @@ def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
     ImageFolder, indices otherwise).
     """
     train = split in ("pretrain", "train")
+    if data == "synthetic":
+        size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
+        images = SyntheticImages(size, img_size, offset=0 if train else 10**9)
+        return images, DataInfo("synthetic", SYNTHETIC_CLASSES, [f"class{i}" for i in range(SYNTHETIC_CLASSES)],
+                                img_size, (0.5,) * 3, (0.25,) * 3, True)
+    if data in SMALL_DATASETS:  # may download into --data-dir, which ranks writing at once would corrupt
+        return in_turns(lambda: named_dataset(data, data_dir, split))
+    return image_folder(data, train)
+
+
+def in_turns(load):
+    """load() in one process; under torchrun first on rank 0, then on the first rank of every other
+    node, then on the other ranks, so that a download is made once whether the nodes share the folder
+    it writes to or not, and the others read what it left. An error is raised after the last turn."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return load()
+    turn = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    result = error = None
+    for t in range(3):
+        if t == turn:
+            try:
+                result = load()
+            except UsageError as e:  # raised once no rank waits on this one in a barrier
+                error = e
+        dist.barrier()
+    if error is not None:
+        raise error
+    return result
+
+
+def named_dataset(data, data_dir, split):
+    """fashion-mnist, cifar10, cifar100 or stl10, from data_dir (or the system's Fashion-MNIST),
+    downloaded there if missing."""
+    train = split in ("pretrain", "train")
     try:
-        if data == "synthetic":
-            size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
-            images = SyntheticImages(size, img_size, offset=0 if train else 10**9)
-            return images, DataInfo("synthetic", SYNTHETIC_CLASSES, [f"class{i}" for i in range(SYNTHETIC_CLASSES)],
-                                     img_size, (0.5,) * 3, (0.25,) * 3, True)
         if data == "fashion-mnist":
             return load_fashion_mnist(data_dir, train), DataInfo(
                 data, 10, FASHION_MNIST_CLASSES, 28, (0.2860,) * 3, (0.3530,) * 3, True)
@@ -415,6 +444,10 @@ def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
                 data, 10, ds.classes, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True)
     except (OSError, RuntimeError) as e:  # torchvision's download fails with these when offline
         raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
+
+
+def image_folder(data, train):
+    """An ImageFolder root: its train/ (or itself) for training, its val/ for evaluation."""
     root = Path(data)
     if not root.is_dir():
         raise UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "

@@ -147,6 +147,27 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
     torch.testing.assert_close(torch.cat([p["R"] for p in parts]), mdra.sinkhorn(k1 @ queue.T / 100, 0.05, 3))
 
 
+def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, sys, time, torch.distributed as dist, mdra\n"
+        "dist.init_process_group('gloo')\n"
+        "r = dist.get_rank()\n"
+        "os.environ['LOCAL_RANK'] = str(r % 2)  # as if on two nodes: ranks 0 and 2 lead theirs\n"
+        "def load():\n"
+        "    start = time.monotonic(); time.sleep(0.2)\n"
+        "    return start, time.monotonic()\n"
+        "start, end = mdra.in_turns(load)\n"
+        "open(f'{sys.argv[1]}/rank{r}', 'w').write(f'{start} {end}')\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                    str(worker), str(tmp_path)], check=True, env=env, capture_output=True, timeout=120)
+    spans = [tuple(map(float, (tmp_path / f"rank{r}").read_text().split())) for r in range(3)]
+    assert spans[0][1] <= spans[2][0]  # rank 0, then the first rank of the other node
+    assert spans[2][1] <= spans[1][0]  # then the rest
+
+
 def tiny_model():
     online, offline, width = mdra.build_model("resnet18", small_stem=True)
     return online, offline
