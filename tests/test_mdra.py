@@ -235,6 +235,33 @@ def test_lars_adapts_and_decays_weights_but_not_biases_or_batchnorm():
     torch.testing.assert_close(b.detach(), b1 - 0.5 * (0.9 * gb + gb2))
 
 
+def test_lars_leaves_a_weight_whose_update_is_zero_where_it_is():
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    opt = mdra.LARS([p], lr=1.0, weight_decay=0.0, momentum=0.9)
+    p.grad = torch.zeros(3, 3)  # a zero update: the trust ratio must not divide by its norm
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3, 3))
+
+
+def test_micro_step_enqueues_the_offline_keys_of_view_1_with_each_subspace_normalised():
+    import contextlib
+    import copy
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    online, offline = tiny_model()
+    offline.train()
+    v1, v2 = torch.rand(2, 8, 3, 8, 8).unbind(0)
+    with torch.no_grad():  # computed by a copy, in train mode as the loop runs it: batch statistics
+        expected = torch.nn.functional.normalize(copy.deepcopy(offline)(v1).view(8, 4, 64), dim=2).flatten(1)
+    queue = mdra.init_queue(16, 4, seed=0)
+    before = queue.clone()
+    args = SimpleNamespace(groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3, accum_steps=1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _, keys, ptr = mdra.micro_step(online, offline, queue, 8, v1, v2, args, contextlib.nullcontext(), scaler)
+    assert ptr == 0 and torch.equal(queue[:8], before[:8])  # rows 8-15 were the oldest
+    torch.testing.assert_close(queue[8:], expected, atol=1e-6, rtol=0)
+
+
 def test_lars_leaves_a_zero_weight_to_plain_sgd():
     p = torch.nn.Parameter(torch.zeros(3, 3))
     opt = mdra.LARS([p], lr=1.0, weight_decay=0.0, momentum=0.0)

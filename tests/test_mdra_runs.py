@@ -94,6 +94,32 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert losses_a == losses_b
 
 
+def test_the_loop_moves_the_offline_encoder_once_per_optimizer_step_and_runs_it_in_train_mode(tmp_path, monkeypatch):
+    modes, real_micro_step = [], mdra.micro_step
+
+    def recording(online, offline, *args, **kwargs):
+        modes.append(offline.training)
+        return real_micro_step(online, offline, *args, **kwargs)
+
+    monkeypatch.setattr(mdra, "micro_step", recording)
+    torch.manual_seed(0)  # train() seeds with --seed 0 and then builds the model
+    online, _, _ = mdra.build_model("resnet18", small_stem=True)
+    offline = {k: v.double() for k, v in online.encoder.state_dict().items()}  # the copy it starts as
+    parameters = {name for name, _ in online.encoder.named_parameters()}
+    m = 0.99
+    for steps in (1, 2):  # two micro-batches per optimizer step: the EMA must move once, not per micro-batch
+        ckpt = load(run(tmp_path, "--max-steps", str(steps), "--accum-steps", "2", "--warmup-epochs", "0"))
+        for key, value in ckpt["offline"].items():
+            theta = ckpt["online"]["encoder." + key]
+            if key in parameters:  # xi <- m xi + (1 - m) theta, in float64
+                offline[key] = m * offline[key] + (1 - m) * theta.double()
+                torch.testing.assert_close(value.double(), offline[key], atol=1e-6, rtol=0, msg=key)
+            else:  # BatchNorm buffers are copied
+                assert torch.equal(value, theta), key
+                offline[key] = value.double()
+    assert modes == [True] * 4  # batch statistics, as BYOL
+
+
 def test_kept_copies_and_max_steps_do_not_change_the_schedule(tmp_path):
     run(tmp_path, "--epochs", "3", "--keep-every", "1", "--max-steps", "6")
     assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch*.pth")) == ["checkpoint_epoch0001.pth"]
