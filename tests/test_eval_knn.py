@@ -239,6 +239,29 @@ def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_monitor_labels_its_bank_subset_with_the_subsets_own_labels():
+    args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=80, img_size=8, knn_subset=50,
+                              batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
+    pixels = torch.nn.Flatten()  # the synthetic classes are far apart in pixel space
+    result = eval_knn.knn_monitor(pixels, args, mdra.DistEnv(0, 1, 0, torch.device("cpu")))
+    assert result["top1@20"] >= 80  # chance is 25%; labels of other images than the subset's fall to it
+
+
+def test_knn_accuracy_gives_each_ks_top1_and_top5_as_ranking_the_reference_votes_does():
+    train, labels, test, num_classes = random_problem(n_test=40)
+    test_labels = torch.randint(0, num_classes, (40,), generator=torch.Generator().manual_seed(1))
+    env = mdra.DistEnv(0, 1, 0, torch.device("cpu"))
+    result = eval_knn.knn_accuracy(train, labels, test, test_labels, num_classes, [5, 20], 0.07, 1024, env)
+    for k in (5, 20):
+        votes = reference_votes(train, labels, test, num_classes, k, 0.07)
+        ranked = votes.argsort(dim=1, descending=True)
+        voted = votes.gather(1, test_labels[:, None])[:, 0] > 0  # a class no neighbour voted for is never a hit
+        top1 = 100 * ((ranked[:, 0] == test_labels) & voted).double().mean().item()
+        top5 = 100 * ((ranked[:, :5] == test_labels[:, None]).any(dim=1) & voted).double().mean().item()
+        assert result[k] == pytest.approx((top1, top5), abs=1e-9)
+    assert all(top1 < top5 for top1, top5 in result.values())
+
+
 def test_monitor_with_a_bank_smaller_than_k_votes_with_the_whole_bank():
     args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=5,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
