@@ -1,5 +1,6 @@
 """finetune.py: the labelled subset, fine-tuning and the linear probe, resume, export and predict,
 and the errors a user can cause. Everything runs on CPU with tiny synthetic data."""
+import contextlib
 import json
 import math
 import os
@@ -194,6 +195,36 @@ def test_linear_probe_trains_only_the_head_and_leaves_the_backbone_bit_identical
     backbone, width = mdra.build_backbone("resnet18", True)
     initial = finetune.Classifier(backbone, width, 10, ckpt["mean"], ckpt["std"]).head.state_dict()
     assert not torch.equal(ckpt["head"]["weight"], initial["weight"])
+
+
+def test_the_classifier_normalises_its_input_with_the_data_sets_statistics():
+    import torchvision.transforms.functional as TF
+    torch.manual_seed(0)
+    backbone, width = mdra.build_backbone("resnet18", small_stem=True)
+    mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
+    model = finetune.Classifier(backbone, width, 3, mean, std).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.head(backbone(TF.normalize(x, mean, std))))
+
+
+def test_evaluation_runs_the_network_in_eval_mode_and_leaves_its_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    backbone, width = mdra.build_backbone("resnet18", small_stem=True)
+    model = finetune.Classifier(backbone, width, 4, (0.5,) * 3, (0.25,) * 3)
+    model.train()  # as the training loop leaves it
+    batches = [(torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 4, (6,))) for _ in range(3)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    top1, top5, counted = finetune.evaluate(model, batches, torch.device("cpu"), torch.contiguous_format,
+                                            contextlib.nullcontext())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running statistics too
+    with torch.no_grad():  # reference: each image alone through the network in eval mode
+        predictions = [model.eval()(image[None].float() / 255)[0].topk(4).indices for images, _ in batches
+                       for image in images]
+    labels = torch.cat([labels for _, labels in batches])
+    assert counted == 18
+    assert top1 == pytest.approx(100 * sum(int(p[0] == y) for p, y in zip(predictions, labels)) / 18)
+    assert top5 == 100.0  # 4 classes: every label is among the top 5
 
 
 def test_linear_probe_check_rejects_a_backbone_that_moved():
