@@ -113,6 +113,13 @@ def test_sinkhorn_matches_float64_reference_and_ignores_extreme_scores():
     torch.testing.assert_close(mdra.sinkhorn(scores + 30, mu=0.05, iters=3), R)
 
 
+def run_under_torchrun(script, processes, *args):
+    """script as `processes` gloo ranks on this machine, importing mdra from the repository."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                    str(script), *map(str, args)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   capture_output=True, timeout=120)
+
+
 def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_loss(tmp_path):
     q1, q2, k1, k2, queue = random_inputs(B=16, N=64, seed=3)
     torch.save({"q1": q1, "q2": q2, "k1": k1, "k2": k2, "queue": queue}, tmp_path / "inputs.pt")
@@ -130,10 +137,7 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
         "R = mdra.sinkhorn(x['k1'][rows] @ x['queue'].T / 100, 0.05, 3)\n"
         "torch.save({'loss': loss.detach(), 'g1': q1.grad, 'g2': q2.grad, 'R': R}, f'{sys.argv[2]}/rank{r}.pt')\n"
         "dist.destroy_process_group()\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(worker), str(tmp_path / "inputs.pt"), str(tmp_path)],
-                   check=True, env=env, capture_output=True, timeout=120)
+    run_under_torchrun(worker, 2, tmp_path / "inputs.pt", tmp_path)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     q1.requires_grad_(), q2.requires_grad_()
@@ -160,9 +164,7 @@ def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest
         "start, end = mdra.in_turns(load)\n"
         "open(f'{sys.argv[1]}/rank{r}', 'w').write(f'{start} {end}')\n"
         "dist.destroy_process_group()\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                    str(worker), str(tmp_path)], check=True, env=env, capture_output=True, timeout=120)
+    run_under_torchrun(worker, 3, tmp_path)
     spans = [tuple(map(float, (tmp_path / f"rank{r}").read_text().split())) for r in range(3)]
     assert spans[0][1] <= spans[2][0]  # rank 0, then the first rank of the other node
     assert spans[2][1] <= spans[1][0]  # then the rest
