@@ -369,18 +369,24 @@ class Loader:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
 
+    @contextlib.contextmanager
+    def running(self):
+        """batches() for one measurement, stopped with its workers at the end of it."""
+        batches = self.batches()
+        try:
+            yield batches
+        finally:
+            batches.close()
+            self.stop()
+
 
 def loader_rate(loader, batch_size, workers, device, max_batches=100):
     """Pairs/s of the loader alone (views made and on the device) over one epoch or max_batches (a
     real data set's epoch is far longer than needed), in the steady state."""
-    batches = loader.batches()
     skip = min(max(workers, 1), loader.num_batches - 1)
-    try:
+    with loader.running() as batches:
         return steady_rates(lambda: next(batches), min(loader.num_batches, max_batches) - skip, batch_size, skip,
                             device)[0]
-    finally:
-        batches.close()
-        loader.stop()
 
 
 def device_views_rate(loader, batch_size, device, rounds=5):
@@ -506,12 +512,8 @@ def measure_e2e(report, step, loaders, args, device):
             pairs = args.batch_size * args.accum_steps
             prefetched = args.workers * (loader.loader.prefetch_factor or 1)
             skip = max(1, math.ceil(prefetched / args.accum_steps))
-            batches = loader.batches()
-            try:
+            with loader.running() as batches:
                 rates, data_wait = fed_rates(step, batches, args.e2e_steps, pairs, skip, device, args.repeats)
-            finally:
-                batches.close()
-                loader.stop()
             rate = statistics.median(rates)
             used = (skip + args.repeats * args.e2e_steps) * args.accum_steps
             note = (f"median of {args.repeats} x {args.e2e_steps} steps after {skip}; "
