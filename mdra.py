@@ -366,11 +366,12 @@ def read_idx(path):
             data = f.read()
     except (OSError, EOFError) as e:  # a truncated .gz ends in EOFError
         raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}).") from None
-    ndim = data[3] if len(data) > 3 and data[:3] == b"\0\0\x08" else 0  # magic: two zeros, 0x08 (bytes)
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
-    if not ndim or len(data) != 4 + 4 * ndim + math.prod(shape):
+    ndim = data[3] if data[:3] == b"\0\0\x08" and len(data) > 3 else 0  # magic: two zeros, 0x08 (bytes)
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header]) if ndim and len(data) >= header else None
+    if shape is None or len(data) != header + math.prod(shape):
         raise UsageError(f"{path} is not a whole IDX file of bytes.")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def load_fashion_mnist(data_dir, train):
@@ -452,12 +453,13 @@ def image_folder(data, train):
     if not root.is_dir():
         raise UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
                          "nor an existing ImageFolder directory.")
-    if not train and not (root / "val").is_dir():
+    has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
+    if not train and not has_val:
         raise UsageError(f"{data} has no val/ folder to evaluate on.")
-    if (root / "val").is_dir() and not (root / "train").is_dir():
+    if has_val and not has_train:
         raise UsageError(f"{data} has a val/ folder but no train/ folder: the training images would include "
                          "val/ as a class; put them in train/.")
-    train_root = root / "train" if (root / "train").is_dir() else root
+    train_root = root / "train" if has_train else root
     folder = train_root if train else root / "val"
     try:
         images = ImageFiles(folder, None if train else find_classes(train_root)[0])
