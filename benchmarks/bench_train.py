@@ -326,7 +326,7 @@ def write_jpeg(job):
 
 
 def make_image_folder(root, n, processes):
-    classes = 10
+    classes = min(10, n)  # every class folder holds an image, or ImageFolder refuses the root
     for c in range(classes):
         (root / f"class{c}").mkdir(parents=True, exist_ok=True)
     jobs = [(root / f"class{i % classes}" / f"{i:06d}.jpg", i) for i in range(n)]

@@ -123,3 +123,10 @@ def test_sizes_that_cannot_work_are_refused_before_anything_runs(bench_train, ar
     with pytest.raises(SystemExit):
         bench_train.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_generated_folder_of_fewer_images_than_classes_is_still_an_image_folder(bench_train, tmp_path):
+    import mdra
+    bench_train.make_image_folder(tmp_path / "jpegs", 4, 1)
+    images = mdra.ImageFiles(tmp_path / "jpegs")
+    assert len(images) == 4 and len(images.classes) == 4  # no empty class folder for ImageFolder to refuse
