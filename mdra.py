@@ -20,6 +20,7 @@ import datetime
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import resource
 import signal
@@ -643,6 +644,18 @@ def ignore_stop_signals(worker_id=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def kill_loader_workers():
+    """Kill the data-loading workers an error left running (a finished loader has stopped its own).
+    They ignore SIGTERM, which is all that multiprocessing sends them at exit before waiting for them,
+    forever, while the error's traceback still holds their loader."""
+    workers = multiprocessing.active_children()
+    if workers:  # their DataLoader's SIGCHLD handler would report each death as one more error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
 # ------------------------------------------------------------------------------------------------
 # Processes, devices, checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -835,7 +848,8 @@ def run_main(train_fn, argv, parser):
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    finally:
+    finally:  # a crash still ends with its traceback and status 1: the workers it left would hang the exit
+        kill_loader_workers()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():

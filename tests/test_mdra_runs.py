@@ -254,6 +254,28 @@ def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, me
     assert err.startswith("mdra.py: error: ") and message in err and len(err.splitlines()) == 1
 
 
+def test_a_crash_with_loader_workers_ends_the_process_with_its_traceback_instead_of_hanging(tmp_path):
+    # The workers ignore SIGTERM, which is all that multiprocessing sends them at exit before waiting.
+    crash_in_step_3 = ("import sys, mdra\n"
+                       "loss, calls = mdra.mdra_loss, []\n"
+                       "def crashing(*args):\n"
+                       "    calls.append(1)\n"
+                       "    if len(calls) == 3:\n"
+                       "        raise RuntimeError('a crash in step 3')\n"
+                       "    return loss(*args)\n"
+                       "mdra.mdra_loss = crashing\n"
+                       "mdra.main(sys.argv[1:])\n")
+    proc = subprocess.Popen([sys.executable, "-c", crash_in_step_3, *TINY, "--workers", "2", "--epochs", "100",
+                             "--out-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung run and its workers
+        raise
+    assert proc.returncode == 1 and err.splitlines()[-1] == "RuntimeError: a crash in step 3", err
+
+
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
     args = mdra.get_parser().parse_args([*TINY, "--sync-bn"])
     _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
