@@ -351,7 +351,9 @@ def finetune(args, env, start):
         model = DDP(model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
 
     # Augmentation is keyed by (seed, epoch, position), so no random state needs saving for resume.
-    train_set = AugmentedSubset(Subset(train_images, subset), train_transform(info, args.img_size), args.seed)
+    labelled = Subset(train_images, subset)
+    mdra.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one clear error
+    train_set = AugmentedSubset(labelled, train_transform(info, args.img_size), args.seed)
     sampler = mdra.EpochSampler(len(subset), args.batch_size, steps_per_epoch, env.world_size, env.rank, args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,

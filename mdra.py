@@ -471,14 +471,15 @@ def image_folder(data, train):
 
 def read_image(images, index):
     """images[index], or the next readable one if that file is corrupt. Returns (image, label,
-    number skipped) so the caller can count what was skipped instead of dying on it."""
+    number skipped) so the caller can count what was skipped instead of dying on it. The scripts call
+    it once before training, so that a data set of which no image can be read is one clear error."""
     for skipped in range(len(images)):
         try:
             image, label = images[(index + skipped) % len(images)]
             return image, label, skipped
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
-    raise RuntimeError("no image of the data set can be read")
+    raise UsageError(f"none of the {len(images)} images of the data set can be read.")
 
 
 class GaussianBlur(T.GaussianBlur):
@@ -1056,6 +1057,7 @@ def train(args):
                      broadcast_buffers=False, gradient_as_bucket_view=True)
     offline.train()
 
+    read_image(images, 0)  # here, not in a loader worker: a data set with no readable image is one clear error
     loader, sampler, device_views = pretrain_loader(images, info, args, env, steps_per_epoch * args.accum_steps)
 
     plain_args = plain_values(args)

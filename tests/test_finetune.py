@@ -382,9 +382,13 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{pretrained}", "--label-fraction", "0.5", "--holdout", "31"], "--holdout 31 must be between 1 and the 30 "),
     (["--ckpt", "{pretrained}", "--eval-every", "0"], "--eval-every must be at least 1."),
     (["--ckpt", "{pretrained}", "--lr", "-1"], "--lr must be at least 0."),
+    (["--random-init", "--data", "{tmp}/unreadable", "--workers", "2"], "none of the 20 images of the data set can be read."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
     torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
+    for split, i in [("train", i) for i in range(20)] + [("val", 0), ("val", 1)]:
+        (tmp_path / "unreadable" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "unreadable" / split / f"class{i % 2}" / f"{i}.jpg").write_text("not a JPEG")
     torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, tmp_path / "no-head.pth")
     places = {"{pretrained}": str(pretrained), "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
     for key, value in places.items():

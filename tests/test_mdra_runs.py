@@ -254,6 +254,18 @@ def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, me
     assert err.startswith("mdra.py: error: ") and message in err and len(err.splitlines()) == 1
 
 
+def test_a_data_set_of_which_no_image_can_be_read_is_one_sentence(tmp_path):
+    for i in range(40):
+        (tmp_path / "images" / "train" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / "train" / f"class{i % 2}" / f"{i}.jpg").write_text("not a JPEG")
+    # Found before the loader starts: from a worker, the error would come wrapped in its traceback.
+    result = subprocess.run([sys.executable, "mdra.py", *TINY, "--data", str(tmp_path / "images"), "--accum-steps", "1",
+                             "--workers", "2", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                            text=True, timeout=90)
+    assert result.returncode == 2
+    assert result.stderr == "mdra.py: error: none of the 40 images of the data set can be read.\n"
+
+
 def test_a_crash_with_loader_workers_ends_the_process_with_its_traceback_instead_of_hanging(tmp_path):
     # The workers ignore SIGTERM, which is all that multiprocessing sends them at exit before waiting.
     crash_in_step_3 = ("import sys, mdra\n"
