@@ -419,7 +419,7 @@ def get_parser():
     a("--synthetic-size", type=int, default=None, help="train images of --data synthetic; default: the checkpoint's")
     a("--img-size", type=int, default=None, help="crop size; default: the checkpoint's, else the data set's own")
     a("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours; all share one top-k search")
-    a("--temperature", type=float, default=0.07, help="T of the vote weight exp(similarity / T)")
+    a("--temperature", type=mdra.finite_float, default=0.07, help="T of the vote weight exp(similarity / T)")
     a("--batch-size", type=int, default=256, help="images per forward pass on each rank")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -429,7 +429,7 @@ def get_parser():
     a("--bank-device", default="auto", choices=["auto", "cpu", "cuda"],
       help="where the train features live: auto is --device; cpu keeps them in host memory and streams pieces to the "
            "GPU (for banks larger than the GPU memory; slower by one host-to-GPU copy of the bank)")
-    a("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB,
+    a("--chunk-mb", type=mdra.finite_float, default=DEFAULT_CHUNK_MB,
       help="memory budget of one similarity block (and of one bank piece); the results do not depend on it")
     a("--save-features", default=None, metavar="DIR", help="also write the features to DIR/train.pth and DIR/val.pth")
     a("--load-features", default=None, metavar="DIR",

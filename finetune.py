@@ -593,7 +593,7 @@ def get_parser():
       help="ImageFolder root (train/ and val/) or one of: " + ", ".join(mdra.SMALL_DATASETS))
     a("--data-dir", default="data", help="where named data sets are read from or downloaded to")
     a("--synthetic-size", type=int, default=1024, help="number of training images of --data synthetic")
-    a("--label-fraction", type=float, default=None,
+    a("--label-fraction", type=mdra.finite_float, default=None,
       help="train on this fraction of the labels (0.01, 0.1), the same share of every class, drawn with --seed; "
            "default: all labels")
     a("--subset-file", default=None,
@@ -614,11 +614,11 @@ def get_parser():
     a("--max-steps", type=int, default=0,
       help="stop after this many steps in total (resumed ones included); the schedule still follows --epochs")
     a("--batch-size", type=int, default=256, help="global batch over all ranks")
-    a("--lr", type=float, default=0.3,
+    a("--lr", type=mdra.finite_float, default=0.3,
       help="SGD learning rate of the classifier (and of the backbone without --lr-backbone), cosine to 0 per step")
-    a("--lr-backbone", type=float, default=None,
+    a("--lr-backbone", type=mdra.finite_float, default=None,
       help="a separate learning rate for the backbone when fine-tuning (e.g. 10x lower than --lr)")
-    a("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    a("--weight-decay", type=mdra.finite_float, default=0.0, help="SGD weight decay")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--out-dir", default="runs/finetune",
       help="checkpoint.pth, log.jsonl and subset.txt go here; an existing checkpoint is resumed")

@@ -396,6 +396,8 @@ def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
     """
     train = split in ("pretrain", "train")
     if data == "synthetic":
+        if synthetic_size < 1:
+            raise UsageError("--synthetic-size must be at least 1.")
         size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
         images = SyntheticImages(size, img_size, offset=0 if train else 10**9)
         return images, DataInfo("synthetic", SYNTHETIC_CLASSES, [f"class{i}" for i in range(SYNTHETIC_CLASSES)],
@@ -864,6 +866,14 @@ def run_main(train_fn, argv, parser):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+def finite_float(text):
+    """argparse type: a float that is a number; nan or inf would reach the schedule or the loss."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it is a value: None means "chosen from the data or the device",
     which the help text says."""
@@ -893,16 +903,16 @@ def get_parser():
       help="global micro-batch over all ranks; default 512 (ImageNet) or 256 (small data)")
     a("--accum-steps", type=int, default=None,
       help="micro-batches per optimizer step; default 8 (ImageNet: 512 x 8 = 4096) or 1 (small data)")
-    a("--lr", type=float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
-    a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
-    a("--warmup-epochs", type=float, default=10, help="linear warm-up before the cosine decay")
+    a("--lr", type=finite_float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
+    a("--weight-decay", type=finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
+    a("--warmup-epochs", type=finite_float, default=10, help="linear warm-up before the cosine decay")
     a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
     a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is plain relation alignment")
-    a("--tau", type=float, default=0.04, help="temperature of the online relation P")
-    a("--mu", type=float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
-    a("--momentum", type=float, default=0.99, help="EMA momentum m of the offline encoder")
+    a("--tau", type=finite_float, default=0.04, help="temperature of the online relation P")
+    a("--mu", type=finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
+    a("--momentum", type=finite_float, default=0.99, help="EMA momentum m of the offline encoder")
     a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
-    a("--solarize", type=float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
+    a("--solarize", type=finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--gpu-aug", action="store_true",
       help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")

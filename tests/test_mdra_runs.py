@@ -245,6 +245,7 @@ def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
     (["--workers", "-1"], "--workers must be at least 0."),
     (["--tau", "0"], "--tau 0.0 must be positive."),
     (["--momentum", "1.5"], "--momentum 1.5 is not in [0, 1]."),
+    (["--synthetic-size", "-5"], "--synthetic-size must be at least 1."),
 ])
 def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -252,6 +253,17 @@ def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, me
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mdra.py: error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("script, option", [("mdra", "--lr"), ("mdra", "--warmup-epochs"), ("finetune", "--lr"),
+                                            ("eval_knn", "--temperature")])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_numbers_that_are_not_finite_are_refused_by_the_parser(script, option, value, capsys):
+    parser = __import__(script).get_parser()
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([f"{option}={value}"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"{script}.py: error: argument {option}: {value} is not a finite number"
 
 
 def test_a_data_set_of_which_no_image_can_be_read_is_one_sentence(tmp_path):
