@@ -791,7 +791,10 @@ class Logger:
 
     def print(self, *msg):
         if self.active:
-            print(*msg, flush=True)
+            try:
+                print(*msg, flush=True)
+            except BrokenPipeError:  # the console went away (tee, stopped by the same Ctrl-C, say): train on
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # log.jsonl keeps the record
 
     def json(self, record):
         if self.active:

@@ -145,6 +145,22 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits(tmp_path):
     assert ckpt["step"] >= 2 and ckpt["step"] == log_records(tmp_path)[-1]["step"]
 
 
+def test_a_console_that_goes_away_neither_stops_the_run_nor_keeps_a_signal_from_saving(tmp_path):
+    # `mdra.py | tee log` and Ctrl-C: tee ends at once, and the run's next line meets a closed pipe.
+    proc = subprocess.Popen([sys.executable, "mdra.py", *TINY, "--epochs", "100", "--out-dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and '"step": 3' in log.read_text()):  # two lines after the pipe closed
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, proc.stderr.read()
+    assert load(tmp_path / "checkpoint.pth")["step"] == log_records(tmp_path)[-1]["step"] >= 3
+
+
 def test_a_stop_signal_before_the_training_loop_acts_at_once_and_one_inside_it_waits_for_the_step(capsys):
     def interrupted_while_setting_up(args):
         os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt here
