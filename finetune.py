@@ -135,10 +135,10 @@ def read_subset_file(path, names):
     if not path.is_file():
         raise UsageError(f"--subset-file {path} does not exist or is not a file.")
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's byte-order mark
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--subset-file {path} cannot be read as text ({type(e).__name__}).") from None
-    wanted = sorted({line.strip() for line in lines if line.strip()})
+    wanted = sorted({line.strip().removeprefix("./") for line in lines if line.strip()})
     if not wanted:
         raise UsageError(f"--subset-file {path} names no images.")
     where = {}

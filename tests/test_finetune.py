@@ -92,6 +92,9 @@ def test_subset_file_selects_images_by_class_and_file_or_by_a_unique_file_name(t
     split = tmp_path / "1percent.txt"  # SimCLR's files name the file alone
     split.write_text("n01443537_7.JPEG\n\n  n01440764_10026.JPEG \nn01443537/n01443537_7.JPEG\n")
     assert finetune.read_subset_file(split, names) == [0, 3]
+    # As a Windows editor saves it: a byte-order mark, CRLF line ends, and paths relative to the root.
+    split.write_bytes("\ufeffn01443537_2.JPEG\r\n./n01440764/n01440764_10027.JPEG\r\n".encode("utf-8"))
+    assert finetune.read_subset_file(split, names) == [1, 2]
 
 
 def test_subset_txt_of_an_image_folder_whose_classes_reuse_file_names_reads_back(tmp_path):
