@@ -318,6 +318,9 @@ def load_features(directory, env, bank_device):
                                   f"({part if isinstance(part, str) else 'other contents'}).")
         parts.append(part)
     train, val = parts
+    if train["description"] != val["description"] or train["num_classes"] != val["num_classes"]:
+        raise mdra.UsageError(f"{directory}'s train.pth and val.pth come from different features "
+                              f"({train['description']}; {val['description']}).")
     queries = val["features"][shard(len(val["labels"]), env)].to(env.device)
     return (train["features"].to(bank_device), train["labels"], queries, val["labels"], train["num_classes"],
             f"{train['description']}, loaded from {directory}")
@@ -351,6 +354,12 @@ def evaluate(args):
     if args.bank_device == "cuda" and not cuda:
         raise mdra.UsageError("--bank-device cuda needs the evaluation itself on a GPU (--device cuda).")
     bank_device = torch.device("cpu") if args.bank_device == "cpu" else env.device
+    if args.load_features:  # what made the features is in the folder; these would only mislabel the results
+        given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size")
+                 if getattr(args, name)]
+        if given:
+            raise mdra.UsageError(f"--load-features takes the features from its folder; {', '.join(given)} would "
+                                  "not change them, so leave them out.")
     if args.temperature <= 0 or args.chunk_mb <= 0 or min(args.k) < 1:
         raise mdra.UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
     mdra.require_at_least(1, args, "batch_size")

@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,23 @@ def test_baselines_run_end_to_end_and_saved_features_give_the_same_result(checkp
     record = json.loads((tmp_path / "random.json").read_text())
     assert record["features"].startswith("resnet18, random init") and set(record["results"]) == {"5", "20"}
     assert set(random_init) == {5, 20}
+
+
+def test_loaded_features_refuse_flags_that_would_mislabel_them_and_files_of_two_runs(checkpoint, tmp_path, capsys):
+    common = ["--ckpt", str(checkpoint), "--k", "5", "--workers", "0"]
+    eval_knn.main(common + ["--pixels", "--save-features", str(tmp_path / "pixels"), "--out", str(tmp_path / "p.json")])
+    eval_knn.main(common + ["--save-features", str(tmp_path / "trained"), "--out", str(tmp_path / "t.json")])
+    for flags in (["--ckpt", str(checkpoint)], ["--pixels"], ["--data", "synthetic"]):
+        with pytest.raises(SystemExit) as exit_info:
+            eval_knn.main(["--load-features", str(tmp_path / "pixels"), *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"--load-features takes the features from its folder; {flags[0]}" in err
+    (tmp_path / "mixed").mkdir()
+    shutil.copy(tmp_path / "pixels" / "train.pth", tmp_path / "mixed")
+    shutil.copy(tmp_path / "trained" / "val.pth", tmp_path / "mixed")
+    with pytest.raises(SystemExit):
+        eval_knn.main(["--load-features", str(tmp_path / "mixed"), "--k", "5"])
+    assert "train.pth and val.pth come from different features" in capsys.readouterr().err
 
 
 def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):
