@@ -332,8 +332,9 @@ def finetune(args, env, start):
 
     step, metrics = 0, {}
     ckpt_path = out_dir / "checkpoint.pth"
+    data = mdra.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
     if ckpt_path.exists():
-        ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, formats=(CLASSIFIER_FORMAT,))
+        ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, (CLASSIFIER_FORMAT,), data)
         mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {ckpt_path}")
         mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -384,7 +385,7 @@ def finetune(args, env, start):
             "backbone": model_raw.backbone.state_dict(), "head": model_raw.head.state_dict(),
             "num_classes": info.num_classes, "class_names": list(info.class_names),
             "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "resize": resize,
-            "metrics": metrics, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "metrics": metrics, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "data": data,
         }, ckpt_path)
 
     control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag

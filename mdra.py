@@ -18,6 +18,7 @@ import contextlib
 import copy
 import datetime
 import gzip
+import hashlib
 import json
 import math
 import multiprocessing
@@ -740,10 +741,15 @@ def load_checkpoint(path, formats=("mdra",)):
     return ckpt
 
 
-def load_resume_checkpoint(path, args, may_change, formats=("mdra",)):
+def data_fingerprint(names):
+    """What a resumed run checks its images against: how many, and a hash of their names in order."""
+    return {"images": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+def load_resume_checkpoint(path, args, may_change, formats=("mdra",), data=None):
     """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
     differs from the run's (the others define the model, the data, the schedule or the seed, so the run
-    could not continue as the one it resumes)."""
+    could not continue as the one it resumes), or if its images (data: their data_fingerprint) did."""
     ckpt = load_checkpoint(path, formats)
     saved, now = ckpt["args"], plain_values(args)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
@@ -751,6 +757,11 @@ def load_resume_checkpoint(path, args, may_change, formats=("mdra",)):
     if changed:
         raise UsageError(f"{path} comes from a different run ({', '.join(changed)}); "
                          "use another --out-dir or the same settings.")
+    saved_data = ckpt.get("data", data)  # checkpoints written before the fingerprint have none
+    if saved_data != data:
+        then, now = saved_data["images"], data["images"]
+        differ = f"{then} then, {now} now" if then != now else f"{now} then and now, under other names"
+        raise UsageError(f"{path} comes from a run on other images ({differ}); use another --out-dir or the same images.")
     return ckpt
 
 
@@ -1046,8 +1057,9 @@ def train(args):
 
     step = 0
     ckpt_path = out_dir / "checkpoint.pth"
+    data = data_fingerprint(images.names)
     if ckpt_path.exists():
-        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE)
+        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, data=data)
         load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
         load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1093,7 +1105,7 @@ def train(args):
             "offline": offline_raw.state_dict(), "queue": queue.cpu(), "queue_ptr": queue_ptr,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})},
-            "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size,
+            "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "data": data,
         }
         save_checkpoint(state, ckpt_path)
         if keep_epoch is not None:

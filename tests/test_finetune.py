@@ -277,6 +277,21 @@ def test_resuming_with_another_start_subset_or_learning_rate_is_refused_and_leav
     assert (classifier.parent / "subset.txt").read_text() == subset  # still the finished run's images
 
 
+def test_resuming_refuses_a_labelled_subset_whose_images_changed_under_the_same_flags(tmp_path, capsys):
+    for split, count in (("train", 16), ("val", 4)):
+        for i in range(count):
+            (tmp_path / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(tmp_path / split / f"class{i % 2}" / f"{i:02d}.png")
+    command = ["--random-init", "--arch", "resnet18", "--data", str(tmp_path), "--img-size", "8", "--batch-size", "4",
+               "--workers", "0", "--label-fraction", "0.5", "--out-dir", str(tmp_path / "run")]
+    finetune.main([*command, "--max-steps", "1"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "class0" / "new.png")  # the class-balanced half changes
+    with pytest.raises(SystemExit) as exc:
+        finetune.main([*command, "--max-steps", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "comes from a run on other images (8 then, 9 now)" in err, err
+
+
 def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
     with pytest.raises(SystemExit, match="finetune.py: error: the loss became non-finite between steps"):
         finetune.main(["--random-init", "--arch", "resnet18", *TINY, "--img-size", "16", "--label-fraction", "0.25",

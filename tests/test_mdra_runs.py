@@ -193,6 +193,27 @@ def test_resuming_refuses_a_changed_recipe_and_accepts_a_changed_precision(tmp_p
     assert load(run(tmp_path, "--max-steps", "2", "--amp", "fp16", "--workers", "1"))["step"] == 2
 
 
+def test_resuming_refuses_images_that_changed_under_the_same_flags(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "images"
+    for i in range(48):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (5 * i, 0, 0)).save(root / f"class{i % 2}" / f"{i:02d}.png")
+    folder_run = ["--data", str(root), "--accum-steps", "1", "--img-size", "8"]
+    run(tmp_path / "run", *folder_run, "--max-steps", "1")
+    Image.new("RGB", (8, 8)).save(root / "class0" / "new.png")  # one more image
+    (root / "class1" / "01.png").rename(root / "class1" / "renamed.png")  # and the same number, renamed
+    for changed, then_now in ((lambda: None, "48 then, 49 now"),
+                              (lambda: (root / "class0" / "new.png").unlink(), "48 then and now, under other names")):
+        changed()
+        with pytest.raises(SystemExit) as exc:
+            run(tmp_path / "run", *folder_run, "--max-steps", "2")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"comes from a run on other images ({then_now})" in err, err
+    (root / "class1" / "renamed.png").rename(root / "class1" / "01.png")
+    assert load(run(tmp_path / "run", *folder_run, "--max-steps", "2"))["step"] == 2
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss, calls = mdra.mdra_loss, []
 
