@@ -857,20 +857,23 @@ def run_main(train_fn, argv, parser):
     args = parser.parse_args(argv)
     STOP_SIGNALS.clear()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Only the message is kept: the traceback would keep the loaders, and their workers, alive.
+    message, status = None, 0
     try:
         result = train_fn(args)
     except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        message, status = f"error: {e}", 2
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        message, status = "interrupted", 128 + signal.SIGINT
     finally:  # a crash still ends with its traceback and status 1: the workers it left would hang the exit
         kill_loader_workers()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if message:
+        print(f"{parser.prog}: {message}", file=sys.stderr)
+        sys.exit(status)
     if STOP_SIGNALS:  # received after the loop's last look, e.g. while finetune.py exported
         sys.exit(128 + STOP_SIGNALS[0])
     return result
