@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import mdra
@@ -131,7 +132,9 @@ def shard(n, env):
 
 
 class EvalImages(Dataset):
-    """images[indices[i]] through the evaluation transform (labels are taken from .targets instead)."""
+    """images[indices[i]] through the evaluation transform (labels are taken from .targets instead),
+    with the file's name if it cannot be read (else ""): extract_features then stops with that name,
+    as skipping an image would change the bank or the accuracy's denominator."""
 
     def __init__(self, images, indices, transform):
         self.images, self.indices, self.transform = images, indices, transform
@@ -140,8 +143,11 @@ class EvalImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        image, _ = self.images[self.indices[i]]
-        return self.transform(image)
+        try:
+            image, _ = self.images[self.indices[i]]
+            return self.transform(image), ""
+        except mdra.READ_ERRORS:  # a stand-in, so that the name reaches the main process
+            return self.transform(Image.new("RGB", (1, 1))), mdra.image_name(self.images, self.indices[i])
 
 
 @torch.no_grad()
@@ -157,7 +163,10 @@ def extract_features(net, images, indices, transform, env, batch_size, workers, 
     autocast = torch.autocast(env.device.type, dtype=mdra.AMP_DTYPES[amp], enabled=mdra.AMP_DTYPES[amp] is not None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
-    for i, x in enumerate(loader):
+    for i, (x, unreadable) in enumerate(loader):
+        if any(unreadable):
+            raise mdra.UsageError(f"{next(name for name in unreadable if name)} cannot be read; an evaluation "
+                                  "needs every image: remove or replace it.")
         x = x.to(env.device, non_blocking=True, memory_format=memory_format)
         with autocast:
             batch = net(x)

@@ -200,18 +200,21 @@ class AugmentedSubset(Dataset):
 
 
 class CentreCrops(Dataset):
-    """Evaluation samples. A file that cannot be read is an error here: skipping it would change
-    the accuracy's denominator."""
+    """Evaluation samples: (image, label, the file's name if it cannot be read else ""). An unreadable
+    file is an error here (evaluate raises it): skipping it would change the accuracy's denominator."""
 
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
+    def __init__(self, images, transform, size):
+        self.images, self.transform, self.size = images, transform, size
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        image, label = self.images[index]
-        return self.transform(image), label
+        try:
+            image, label = self.images[index]
+            return self.transform(image), label, ""
+        except mdra.READ_ERRORS:  # a stand-in, so the batch goes on to evaluate, which names the file
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, mdra.image_name(self.images, index)
 
 
 def broadcast_buffers(module):
@@ -223,20 +226,27 @@ def broadcast_buffers(module):
 @torch.no_grad()
 def evaluate(model, loader, device, memory_format, autocast):
     """Top-1 and top-5 accuracy (%) and the number of images. Each rank counts its own share of
-    the split and the counts are summed, so every image is counted exactly once."""
+    the split and the counts are summed, so every image is counted exactly once. Unreadable images
+    are counted too, and any of them makes every rank raise the same error."""
     model.eval()
     hits_sum, total = torch.zeros(2, dtype=torch.long, device=device), 0  # top-1 and top-5 hits, images
-    for images, labels in loader:
+    unreadable = []
+    for images, labels, failed in loader:
+        unreadable += [name for name in failed if name]
         labels = labels.to(device, non_blocking=True)
         with autocast:
             logits = model(to_unit_float(images, device, memory_format))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         total += len(labels)
-    counts = torch.cat([hits_sum, torch.tensor([total], device=device)])
+    counts = torch.cat([hits_sum, torch.tensor([total, len(unreadable)], device=device)])
     if dist.is_initialized():
         dist.all_reduce(counts)
-    top1, top5, total = counts.tolist()
+    top1, top5, total, failed = counts.tolist()
+    if failed:
+        example = f", e.g. {unreadable[0]}" if unreadable else ""  # a name, if this rank has one
+        raise UsageError(f"{failed} images of the evaluation split cannot be read{example}; "
+                         "remove or replace them, then run the same command again.")
     return 100 * top1 / max(total, 1), 100 * top5 / max(total, 1), total
 
 
@@ -360,7 +370,7 @@ def finetune(args, env, start):
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=mdra.ignore_stop_signals)
     resize = eval_resize(info, args.img_size)
-    val_set = Subset(CentreCrops(eval_images, eval_transform(args.img_size, resize)),
+    val_set = Subset(CentreCrops(eval_images, eval_transform(args.img_size, resize), args.img_size),
                      range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
     val_loader = DataLoader(val_set, batch_size=args.batch_size // env.world_size, num_workers=args.workers,
                             pin_memory=cuda, persistent_workers=args.workers > 0, worker_init_fn=mdra.ignore_stop_signals)
@@ -466,7 +476,11 @@ def finetune(args, env, start):
         if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
             broadcast_buffers(model_raw)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
+            try:
+                top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
+            except UsageError:  # an unreadable image, on every rank: keep the epoch it evaluated
+                save()
+                raise
             metrics = {"epoch": epoch + 1, "top1": top1, "top5": top5, "eval": eval_name, "eval_images": counted}
             log.print(f"epoch {epoch + 1}/{args.epochs} {eval_name} top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
             log.json({"event": "epoch", **metrics, "step": step, "time_s": time.perf_counter() - epoch_tic})
@@ -526,7 +540,7 @@ def open_image(path):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except mdra.READ_ERRORS:
         raise UsageError(f"--predict {path} is not an image that can be read.") from None
 
 

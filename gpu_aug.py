@@ -149,7 +149,7 @@ def _decode_one(data, device):
     try:
         with Image.open(io.BytesIO(data.numpy())) as image:
             return pil_to_tensor(image.convert("RGB")).to(device)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except mdra.READ_ERRORS:
         return None
 
 

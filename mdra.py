@@ -472,6 +472,16 @@ def image_folder(data, train):
     return images, DataInfo(folder.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
 
 
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
+def image_name(images, index):
+    """The name of images[index] (class/file for an ImageFolder), through Subset wrappers."""
+    while isinstance(images, torch.utils.data.Subset):
+        images, index = images.dataset, images.indices[index]
+    return images.names[index]
+
+
 def read_image(images, index):
     """images[index], or the next readable one if that file is corrupt. Returns (image, label,
     number skipped) so the caller can count what was skipped instead of dying on it. The scripts call
@@ -480,7 +490,7 @@ def read_image(images, index):
         try:
             image, label = images[(index + skipped) % len(images)]
             return image, label, skipped
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except READ_ERRORS:
             continue
     raise UsageError(f"none of the {len(images)} images of the data set can be read.")
 

@@ -207,6 +207,21 @@ def test_loaded_features_refuse_flags_that_would_mislabel_them_and_files_of_two_
     assert "train.pth and val.pth come from different features" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, capsys, workers):
+    from PIL import Image
+    for split, count in (("train", 8), ("val", 4)):
+        for i in range(count):
+            (tmp_path / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / split / f"class{i % 2}" / f"{i}.png")
+    (tmp_path / "train" / "class0" / "2.png").write_bytes(b"half a PNG")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(["--pixels", "--data", str(tmp_path), "--img-size", "8", "--k", "1", "--workers", workers,
+                       "--out", str(tmp_path / "knn.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        "eval_knn.py: error: class0/2.png cannot be read; an evaluation needs every image: remove or replace it.\n")
+
+
 def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):
     eval_knn.main(["--ckpt", str(checkpoint), "--pixels", "--k", "20", "--workers", "0"])
     assert json.loads((checkpoint.parent / "knn_pixels.json").read_text())["n_train"] == 24

@@ -216,15 +216,16 @@ def test_evaluation_runs_the_network_in_eval_mode_and_leaves_its_batchnorm_stati
     backbone, width = mdra.build_backbone("resnet18", small_stem=True)
     model = finetune.Classifier(backbone, width, 4, (0.5,) * 3, (0.25,) * 3)
     model.train()  # as the training loop leaves it
-    batches = [(torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 4, (6,))) for _ in range(3)]
+    batches = [(torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 4, (6,)), [""] * 6)
+               for _ in range(3)]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     top1, top5, counted = finetune.evaluate(model, batches, torch.device("cpu"), torch.contiguous_format,
                                             contextlib.nullcontext())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running statistics too
     with torch.no_grad():  # reference: each image alone through the network in eval mode
-        predictions = [model.eval()(image[None].float() / 255)[0].topk(4).indices for images, _ in batches
+        predictions = [model.eval()(image[None].float() / 255)[0].topk(4).indices for images, _, _ in batches
                        for image in images]
-    labels = torch.cat([labels for _, labels in batches])
+    labels = torch.cat([labels for _, labels, _ in batches])
     assert counted == 18
     assert top1 == pytest.approx(100 * sum(int(p[0] == y) for p, y in zip(predictions, labels)) / 18)
     assert top5 == 100.0  # 4 classes: every label is among the top 5
@@ -290,6 +291,23 @@ def test_resuming_refuses_a_labelled_subset_whose_images_changed_under_the_same_
         finetune.main([*command, "--max-steps", "2"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "comes from a run on other images (8 then, 9 now)" in err, err
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_evaluation_image_is_named_in_one_sentence_after_the_epoch_it_evaluated_is_saved(
+        tmp_path, capsys, workers):
+    for split, count in (("train", 16), ("val", 4)):
+        for i in range(count):
+            (tmp_path / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(tmp_path / split / f"class{i % 2}" / f"{i:02d}.png")
+    (tmp_path / "val" / "class1" / "03.png").write_bytes(b"half a PNG")  # sorted after the readable ones
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--random-init", "--arch", "resnet18", "--data", str(tmp_path), "--img-size", "8",
+                       "--batch-size", "4", "--workers", workers, "--epochs", "2", "--out-dir", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("finetune.py: error: 1 images of the evaluation split cannot be read, e.g. "
+                                       "class1/03.png; remove or replace them, then run the same command again.\n")
+    assert load(tmp_path / "run" / "checkpoint.pth")["step"] == 4  # the first epoch's steps are kept
 
 
 def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
