@@ -363,6 +363,10 @@ def evaluate(args):
     if args.bank_device == "cuda" and not cuda:
         raise mdra.UsageError("--bank-device cuda needs the evaluation itself on a GPU (--device cuda).")
     bank_device = torch.device("cpu") if args.bank_device == "cpu" else env.device
+    if args.out and Path(args.out).is_dir():  # checked now: the results are written after all the work
+        raise mdra.UsageError(f"--out {args.out} is a folder; give a file name, e.g. {Path(args.out) / 'knn.json'}.")
+    if args.save_features:
+        mdra.require_folder(args.save_features, "--save-features")
     if args.load_features:  # what made the features is in the folder; these would only mislabel the results
         given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size")
                  if getattr(args, name)]

@@ -291,6 +291,7 @@ def finetune(args, env, start):
     args = resolve_args(args, info, env, start)
     device, cuda = env.device, env.device.type == "cuda"
     out_dir = Path(args.out_dir)
+    mdra.require_folder(out_dir, "--out-dir")
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = mdra.Logger(out_dir, env.is_main)
@@ -565,6 +566,8 @@ def predict(model, files, ckpt, device, batch_size):
 # ------------------------------------------------------------------------------------------------
 
 def run(args):
+    if args.export:  # checked now: the export comes after the training
+        mdra.require_folder(Path(args.export).parent, "--export's folder")
     if args.export and Path(args.export).suffix not in (".pt", ".pt2"):
         raise UsageError(f"--export {args.export} must end in .pt (TorchScript) or .pt2 (torch.export).")
     if bool(args.ckpt) == args.random_init:

@@ -995,6 +995,12 @@ def resolve_args(args, info, env):
     return args
 
 
+def require_folder(path, flag):
+    """One clear error, before any work, when an output folder's path is taken by a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder.")
+
+
 def require_at_least(least, args, *names):
     """One clear error for the first of these options that is below least."""
     for name in names:
@@ -1036,6 +1042,7 @@ def train(args):
         build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size)
     device, cuda = env.device, env.device.type == "cuda"
     out_dir = Path(args.out_dir)
+    require_folder(out_dir, "--out-dir")
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(out_dir, env.is_main)

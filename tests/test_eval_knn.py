@@ -247,7 +247,10 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
 
 @pytest.mark.parametrize("option, message", [(["--batch-size", "0"], "--batch-size must be at least 1."),
                                              (["--workers", "-1"], "--workers must be at least 0."),
-                                             (["--k", "0"], "every --k at least 1.")])
+                                             (["--k", "0"], "every --k at least 1."),
+                                             (["--out", "/"], "--out / is a folder; give a file name, e.g. /knn.json."),
+                                             (["--save-features", sys.executable],
+                                              f"--save-features {sys.executable} is a file, not a folder.")])
 def test_bad_options_are_refused_with_one_sentence(option, message, checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_knn.main(["--ckpt", str(checkpoint), "--pixels", *option])

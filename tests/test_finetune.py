@@ -418,6 +418,9 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (["--ckpt", "{pretrained}", "--label-fraction", "0.5", "--holdout", "31"], "--holdout 31 must be between 1 and the 30 "),
     (["--ckpt", "{pretrained}", "--eval-every", "0"], "--eval-every must be at least 1."),
     (["--ckpt", "{pretrained}", "--lr", "-1"], "--lr must be at least 0."),
+    (["--ckpt", "{pretrained}", "--out-dir", "{tmp}/foreign.pth"], "--out-dir {tmp}/foreign.pth is a file, not a folder."),
+    (["--ckpt", "{classifier}", "--export", "{tmp}/foreign.pth/model.pt"],
+     "--export's folder {tmp}/foreign.pth is a file, not a folder."),
     (["--random-init", "--data", "{tmp}/unreadable", "--workers", "2"], "none of the 20 images of the data set can be read."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):

@@ -337,6 +337,14 @@ def test_a_crash_with_loader_workers_ends_the_process_with_its_traceback_instead
     assert proc.returncode == 1 and err.splitlines()[-1] == "RuntimeError: a crash in step 3", err
 
 
+def test_an_out_dir_taken_by_a_file_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path / "taken")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"mdra.py: error: --out-dir {tmp_path / 'taken'} is a file, not a folder.\n"
+
+
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
     args = mdra.get_parser().parse_args([*TINY, "--sync-bn"])
     _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
