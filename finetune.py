@@ -540,7 +540,7 @@ def image_files(paths):
 def open_image(path):
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return mdra.rgb(image)
     except mdra.READ_ERRORS:
         raise UsageError(f"--predict {path} is not an image that can be read.") from None
 

@@ -148,7 +148,7 @@ def _decode_one(data, device):
         pass
     try:
         with Image.open(io.BytesIO(data.numpy())) as image:
-            return pil_to_tensor(image.convert("RGB")).to(device)
+            return pil_to_tensor(mdra.rgb(image)).to(device)
     except mdra.READ_ERRORS:
         return None
 

@@ -313,6 +313,15 @@ class ArrayImages(Dataset):
         return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
 
 
+def rgb(image):
+    """Any PIL image as RGB. 16- and 32-bit integer greys (mode I;16, I) are scaled to 8 bits first,
+    as if 65535 were white: convert("RGB") would clip everything above 255 to white."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
 class ImageFiles(Dataset):
     """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError.
 
@@ -336,7 +345,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         with open(self.paths[i], "rb") as f:
-            return Image.open(f).convert("RGB"), self.targets[i]
+            return rgb(Image.open(f)), self.targets[i]
 
 
 class SyntheticImages(Dataset):

@@ -435,3 +435,15 @@ def test_gaussian_blur_is_torchvisions_one_axis_at_a_time(shape, kernel_size):
         assert torch.equal(torch.rand(1), after_ours)  # the same draws from the global generator
         assert isinstance(ours(pil), Image.Image) and ours(pil).mode == pil.mode
         assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
+
+
+def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+    (tmp_path / "scans").mkdir()
+    grey16 = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "scans" / "16-bit.png")
+    Image.fromarray((grey16 // 257).astype(np.uint8)).save(tmp_path / "scans" / "8-bit.png")
+    images = mdra.ImageFiles(tmp_path)
+    sixteen, eight = (np.asarray(images[images.names.index(f"scans/{name}.png")][0]) for name in ("16-bit", "8-bit"))
+    assert sixteen.tolist() == eight.tolist() == [[[0] * 3, [64] * 3, [128] * 3, [255] * 3]]
