@@ -158,7 +158,7 @@ def extract_features(net, images, indices, transform, env, batch_size, workers, 
     progress: a name to report rank 0's progress under, every tenth of its shard."""
     cuda = env.device.type == "cuda"
     loader = DataLoader(EvalImages(images, indices, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=cuda,
+                        num_workers=workers, pin_memory=cuda, worker_init_fn=mdra.ignore_stop_signals,
                         generator=torch.Generator().manual_seed(0))  # its seed draw must not touch the global RNG
     autocast = torch.autocast(env.device.type, dtype=mdra.AMP_DTYPES[amp], enabled=mdra.AMP_DTYPES[amp] is not None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

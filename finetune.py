@@ -217,12 +217,6 @@ class CentreCrops(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, mdra.image_name(self.images, index)
 
 
-def broadcast_buffers(module):
-    """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves."""
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, memory_format, autocast):
     """Top-1 and top-5 accuracy (%) and the number of images. Each rank counts its own share of
@@ -475,7 +469,7 @@ def finetune(args, env, start):
         if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
             break
         if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
-            broadcast_buffers(model_raw)
+            mdra.broadcast_buffers(model_raw)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             try:
                 top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)

@@ -212,6 +212,13 @@ def init_queue(size, groups, seed):
     return normalize_subspaces(torch.randn(size, EMBED_DIM, generator=g), groups).flatten(1)
 
 
+def broadcast_buffers(module):
+    """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves (without
+    SyncBatchNorm, each rank's BatchNorm running statistics are its own)."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def all_gather_rows(x):
     """Concatenate x from all ranks in rank order (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -1213,15 +1220,18 @@ def train(args):
         epoch_record = {"event": "epoch", "epoch": epoch + 1, "step": step,
                         "loss": (_all_reduce(epoch_loss_sum.clone()) / env.world_size / (step - epoch_first_step)).item(),
                         "time_s": time.perf_counter() - epoch_tic, "skipped_images": skipped_total}
+        keep = args.keep_every > 0 and (epoch + 1) % args.keep_every == 0
+        if keep or last_saved != step:  # before the kNN monitor, which a time limit may cut short
+            save(keep_epoch=epoch + 1 if keep else None)
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
             import eval_knn  # the evaluation lives in its own script
+            if env.world_size > 1:
+                broadcast_buffers(online_raw.encoder.backbone)
             with torch.random.fork_rng(devices=[device] if cuda else []):  # leaves training's randomness untouched
                 epoch_record["knn"] = eval_knn.knn_monitor(online_raw.encoder.backbone, args, env)
             log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in epoch_record["knn"].items()))
         log.json(epoch_record)
-        keep = args.keep_every > 0 and (epoch + 1) % args.keep_every == 0
-        if keep or last_saved != step:
-            save(keep_epoch=epoch + 1 if keep else None)
+        exit_if_stop_requested(control, save, log, step, ckpt_path)  # a signal during the monitor
 
     if last_saved != step:
         save()

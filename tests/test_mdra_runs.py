@@ -161,6 +161,27 @@ def test_a_console_that_goes_away_neither_stops_the_run_nor_keeps_a_signal_from_
     assert load(tmp_path / "checkpoint.pth")["step"] == log_records(tmp_path)[-1]["step"] >= 3
 
 
+def test_sigterm_to_the_process_group_during_the_knn_monitor_keeps_the_epoch_and_its_result(tmp_path):
+    # The first image the monitor's worker reads signals the whole group, as a scheduler's time limit would.
+    # (One worker: a sibling still starting up would die of it, before it can ignore the signal.)
+    signal_once = ("import os, signal, sys, eval_knn, mdra\n"
+                   "read = eval_knn.EvalImages.__getitem__\n"
+                   "def read_and_signal(self, i):\n"
+                   "    if not os.path.exists(sys.argv[-1] + '/signalled'):\n"
+                   "        open(sys.argv[-1] + '/signalled', 'w').close()\n"
+                   "        os.killpg(0, signal.SIGTERM)\n"
+                   "    return read(self, i)\n"
+                   "eval_knn.EvalImages.__getitem__ = read_and_signal\n"
+                   "mdra.main(sys.argv[1:])\n")
+    result = subprocess.run([sys.executable, "-c", signal_once, *TINY, "--workers", "1", "--epochs", "3",
+                             "--knn-every", "1", "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, start_new_session=True)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    epoch = [r for r in log_records(tmp_path) if r.get("event") == "epoch"]
+    assert [r["epoch"] for r in epoch] == [1] and "knn" in epoch[0]
+    assert load(tmp_path / "checkpoint.pth")["step"] == 4  # the epoch's end
+
+
 def test_a_stop_signal_before_the_training_loop_acts_at_once_and_one_inside_it_waits_for_the_step(capsys):
     def interrupted_while_setting_up(args):
         os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt here
@@ -252,14 +273,21 @@ def test_compiled_step_computes_what_the_eager_step_computes(tmp_path):
     assert not any("_orig_mod" in k for k in list(ckpt["online"]) + list(ckpt["offline"]))
 
 
-def test_torchrun_with_two_cpu_processes(tmp_path):
+def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_network(tmp_path):
     result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
-                      "--max-steps", "3", "--out-dir", str(tmp_path)])
+                      "--synthetic-size", "256", "--queue-size", "128", "--epochs", "1", "--knn-every", "1",
+                      "--out-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world size 2" in result.stdout
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert ckpt["step"] == 3 and ckpt["queue_ptr"] == 48  # global batches of 16 from both ranks went in
-    assert [r["step"] for r in log_records(tmp_path) if "pairs_per_s" in r] == [1, 2, 3]
+    assert ckpt["step"] == 16 and ckpt["queue_ptr"] == 0  # global batches of 16 from both ranks went in
+    assert [r["step"] for r in log_records(tmp_path) if "pairs_per_s" in r] == list(range(1, 17))
+    # Without SyncBatchNorm each rank's BatchNorm statistics are its own; the monitor must use rank 0's.
+    import eval_knn
+    knn = eval_knn.main(["--ckpt", str(tmp_path / "checkpoint.pth"), "--k", "20", "--workers", "0",
+                         "--out", str(tmp_path / "knn.json")])
+    monitor = [r for r in log_records(tmp_path) if r.get("event") == "epoch"][-1]["knn"]
+    assert monitor == {"top1@20": pytest.approx(knn[20][0]), "top5@20": pytest.approx(knn[20][1])}
 
 
 def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
