@@ -340,6 +340,7 @@ def finetune(args, env, start):
     data = mdra.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
     if ckpt_path.exists():
         ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, (CLASSIFIER_FORMAT,), data)
+        mdra.require_same_batchnorm_batch(ckpt, args.batch_size // env.world_size, ckpt_path)
         mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {ckpt_path}")
         mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -391,6 +392,7 @@ def finetune(args, env, start):
             "num_classes": info.num_classes, "class_names": list(info.class_names),
             "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "resize": resize,
             "metrics": metrics, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "data": data,
+            "batchnorm_batch": args.batch_size // env.world_size,
         }, ckpt_path)
 
     control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag

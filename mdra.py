@@ -791,6 +791,15 @@ def load_resume_checkpoint(path, args, may_change, formats=("mdra",), data=None)
     return ckpt
 
 
+def require_same_batchnorm_batch(ckpt, now, path):
+    """BatchNorm normalises over each rank's images unless SyncBatchNorm does so over all ranks': a
+    resumed run on another number of ranks (or with --sync-bn changed) would train another way."""
+    then = ckpt.get("batchnorm_batch", now)  # checkpoints written before this check have none
+    if then != now:
+        raise UsageError(f"{path} was trained with BatchNorm over {then} images at a time and this run would use "
+                         f"{now} (another number of ranks, or --sync-bn changed); resume as it ran.")
+
+
 def plain_values(args):
     """The arguments as plain values, for checkpoints (weights_only loading) and JSON."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -1094,8 +1103,10 @@ def train(args):
     step = 0
     ckpt_path = out_dir / "checkpoint.pth"
     data = data_fingerprint(images.names)
+    batchnorm_batch = args.batch_size if args.sync_bn or env.world_size == 1 else args.batch_size // env.world_size
     if ckpt_path.exists():
         ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, data=data)
+        require_same_batchnorm_batch(ckpt, batchnorm_batch, ckpt_path)
         load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
         load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1105,7 +1116,8 @@ def train(args):
         queue_ptr, step = int(ckpt["queue_ptr"]), int(ckpt["step"])
         log.print(f"resumed from {ckpt_path} at step {step}")
     # Per-rank randomness from here on, a function of the step: a resumed run needs none of the saved
-    # generator states (kept in the checkpoint for the record), and may run on another number of ranks.
+    # generator states (kept in the checkpoint for the record), and may run on another number of ranks
+    # when SyncBatchNorm keeps the images each BatchNorm sees (require_same_batchnorm_batch).
     torch.manual_seed(args.seed + env.rank + step)
 
     online_raw, offline_raw = online, offline
@@ -1142,6 +1154,7 @@ def train(args):
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})},
             "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "data": data,
+            "batchnorm_batch": batchnorm_batch,
         }
         save_checkpoint(state, ckpt_path)
         if keep_epoch is not None:

@@ -290,6 +290,15 @@ def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_n
     assert monitor == {"top1@20": pytest.approx(knn[20][0]), "top5@20": pytest.approx(knn[20][1])}
 
 
+def test_resuming_on_another_number_of_cpu_ranks_is_refused_as_batchnorm_would_see_other_batches(tmp_path):
+    run(tmp_path, "--max-steps", "1")
+    result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
+                      "--max-steps", "2", "--out-dir", str(tmp_path)])
+    assert result.returncode != 0
+    assert "was trained with BatchNorm over 16 images at a time and this run would use 8" in result.stderr
+    assert load(tmp_path / "checkpoint.pth")["step"] == 1
+
+
 def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
     result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
                       "--batch-size", "15", "--out-dir", str(tmp_path)])
