@@ -273,37 +273,33 @@ def test_compiled_step_computes_what_the_eager_step_computes(tmp_path):
     assert not any("_orig_mod" in k for k in list(ckpt["online"]) + list(ckpt["offline"]))
 
 
-def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_network(tmp_path):
+def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_network(tmp_path, capsys):
     result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
-                      "--synthetic-size", "256", "--queue-size", "128", "--epochs", "1", "--knn-every", "1",
+                      "--synthetic-size", "128", "--queue-size", "256", "--epochs", "1", "--knn-every", "1",
                       "--out-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world size 2" in result.stdout
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert ckpt["step"] == 16 and ckpt["queue_ptr"] == 0  # global batches of 16 from both ranks went in
-    assert [r["step"] for r in log_records(tmp_path) if "pairs_per_s" in r] == list(range(1, 17))
+    assert ckpt["step"] == 8 and ckpt["queue_ptr"] == 128  # global batches of 16 from both ranks went in
+    assert [r["step"] for r in log_records(tmp_path) if "pairs_per_s" in r] == list(range(1, 9))
     # Without SyncBatchNorm each rank's BatchNorm statistics are its own; the monitor must use rank 0's.
     import eval_knn
     knn = eval_knn.main(["--ckpt", str(tmp_path / "checkpoint.pth"), "--k", "20", "--workers", "0",
                          "--out", str(tmp_path / "knn.json")])
     monitor = [r for r in log_records(tmp_path) if r.get("event") == "epoch"][-1]["knn"]
     assert monitor == {"top1@20": pytest.approx(knn[20][0]), "top5@20": pytest.approx(knn[20][1])}
+    # Resumed by one process, BatchNorm would see batches of 16 instead of each rank's 8.
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--synthetic-size", "128", "--queue-size", "256", "--epochs", "1", "--knn-every", "1")
+    assert "was trained with BatchNorm over 8 images at a time and this run would use 16" in capsys.readouterr().err
 
 
-def test_resuming_on_another_number_of_cpu_ranks_is_refused_as_batchnorm_would_see_other_batches(tmp_path):
-    run(tmp_path, "--max-steps", "1")
-    result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
-                      "--max-steps", "2", "--out-dir", str(tmp_path)])
-    assert result.returncode != 0
-    assert "was trained with BatchNorm over 16 images at a time and this run would use 8" in result.stderr
-    assert load(tmp_path / "checkpoint.pth")["step"] == 1
-
-
-def test_batch_not_divisible_by_world_size_is_refused(tmp_path):
-    result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
-                      "--batch-size", "15", "--out-dir", str(tmp_path)])
-    assert result.returncode != 0
-    assert "--batch-size 15 is not divisible by the world size 2." in result.stderr
+def test_batch_not_divisible_by_world_size_is_refused():
+    args = mdra.get_parser().parse_args([*TINY, "--batch-size", "15"])
+    _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
+    two_cpu_ranks = mdra.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(mdra.UsageError, match="--batch-size 15 is not divisible by the world size 2."):
+        mdra.resolve_args(args, info, two_cpu_ranks)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -340,16 +336,15 @@ def test_numbers_that_are_not_finite_are_refused_by_the_parser(script, option, v
     assert capsys.readouterr().err.splitlines()[-1] == f"{script}.py: error: argument {option}: {value} is not a finite number"
 
 
-def test_a_data_set_of_which_no_image_can_be_read_is_one_sentence(tmp_path):
+def test_a_data_set_of_which_no_image_can_be_read_is_one_sentence(tmp_path, capsys):
     for i in range(40):
         (tmp_path / "images" / "train" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
         (tmp_path / "images" / "train" / f"class{i % 2}" / f"{i}.jpg").write_text("not a JPEG")
     # Found before the loader starts: from a worker, the error would come wrapped in its traceback.
-    result = subprocess.run([sys.executable, "mdra.py", *TINY, "--data", str(tmp_path / "images"), "--accum-steps", "1",
-                             "--workers", "2", "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True,
-                            text=True, timeout=90)
-    assert result.returncode == 2
-    assert result.stderr == "mdra.py: error: none of the 40 images of the data set can be read.\n"
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path / "run", "--data", str(tmp_path / "images"), "--accum-steps", "1", "--workers", "2")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "mdra.py: error: none of the 40 images of the data set can be read.\n"
 
 
 def test_a_crash_with_loader_workers_ends_the_process_with_its_traceback_instead_of_hanging(tmp_path):
