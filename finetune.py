@@ -236,10 +236,10 @@ def evaluate(model, loader, device, memory_format, autocast):
     counts = torch.cat([hits_sum, torch.tensor([total, len(unreadable)], device=device)])
     if dist.is_initialized():
         dist.all_reduce(counts)
-    top1, top5, total, failed = counts.tolist()
-    if failed:
+    top1, top5, total, unreadable_total = counts.tolist()
+    if unreadable_total:
         example = f", e.g. {unreadable[0]}" if unreadable else ""  # a name, if this rank has one
-        raise UsageError(f"{failed} images of the evaluation split cannot be read{example}; "
+        raise UsageError(f"{unreadable_total} images of the evaluation split cannot be read{example}; "
                          "remove or replace them, then run the same command again.")
     return 100 * top1 / max(total, 1), 100 * top5 / max(total, 1), total
 
