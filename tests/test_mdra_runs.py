@@ -294,12 +294,16 @@ def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_n
     assert "was trained with BatchNorm over 8 images at a time and this run would use 16" in capsys.readouterr().err
 
 
-def test_batch_not_divisible_by_world_size_is_refused():
-    args = mdra.get_parser().parse_args([*TINY, "--batch-size", "15"])
+def resolve_on_cpu_ranks(world_size, *flags):
+    """mdra.resolve_args of TINY + flags as rank 0 of world_size CPU ranks, without launching them."""
+    args = mdra.get_parser().parse_args([*TINY, *flags])
     _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
-    two_cpu_ranks = mdra.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    return mdra.resolve_args(args, info, mdra.DistEnv(0, world_size, 0, torch.device("cpu")))
+
+
+def test_batch_not_divisible_by_world_size_is_refused():
     with pytest.raises(mdra.UsageError, match="--batch-size 15 is not divisible by the world size 2."):
-        mdra.resolve_args(args, info, two_cpu_ranks)
+        resolve_on_cpu_ranks(2, "--batch-size", "15")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -378,12 +382,9 @@ def test_an_out_dir_taken_by_a_file_is_one_sentence(tmp_path, capsys):
 
 
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
-    args = mdra.get_parser().parse_args([*TINY, "--sync-bn"])
-    _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
-    two_cpu_ranks = mdra.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(mdra.UsageError, match="--sync-bn needs CUDA"):
-        mdra.resolve_args(args, info, two_cpu_ranks)
-    assert mdra.resolve_args(args, info, mdra.DistEnv(0, 1, 0, torch.device("cpu"))).sync_bn  # one rank: allowed
+        resolve_on_cpu_ranks(2, "--sync-bn")
+    assert resolve_on_cpu_ranks(1, "--sync-bn").sync_bn  # one rank: allowed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
