@@ -74,23 +74,22 @@ def sinkhorn(scores, mu=0.05, iters=3):
     """Offline relation R with the balance constraint, by Sinkhorn-Knopp (spec section 3).
 
     scores: K [..., B_local, N], cosine similarities of this rank's rows to the N negatives.
-    Returns R [..., B_local, N] = B * Diag(alpha) exp(K / mu) Diag(beta): every row sums to 1 and,
-    over the global batch, every column to B/N. Rows may live on several ranks; the max, the column
+    Returns R [..., B_local, N] = B * Diag(alpha) exp(K / mu) Diag(beta). What is exact: after the
+    last (row) step every row of R sums to 1. The column sums are only close to B/N: a few iterations
+    approach the balance, they do not reach it. Rows may live on several ranks; the max, the column
     sums and B are all-reduced, so R equals the single-process result for the same global batch.
     """
     K = scores.float()
     B = _all_reduce(K.new_full((), K.shape[-2]))  # filled on the device: no host-to-device copy, no sync
     N = K.shape[-1]
     K_max = _all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
-    E = (K - K_max).div_(mu).exp_()  # subtracting the max only guards against overflow
-    # Each step scales by a vector; the constants fold into it, so every step is one pass over E.
-    for i in range(iters):
-        E /= _all_reduce(E.sum(dim=-2, keepdim=True)) * N  # every column sums to 1/N ...
-        if i < iters - 1:
-            E /= E.sum(dim=-1, keepdim=True) * B         # ... every row to 1/B ...
-        else:
-            E /= E.sum(dim=-1, keepdim=True)             # ... and, last, to 1: R = B * E
-    return E
+    E = (K - K_max).div_(mu).exp_()  # exp((K - max K) / mu): the max only guards against overflow
+    for _ in range(iters):
+        E /= _all_reduce(E.sum(dim=-2, keepdim=True))  # E /= column sums
+        E /= N                                          # E /= N: every column sums to 1/N
+        E /= E.sum(dim=-1, keepdim=True)                # E /= row sums
+        E /= B                                          # E /= B: every row sums to 1/B
+    return E * B                                        # R = E B: every row sums to 1
 
 
 def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3):
@@ -99,27 +98,27 @@ def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters
     q1, q2: [B_local, D] online predictions h(g(f(v))) of views 1 and 2 (un-normalised).
     k1, k2: [B_local, D] offline projections g'(f'(v)) of views 1 and 2 (un-normalised).
     queue:  [N, D] the negatives k_j.
-    Per subspace: P_a = softmax_j(q_a . k_j / tau), R_b = sinkhorn(k_b . k_j, mu), and
-    L_RA = 1/2 [CE(R_2, P_1) + CE(R_1, P_2)]; L_MDRA is the mean of L_RA over the G subspaces.
+    Per subspace g: log P_a = log_softmax_j(q_a . k_j / tau), R_b = sinkhorn(k_b . k_j, mu),
+    L_RA^g = 1/2 [CE(R_2, P_1) + CE(R_1, P_2)]; L_MDRA = (1/G) sum_g L_RA^g.
     Everything runs in float32 outside autocast; gradients flow only through q.
     """
     with torch.autocast(q1.device.type, enabled=False):
-        # [G, D/G, N], laid out once for the four batched matrix products below
+        # [G, D/G, N]: every subspace slice of every negative, normalised, laid out for the products below
         negatives = normalize_subspaces(queue.float().detach(), groups).permute(1, 2, 0).contiguous()
 
-        def relation_scores(z, scale=1.0):                                       # [G, B, N]
-            # scale multiplies the [B, G, D/G] slices, not the [G, B, N] scores: a pass fewer each way
+        def similarities(z, scale=1.0):  # [B, D] -> [G, B, N]: scale * z_i . k_j within each subspace
+            # 1/tau scales the [B, G, D/G] slices rather than the [G, B, N] product: fewer elements
             return torch.matmul((normalize_subspaces(z.float(), groups) * scale).transpose(0, 1), negatives)
 
-        R1 = sinkhorn(relation_scores(k1.detach()), mu, sinkhorn_iters)
-        R2 = sinkhorn(relation_scores(k2.detach()), mu, sinkhorn_iters)
-        logits1 = relation_scores(q1, 1 / tau)
-        logits2 = relation_scores(q2, 1 / tau)
-        # cross_entropy with probability targets is -(1/rows) sum R log_softmax(logits); the rows
-        # are (subspace, sample) pairs, so its mean is already the mean over the G subspaces.
-        ce_2_1 = F.cross_entropy(logits1.flatten(0, 1), R2.flatten(0, 1))  # CE(R_2, P_1)
-        ce_1_2 = F.cross_entropy(logits2.flatten(0, 1), R1.flatten(0, 1))  # CE(R_1, P_2)
-        return 0.5 * (ce_2_1 + ce_1_2)
+        def cross_entropy(R, log_P):  # CE(R, P) = -(1/B) sum_i sum_j R[i, j] log P[i, j], per subspace: [G]
+            return -(R * log_P).sum(dim=-1).mean(dim=-1)
+
+        R1 = sinkhorn(similarities(k1.detach()), mu, sinkhorn_iters)  # [G, B, N]
+        R2 = sinkhorn(similarities(k2.detach()), mu, sinkhorn_iters)
+        log_P1 = F.log_softmax(similarities(q1, 1 / tau), dim=-1)     # [G, B, N]
+        log_P2 = F.log_softmax(similarities(q2, 1 / tau), dim=-1)
+        L_RA = 0.5 * (cross_entropy(R2, log_P1) + cross_entropy(R1, log_P2))  # [G]: L_RA^g
+        return L_RA.mean()                                                    # (1/G) sum_g L_RA^g
 
 
 def effective_rank(z):
