@@ -55,7 +55,9 @@ RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "com
 
 class Classifier(nn.Module):
     """Backbone f and a new linear layer. The data set's normalisation is inside, so the network
-    takes float images in [0, 1] as they come from a file: the exported model needs nothing else."""
+    takes float32 images [N, 3, H, W] in [0, 1] as they come from a file, and nothing else: the exported
+    model needs no other code, and refuses uint8 pixels in 0-255 (they would give saturated
+    probabilities) and other shapes rather than broadcast them."""
 
     def __init__(self, backbone, width, num_classes, mean, std):
         super().__init__()
@@ -69,7 +71,14 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, images):
-        """images: float [N, 3, H, W] in [0, 1] -> logits [N, num_classes]."""
+        """images: float32 [N, 3, H, W] in [0, 1] -> logits [N, num_classes]."""
+        if images.dtype != torch.float32 or images.dim() != 4 or images.shape[1] != 3:
+            dtype = "float32" if images.dtype == torch.float32 else "not float32"  # TorchScript prints dtypes as numbers
+            raise ValueError("the classifier takes float32 images in [0, 1] shaped [N, 3, H, W] (RGB pixels / 255); "
+                             f"this input is {dtype}, shaped {list(images.shape)}.")
+        # torch.export keeps ops, not Python: in a .pt2 this op checks the dtype, and torch.export's own
+        # input guards the shape (with their own messages).
+        torch._assert_tensor_metadata(images, dtype=torch.float32)
         return self.head(self.backbone((images - self.mean) / self.std))
 
 

@@ -333,17 +333,26 @@ for name in ("mdra", "finetune"):
     sys.exit(name + " is importable")
 images = torch.load("images.pt")
 pt_meta, pt2_meta = {"classifier.json": ""}, {"classifier.json": ""}
-scripted = torch.jit.load("model.pt", _extra_files=pt_meta)
-program = torch.export.load("model.pt2", extra_files=pt2_meta).module()
+scripted = torch.jit.load("classifier.pt", _extra_files=pt_meta)
+program = torch.export.load("classifier.pt2", extra_files=pt2_meta).module()
 torch.save({"meta": [pt_meta["classifier.json"], pt2_meta["classifier.json"]],
             "pt": {k: scripted(x) for k, x in images.items()},
             "pt2": {k: program(x) for k, x in images.items()}}, "outputs.pt")
 """
 
 
-def test_exported_classifiers_equal_the_eager_one_and_load_without_this_project(classifier, tmp_path):
+@pytest.fixture(scope="session")
+def exported(classifier, tmp_path_factory):
+    """A folder holding the classifier fixture exported as classifier.pt and classifier.pt2."""
+    out = tmp_path_factory.mktemp("exported")
     for suffix in (".pt", ".pt2"):
-        finetune.main(["--ckpt", str(classifier), "--export", str(tmp_path / f"model{suffix}")])
+        finetune.main(["--ckpt", str(classifier), "--export", str(out / f"classifier{suffix}")])
+    return out
+
+
+def test_exported_classifiers_equal_the_eager_one_and_load_without_this_project(classifier, exported, tmp_path):
+    for suffix in (".pt", ".pt2"):
+        (tmp_path / f"classifier{suffix}").write_bytes((exported / f"classifier{suffix}").read_bytes())
     ckpt = load(classifier)
     eager = finetune.load_classifier(ckpt, classifier)
     g = torch.Generator().manual_seed(0)
@@ -364,6 +373,38 @@ def test_exported_classifiers_equal_the_eager_one_and_load_without_this_project(
                 got = outputs[kind][name]
                 assert got.shape == expected.shape == (x.shape[0], 10)
                 assert ((got - expected).norm() / expected.norm()).item() < 1e-5, (kind, name)
+
+
+def test_the_classifier_and_its_exports_refuse_images_that_are_not_float32_rgb_batches(classifier, exported):
+    eager = finetune.load_classifier(load(classifier), classifier)
+    scripted = torch.jit.load(exported / "classifier.pt")
+    program = torch.export.load(exported / "classifier.pt2").module()
+    refusal = r"the classifier takes float32 images in \[0, 1\] shaped \[N, 3, H, W\] \(RGB pixels / 255\); this input is"
+    guard = re.escape("Guard failed: images.size()[1] == 3")
+    for images, pt2_message in [(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), "Tensor dtype mismatch"),
+                                (torch.rand(2, 3, 16, 16, dtype=torch.float64), "Tensor dtype mismatch"),
+                                (torch.rand(2, 1, 16, 16), guard),  # one grey channel
+                                (torch.rand(3, 16, 16), guard)]:  # one image without a batch dimension
+        with pytest.raises(ValueError, match=refusal + f" (not )?float32, shaped {re.escape(str(list(images.shape)))}."):
+            eager(images)
+        with pytest.raises(torch.jit.Error, match=refusal):
+            scripted(images)
+        with pytest.raises((RuntimeError, AssertionError), match=pt2_message):  # a .pt2 keeps no Python: torch's words
+            program(images)
+
+
+def test_the_readmes_loading_snippet_classifies_an_image_file_as_predict_does(classifier, exported, tmp_path,
+                                                                            monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    snippet, = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "classifier.json" in block]
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.png")  # resized and cropped
+    (tmp_path / "classifier.pt2").write_bytes((exported / "classifier.pt2").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    finetune.main(["--ckpt", str(classifier), "--predict", "photo.png"])
+    top = capsys.readouterr().out.split(": ", 1)[1].split(", ")[0]  # "class3 0.412"
+    exec(snippet, {})
+    assert capsys.readouterr().out == top + "\n"
 
 
 def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, tmp_path, capsys):
