@@ -25,6 +25,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -528,42 +529,55 @@ def export(model, path, ckpt):
 
 
 def image_files(paths):
-    """The given files, and the image files under the given folders, in sorted order."""
-    files = []
+    """The given files, and the image files under the given folders in sorted order: each file once,
+    where it first comes (a file named and inside a named folder is classified once)."""
+    files = {}  # resolved path -> the path as given
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         elif path.is_file():
-            files.append(path)
+            found = [path]
         else:
             raise UsageError(f"--predict {path} does not exist.")
+        for file in found:
+            files.setdefault(file.resolve(), file)
     if not files:
         raise UsageError(f"--predict {' '.join(map(str, paths))} holds no image files.")
-    return files
+    return list(files.values())
 
 
 def open_image(path):
-    try:
-        with Image.open(path) as image:
-            return mdra.rgb(image)
-    except mdra.READ_ERRORS:
-        raise UsageError(f"--predict {path} is not an image that can be read.") from None
+    with Image.open(path) as image:
+        return mdra.rgb(image)
 
 
 @torch.no_grad()
 def predict(model, files, ckpt, device, batch_size):
-    """Print each image's five most probable classes with their probabilities."""
+    """Print each image's five most probable classes with their probabilities. A file that cannot be
+    read is named on stderr with the reason, the others are classified, and then their count is an error."""
     transform = eval_transform(ckpt["img_size"], ckpt["resize"])
     model.to(device)
+    unreadable = 0
     for first in range(0, len(files), batch_size):
         if mdra.stop_requested():  # after fine-tuning, whose loop deferred SIGINT and SIGTERM
             raise SystemExit(128 + mdra.STOP_SIGNALS[0])
-        chunk = files[first:first + batch_size]
-        images = torch.stack([transform(open_image(path)) for path in chunk])
-        probs = model(to_unit_float(images, device)).float().softmax(dim=1)
+        paths, images = [], []
+        for path in files[first:first + batch_size]:
+            try:
+                images.append(transform(open_image(path)))
+                paths.append(path)
+            except mdra.READ_ERRORS as e:
+                print(f"{path}: cannot be read ({e})", file=sys.stderr)
+                unreadable += 1
+        if not paths:
+            continue
+        probs = model(to_unit_float(torch.stack(images), device)).float().softmax(dim=1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
-        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             print(f"{path}: " + ", ".join(f"{ckpt['class_names'][c]} {p:.3f}" for p, c in zip(values, indices)))
+    if unreadable:
+        raise UsageError(f"{unreadable} of the {len(files)} files given to --predict cannot be read (named above); "
+                         "the others are classified above.")
 
 
 # ------------------------------------------------------------------------------------------------

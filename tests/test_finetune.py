@@ -435,6 +435,34 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
             assert probs == pytest.approx(expected.values.tolist(), abs=1e-3)
 
 
+def test_predict_classifies_each_file_once_where_it_is_first_named(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    for name in ("a.png", "b.png", "more/c.png"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    files = finetune.image_files([folder / "b.png", folder, tmp_path / "photos" / ".." / "photos" / "a.png", folder / "more"])
+    assert files == [folder / "b.png", folder / "a.png", folder / "more" / "c.png"]
+
+
+def test_predict_names_each_unreadable_file_classifies_the_others_and_then_exits_with_status_2(
+        classifier, tmp_path, capsys):
+    images, _ = mdra.build_dataset("synthetic", "", "val", 64, 16)
+    images[0][0].save(tmp_path / "2-good.png")
+    (tmp_path / "0-junk.png").write_bytes(b"half a PNG")
+    (tmp_path / "1-empty.jpg").write_bytes(b"")
+    finetune.main(["--ckpt", str(classifier), "--predict", str(tmp_path / "2-good.png")])
+    alone = capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # two files a batch: the first batch has nothing to classify
+        finetune.main(["--ckpt", str(classifier), "--predict", str(tmp_path), "--batch-size", "2"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == alone
+    assert err.splitlines() == [
+        f"{tmp_path / '0-junk.png'}: cannot be read (cannot identify image file '{tmp_path / '0-junk.png'}')",
+        f"{tmp_path / '1-empty.jpg'}: cannot be read (cannot identify image file '{tmp_path / '1-empty.jpg'}')",
+        "finetune.py: error: 2 of the 3 files given to --predict cannot be read (named above); "
+        "the others are classified above."]
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors a user can cause: one sentence and exit status 2
 # ------------------------------------------------------------------------------------------------
