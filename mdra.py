@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import gzip
 import hashlib
 import json
@@ -29,6 +30,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,12 +288,12 @@ def warmup_cosine(base, total_steps, warmup_steps):
 # Data (spec section 6)
 # ------------------------------------------------------------------------------------------------
 
-SMALL_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "synthetic")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 SYNTHETIC_CLASSES = 10
+TRAIN_SPLITS = ("pretrain", "train")  # the splits of training images; the other one is "val"
 
 
 @dataclass
@@ -308,8 +310,8 @@ class DataInfo:
 class ArrayImages(Dataset):
     """Images held in memory as uint8 [n, H, W] (grey) or [n, H, W, 3]; yields (RGB PIL, label)."""
 
-    def __init__(self, images, labels):
-        self.images, self.targets = images, [int(t) for t in labels]
+    def __init__(self, images, labels, classes):
+        self.images, self.targets, self.classes = images, [int(t) for t in labels], list(classes)
         self.names = [str(i) for i in range(len(images))]
 
     def __len__(self):
@@ -361,6 +363,7 @@ class SyntheticImages(Dataset):
     def __init__(self, size, img_size, offset=0):
         self.size, self.img_size, self.offset = size, img_size, offset
         self.targets = [i % SYNTHETIC_CLASSES for i in range(size)]
+        self.classes = [f"class{i}" for i in range(SYNTHETIC_CLASSES)]
         self.names = [str(i) for i in range(size)]
         patterns = torch.rand(SYNTHETIC_CLASSES, 3, 4, 4, generator=torch.Generator().manual_seed(0))
         self.patterns = F.interpolate(patterns, size=img_size, mode="bilinear", align_corners=False)
@@ -391,36 +394,95 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_fashion_mnist(data_dir, train):
+def load_fashion_mnist(data_dir, split, **_):
+    """From data_dir (its IDX files, or torchvision's FashionMNIST/raw/ there) or the system's copy,
+    else downloaded into data_dir."""
+    train = split in TRAIN_SPLITS
     prefix = "train" if train else "t10k"
     for folder in (Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw", Path(FASHION_MNIST_SYSTEM_DIR)):
         for suffix in ("", ".gz"):
             images = folder / f"{prefix}-images-idx3-ubyte{suffix}"
             labels = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
             if images.exists() and labels.exists():
-                return ArrayImages(read_idx(images), read_idx(labels))
+                return ArrayImages(read_idx(images), read_idx(labels), FASHION_MNIST_CLASSES)
     ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
-    return ArrayImages(ds.data.numpy(), ds.targets.tolist())
+    return ArrayImages(ds.data.numpy(), ds.targets.tolist(), FASHION_MNIST_CLASSES)
+
+
+def load_cifar(dataset, data_dir, split, **_):
+    """torchvision's CIFAR10 or CIFAR100, from data_dir, else downloaded there."""
+    ds = dataset(data_dir, train=split in TRAIN_SPLITS, download=True)
+    return ArrayImages(ds.data, ds.targets, ds.classes)
+
+
+def load_stl10(data_dir, split, **_):
+    """STL-10 from data_dir, else downloaded there; pretraining also takes its 100 000 unlabelled images."""
+    stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+    ds = torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
+    return ArrayImages(ds.data.transpose(0, 2, 3, 1), ds.labels, ds.classes)
+
+
+def load_synthetic(data_dir, split, synthetic_size, img_size):
+    """synthetic_size training images, or a quarter as many (at least one per class) to evaluate on."""
+    if synthetic_size < 1:
+        raise UsageError("--synthetic-size must be at least 1.")
+    train = split in TRAIN_SPLITS
+    size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
+    return SyntheticImages(size, img_size, offset=0 if train else 10**9)
+
+
+@dataclass(frozen=True)
+class NamedData:
+    """A data set that --data names: an entry of DATA_SETS."""
+    load: Callable          # load(data_dir, split, synthetic_size=, img_size=) -> images (see DATA_SETS)
+    native_size: int | None # the image size the data comes in; None: the img_size it is drawn at
+    mean: tuple             # per-channel mean and std of its training images, for the normalisation
+    std: tuple
+    downloads: bool = True  # may download into data_dir
+    small: bool = True      # a small-image data set: small stem and the small-data preset
+
+
+# The data sets --data names; a new one is one entry. Every data set, these and an ImageFolder
+# (image_folder), is a torch Dataset of (RGB PIL image, int label) for a split: "pretrain" (unlabelled
+# use, to which STL-10 adds its unlabelled images, labelled -1), "train" or "val"; and it has
+#   .targets  the label of every image, in order, read without decoding the images (label fractions,
+#             held-out images, the kNN bank);
+#   .names    a string per image, unique in the data set and the same in every run (class/file for an
+#             ImageFolder, the index otherwise): the resume guard fingerprints them (data_fingerprint),
+#             and --subset-file and subset.txt name images by them;
+#   .classes  the class names: label i is classes[i].
+DATA_SETS = {
+    "fashion-mnist": NamedData(load_fashion_mnist, 28, (0.2860,) * 3, (0.3530,) * 3),
+    "cifar10": NamedData(functools.partial(load_cifar, torchvision.datasets.CIFAR10), 32,
+                         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": NamedData(functools.partial(load_cifar, torchvision.datasets.CIFAR100), 32,
+                          (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": NamedData(load_stl10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "synthetic": NamedData(load_synthetic, None, (0.5,) * 3, (0.25,) * 3, downloads=False),
+}
+SMALL_DATASETS = tuple(DATA_SETS)  # the names --data takes besides an ImageFolder root
 
 
 def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
-    """The images of a --data name or ImageFolder root, and what is known about them.
+    """The images of a --data name or ImageFolder root for split (see DATA_SETS), and what is known
+    about them (a DataInfo)."""
+    entry = DATA_SETS.get(data)
+    if entry is None:
+        return image_folder(data, split in TRAIN_SPLITS)
+    load = functools.partial(entry.load, data_dir, split, synthetic_size=synthetic_size, img_size=img_size)
+    # A download writes into --data-dir, which ranks writing at once would corrupt: they take turns.
+    images = in_turns(lambda: downloaded(data, data_dir, load)) if entry.downloads else load()
+    return images, DataInfo(data, len(images.classes), images.classes, entry.native_size or img_size,
+                            entry.mean, entry.std, entry.small)
 
-    split: "pretrain" (unlabelled use: STL-10 adds its unlabelled images), "train" or "val".
-    Each data set yields (RGB PIL image, label) and has .targets and .names (file names for an
-    ImageFolder, indices otherwise).
-    """
-    train = split in ("pretrain", "train")
-    if data == "synthetic":
-        if synthetic_size < 1:
-            raise UsageError("--synthetic-size must be at least 1.")
-        size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
-        images = SyntheticImages(size, img_size, offset=0 if train else 10**9)
-        return images, DataInfo("synthetic", SYNTHETIC_CLASSES, [f"class{i}" for i in range(SYNTHETIC_CLASSES)],
-                                img_size, (0.5,) * 3, (0.25,) * 3, True)
-    if data in SMALL_DATASETS:  # may download into --data-dir, which ranks writing at once would corrupt
-        return in_turns(lambda: named_dataset(data, data_dir, split))
-    return image_folder(data, train)
+
+def downloaded(data, data_dir, load):
+    """load() of a data set that torchvision downloads if data_dir lacks it; its failure (offline, it
+    raises OSError or RuntimeError) is one clear error."""
+    try:
+        return load()
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
 
 
 def in_turns(load):
@@ -441,29 +503,6 @@ def in_turns(load):
     if error is not None:
         raise error
     return result
-
-
-def named_dataset(data, data_dir, split):
-    """fashion-mnist, cifar10, cifar100 or stl10, from data_dir (or the system's Fashion-MNIST),
-    downloaded there if missing."""
-    train = split in ("pretrain", "train")
-    try:
-        if data == "fashion-mnist":
-            return load_fashion_mnist(data_dir, train), DataInfo(
-                data, 10, FASHION_MNIST_CLASSES, 28, (0.2860,) * 3, (0.3530,) * 3, True)
-        if data in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if data == "cifar10" else torchvision.datasets.CIFAR100
-            ds = cls(data_dir, train=train, download=True)
-            mean, std = (((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if data == "cifar10"
-                         else ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
-            return ArrayImages(ds.data, ds.targets), DataInfo(data, len(ds.classes), ds.classes, 32, mean, std, True)
-        if data == "stl10":
-            stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
-            ds = torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
-            return ArrayImages(ds.data.transpose(0, 2, 3, 1), ds.labels), DataInfo(
-                data, 10, ds.classes, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True)
-    except (OSError, RuntimeError) as e:  # torchvision's download fails with these when offline
-        raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
 
 
 def image_folder(data, train):

@@ -311,6 +311,23 @@ def test_two_views_depend_only_on_seed_epoch_and_index():
     assert not torch.equal(a1, views[(3, 5)][0])
 
 
+def test_a_data_set_is_one_entry_of_the_table(monkeypatch):
+    import numpy as np
+
+    def load(data_dir, split, **_):
+        return mdra.ArrayImages(np.zeros((6, 5, 7), np.uint8), [0, 1, 2] * 2, ["ant", "bee", "cow"])
+
+    monkeypatch.setitem(mdra.DATA_SETS, "tiny", mdra.NamedData(load, 7, (0.1,) * 3, (0.2,) * 3, downloads=False))
+    images, info = mdra.build_dataset("tiny", "data", "train")
+    assert info == mdra.DataInfo("tiny", 3, ["ant", "bee", "cow"], 7, (0.1,) * 3, (0.2,) * 3, True)
+    image, label = images[4]
+    assert image.size == (7, 5) and image.mode == "RGB" and label == 1 and images.names[4] == "4"
+    images, info = mdra.build_dataset("synthetic", "data", "val", synthetic_size=64, img_size=12)
+    assert info == mdra.DataInfo("synthetic", 10, [f"class{i}" for i in range(10)], 12, (0.5,) * 3, (0.25,) * 3, True)
+    assert len(images) == len(images.targets) == len(set(images.names)) == 16
+    assert mdra.SMALL_DATASETS == ("fashion-mnist", "cifar10", "cifar100", "stl10", "synthetic")
+
+
 def test_sample_rng_draws_what_torch_manual_seed_draws_and_restores_the_global_state():
     torch.manual_seed(7)
     expected = (torch.rand(3), torch.randint(0, 1000, (3,)), torch.randperm(4))
@@ -380,6 +397,7 @@ def test_fashion_mnist_is_read_from_the_system_idx_files(tmp_path):
     assert len(images) == 10000 and info.num_classes == 10 and info.native_size == 28
     image, label = images[0]
     assert image.size == (28, 28) and image.mode == "RGB" and label == 9  # the first test image is an ankle boot
+    assert info.class_names[9] == "Ankle boot"
 
 
 def test_backbone_small_stem_keeps_resolution_and_width_matches():
