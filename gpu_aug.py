@@ -7,13 +7,14 @@ of crops: random resized crop, horizontal flip, colour jitter in a random order,
 blur, solarize and normalisation, every crop with its own random parameters (the two views differ only
 in how those are drawn).
 
-The recipe is read from the CPU path's transforms (mdra.pretrain_transforms), and every parameter is
-drawn from the same distribution as torchvision's get_params draws it there; tests/test_gpu_aug.py
-checks the distributions against the CPU path and each colour operation against torchvision's. Two
-differences are deliberate: crops are resized bilinearly with area averaging (roi_align) rather than
-with PIL's bicubic filter, and intermediate results are not rounded to 8 bits. A third comes with the
-GPU decoder: its pixels may differ from PIL's in the last bits, and in how it upsamples the colour
-planes of a JPEG that subsamples them.
+Both paths apply the same definition of each view's augmentation (mdra.view_augmentations): the CPU
+path as torchvision transforms (mdra.view_transform), this module by reading its fields, and every
+parameter is drawn from the same distribution as torchvision's get_params draws it there;
+tests/test_gpu_aug.py checks the distributions against the CPU path made from the same definitions,
+and each colour operation against torchvision's. Two differences are deliberate: crops are resized
+bilinearly with area averaging (roi_align) rather than with PIL's bicubic filter, and intermediate
+results are not rounded to 8 bits. A third comes with the GPU decoder: its pixels may differ from
+PIL's in the last bits, and in how it upsamples the colour planes of a JPEG that subsamples them.
 
 The parameters of a micro-batch come from a generator seeded by (seed, epoch, batch index) and are
 drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
@@ -28,14 +29,13 @@ import functools
 import io
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 from torchvision.io import ImageReadMode
 from torchvision.ops import roi_align
 from torchvision.transforms.functional import pil_to_tensor
@@ -154,59 +154,9 @@ def _decode_one(data, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# The recipe and its random parameters
+# The recipe and its random parameters. A recipe is one view's augmentation, an mdra.ViewAugmentation:
+# this module reads its fields (sizes, probabilities, ranges, the normalisation) and nothing else.
 # ------------------------------------------------------------------------------------------------
-
-@dataclass
-class ViewRecipe:
-    """One view's augmentation, in the order the CPU path applies it. Ranges are (low, high)."""
-    size: tuple                       # output (H, W)
-    scale: tuple                      # RandomResizedCrop: fraction of the image area
-    ratio: tuple                      # RandomResizedCrop: aspect ratio w / h
-    flip_p: float = 0.0
-    jitter_p: float = 0.0
-    jitter: tuple = (None,) * 4       # ranges of brightness, contrast, saturation, hue (None: off)
-    grey_p: float = 0.0
-    blur_p: float = 0.0
-    blur_kernel: int = 1
-    blur_sigma: tuple = (0.1, 2.0)
-    solarize_p: float = 0.0
-    solarize_threshold: float = 0.5   # on the [0, 1] scale
-    mean: tuple = (0.0, 0.0, 0.0)
-    std: tuple = (1.0, 1.0, 1.0)
-
-
-def recipe_from_transforms(compose):
-    """Read a view's recipe from the CPU path's T.Compose, so that the two paths cannot drift apart.
-    Any transform without a batched equivalent here is an error, not silently dropped."""
-    recipe = {}
-    for t in compose.transforms:
-        inner = t.transforms[0] if isinstance(t, T.RandomApply) and len(t.transforms) == 1 else None
-        if isinstance(t, T.RandomResizedCrop):
-            recipe.update(size=tuple(t.size), scale=tuple(t.scale), ratio=tuple(t.ratio))
-        elif isinstance(t, T.RandomHorizontalFlip):
-            recipe.update(flip_p=t.p)
-        elif isinstance(inner, T.ColorJitter):
-            ranges = tuple(None if r is None else tuple(r) for r in (inner.brightness, inner.contrast,
-                                                                     inner.saturation, inner.hue))
-            recipe.update(jitter_p=t.p, jitter=ranges)
-        elif isinstance(t, T.RandomGrayscale):
-            recipe.update(grey_p=t.p)
-        elif isinstance(inner, T.GaussianBlur):
-            if inner.kernel_size[0] != inner.kernel_size[1]:
-                raise ValueError(f"gpu_aug supports square blur kernels only, not {inner!r}")
-            recipe.update(blur_p=t.p, blur_kernel=inner.kernel_size[0], blur_sigma=tuple(inner.sigma))
-        elif isinstance(t, T.RandomSolarize):
-            # The CPU path solarizes 8-bit PIL images: its threshold is on the 0-255 scale.
-            recipe.update(solarize_p=t.p, solarize_threshold=t.threshold / 255)
-        elif isinstance(t, T.Normalize):
-            recipe.update(mean=tuple(t.mean), std=tuple(t.std))
-        elif not isinstance(t, T.ToTensor):
-            raise ValueError(f"gpu_aug has no batched version of {t!r}")
-    if "size" not in recipe:
-        raise ValueError("gpu_aug needs a RandomResizedCrop in the view's transforms")
-    return ViewRecipe(**recipe)
-
 
 def shared_recipe(recipes):
     """The recipe by which the crops of both views are augmented as one batch. The views may differ in
@@ -540,7 +490,7 @@ def augment_crops(crops, plan, recipe):
     rows = plan["blur_rows"]
     if len(rows):  # a shape, known without asking the device
         x[rows] = gaussian_blur(x[rows], recipe.blur_kernel, plan["blur_sigma"])
-    x = torch.where(chosen("solarize") & (x >= recipe.solarize_threshold), 1 - x, x)
+    x = torch.where(chosen("solarize") & (x >= recipe.solarize_threshold / 255), 1 - x, x)  # an 8-bit threshold
     return (x - plan["mean"].to(x.dtype)) / plan["std"].to(x.dtype)
 
 
@@ -551,13 +501,13 @@ def augment_crops(crops, plan, recipe):
 class DeviceTwoViews:
     """Decodes a micro-batch from UndecodedImages and makes its two views on device.
 
-    view1, view2: the CPU path's transforms (mdra.pretrain_transforms), read as recipes. The crops of
-    both views are augmented as one batch of 2B, each with the parameters of its own view's recipe:
-    after the crop, half the launches of augmenting each view on its own.
+    view1, view2: the two views' recipes (mdra.view_augmentations). The crops of both views are
+    augmented as one batch of 2B, each with the parameters of its own view's recipe: after the crop,
+    half the launches of augmenting each view on its own.
     """
 
     def __init__(self, view1, view2, seed, rank, world_size, device):
-        self.recipes = (recipe_from_transforms(view1), recipe_from_transforms(view2))
+        self.recipes = (view1, view2)
         self.recipe = shared_recipe(self.recipes)
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
 

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -552,8 +552,7 @@ def read_image(images, index):
 class GaussianBlur(T.GaussianBlur):
     """torchvision's GaussianBlur (the same random sigma, kernel, reflect padding and rounding), one
     axis at a time instead of with a 2-d kernel: at 224 px its 23 x 23 kernel took 12 ms of a CPU core
-    per image, half of a loader worker's time for a pair of views; this takes under 2 ms. Being a
-    torchvision GaussianBlur, gpu_aug reads it as one."""
+    per image, half of a loader worker's time for a pair of views; this takes under 2 ms."""
 
     def forward(self, img):
         sigma = self.get_params(self.sigma[0], self.sigma[1])
@@ -584,24 +583,59 @@ def separable_gaussian_blur(image, kernel_size, sigma):
     return x if image.is_floating_point() else x.round().to(image.dtype)
 
 
+@dataclass(frozen=True)
+class ViewAugmentation:
+    """One view's augmentation, in the order it is applied; ranges are (low, high). The CPU path
+    applies it to PIL images as torchvision transforms (view_transform), gpu_aug.py to batches of
+    tensors, reading these fields."""
+    size: tuple                       # RandomResizedCrop: the output (H, W)
+    scale: tuple                      # RandomResizedCrop: the fraction of the image area
+    ratio: tuple = (3 / 4, 4 / 3)     # RandomResizedCrop: the aspect ratio w / h
+    flip_p: float = 0.0               # horizontal flip
+    jitter_p: float = 0.0             # colour jitter, its operations in a random order
+    jitter: tuple = (None,) * 4       # the ranges of the brightness, contrast, saturation and hue factors (None: off)
+    grey_p: float = 0.0
+    blur_p: float = 0.0               # Gaussian blur
+    blur_kernel: int = 1
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: int = 128     # solarize inverts the pixels from this value up, on the 0-255 scale
+    mean: tuple = (0.0, 0.0, 0.0)     # the normalisation, last
+    std: tuple = (1.0, 1.0, 1.0)
+
+
+def view_augmentations(info, img_size, solarize=0.0):
+    """The augmentations T1, T2 of the two views (spec section 6); only the blur and solarize differ.
+    Images of 32 px or less are not blurred."""
+    blur = img_size > 32
+    view1 = ViewAugmentation(
+        size=(img_size, img_size), scale=(0.2, 1.0) if info.small else (0.08, 1.0),
+        flip_p=0.5,
+        jitter_p=0.8, jitter=((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)),  # ColorJitter(0.4, 0.4, 0.2, 0.1)
+        grey_p=0.2,
+        blur_p=1.0 if blur else 0.0, blur_kernel=int(0.1 * img_size) // 2 * 2 + 1, blur_sigma=(0.1, 2.0),
+        mean=tuple(info.mean), std=tuple(info.std))
+    view2 = replace(view1, blur_p=0.1 if blur else 0.0, solarize_p=solarize)
+    return view1, view2
+
+
+def view_transform(view):
+    """A ViewAugmentation as torchvision transforms of a PIL image, for the CPU path. A step that never
+    happens (probability 0) is left out: it would still draw a random number."""
+    crop = T.RandomResizedCrop(view.size, scale=view.scale, ratio=view.ratio,
+                               interpolation=T.InterpolationMode.BICUBIC)
+    jitter = T.ColorJitter(*(0 if factors is None else factors for factors in view.jitter))
+    steps = [(view.flip_p, T.RandomHorizontalFlip(view.flip_p)),
+             (view.jitter_p, T.RandomApply([jitter], p=view.jitter_p)),
+             (view.grey_p, T.RandomGrayscale(view.grey_p)),
+             (view.blur_p, T.RandomApply([GaussianBlur(view.blur_kernel, sigma=view.blur_sigma)], p=view.blur_p)),
+             (view.solarize_p, T.RandomSolarize(view.solarize_threshold, p=view.solarize_p))]
+    return T.Compose([crop, *(step for p, step in steps if p > 0), T.ToTensor(), T.Normalize(view.mean, view.std)])
+
+
 def pretrain_transforms(info, img_size, solarize=0.0):
-    """The two view augmentations T1, T2 (spec section 6); only the blur and solarize differ."""
-    blur_kernel = int(0.1 * img_size) // 2 * 2 + 1
-    blur_p = (0.0, 0.0) if img_size <= 32 else (1.0, 0.1)
-    scale = (0.2, 1.0) if info.small else (0.08, 1.0)
-    views = []
-    for view, p_blur in enumerate(blur_p):
-        steps = [T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-                 T.RandomHorizontalFlip(),
-                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                 T.RandomGrayscale(p=0.2)]
-        if p_blur > 0:
-            steps.append(T.RandomApply([GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=p_blur))
-        if view == 1 and solarize > 0:
-            steps.append(T.RandomSolarize(128, p=solarize))
-        steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
-        views.append(T.Compose(steps))
-    return views
+    """The CPU path's T1, T2: view_augmentations as torchvision transforms."""
+    return [view_transform(view) for view in view_augmentations(info, img_size, solarize)]
 
 
 def eval_transform(info, img_size):
@@ -677,14 +711,15 @@ def pretrain_loader(images, info, args, env, num_batches):
     (undecoded images, skipped), and device_views(images, skipped, epoch, batch index) decodes and
     augments them on the device into (v1, v2, skipped). epoch_batches gives either as (v1, v2, skipped).
     """
-    view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
     sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
     cuda = env.device.type == "cuda"
     if args.gpu_aug:
         import gpu_aug  # the optional device path lives in its own module
         dataset, collate = gpu_aug.UndecodedImages(images, jpeg_bytes=cuda), gpu_aug.collate_undecoded
-        device_views = gpu_aug.DeviceTwoViews(view1, view2, args.seed, env.rank, env.world_size, env.device)
+        views = view_augmentations(info, args.img_size, args.solarize)
+        device_views = gpu_aug.DeviceTwoViews(*views, args.seed, env.rank, env.world_size, env.device)
     else:
+        view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
         dataset, collate, device_views = TwoViews(images, view1, view2, args.seed), None, None
     loader = DataLoader(dataset, batch_size=args.batch_size // env.world_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,

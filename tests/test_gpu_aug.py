@@ -61,28 +61,10 @@ def jpeg_bytes(image, quality=90):
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
-def test_recipe_is_read_from_the_cpu_transforms_of_each_view():
-    view1, view2 = (gpu_aug.recipe_from_transforms(t) for t in mdra.pretrain_transforms(IMAGENET, 224, solarize=0.2))
-    assert view1.size == (224, 224) and view1.scale == (0.08, 1.0) and view1.ratio == pytest.approx((3 / 4, 4 / 3))
-    assert (view1.flip_p, view1.jitter_p, view1.grey_p) == (0.5, 0.8, 0.2)
-    assert [x for r in view1.jitter for x in r] == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.8, 1.2, -0.1, 0.1])
-    assert (view1.blur_p, view2.blur_p, view1.blur_kernel, view1.blur_sigma) == (1.0, 0.1, 23, (0.1, 2.0))
-    assert (view1.solarize_p, view2.solarize_p, view2.solarize_threshold) == (0.0, 0.2, 128 / 255)
-    assert view1.mean == mdra.IMAGENET_MEAN and view1.std == mdra.IMAGENET_STD
-    small = mdra.DataInfo("cifar10", 10, [], 32, (0.5,) * 3, (0.25,) * 3, True)
-    recipe = gpu_aug.recipe_from_transforms(mdra.pretrain_transforms(small, 32)[0])
-    assert recipe.scale == (0.2, 1.0) and recipe.blur_p == 0.0  # no blur at 32 px
-
-
-def test_a_transform_without_a_batched_version_is_an_error():
-    with pytest.raises(ValueError, match="RandomRotation"):
-        gpu_aug.recipe_from_transforms(T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]))
-
-
 def test_both_views_share_one_recipe_unless_their_operations_differ():
-    view1, view2 = (gpu_aug.recipe_from_transforms(t) for t in mdra.pretrain_transforms(IMAGENET, 224, solarize=0.2))
+    view1, view2 = mdra.view_augmentations(IMAGENET, 224, solarize=0.2)
     shared = gpu_aug.shared_recipe([view1, view2])  # view 1 never solarizes: view 2's threshold serves both
-    assert (shared.size, shared.blur_kernel, shared.solarize_threshold) == ((224, 224), 23, 128 / 255)
+    assert (shared.size, shared.blur_kernel, shared.solarize_threshold) == ((224, 224), 23, 128)
     assert (shared.mean, shared.std) == (mdra.IMAGENET_MEAN, mdra.IMAGENET_STD)
     unblurred = dataclasses.replace(view2, blur_p=0.0, blur_kernel=1)  # a view without blur has no kernel
     assert gpu_aug.shared_recipe([unblurred, view1]).blur_kernel == 23
@@ -94,8 +76,8 @@ def test_both_views_share_one_recipe_unless_their_operations_differ():
 
 def test_both_views_made_as_one_batch_equal_each_view_made_on_its_own_with_its_own_parameters():
     n, size = 12, 40  # 40 px: view 1 always blurred, view 2 sometimes, and solarized sometimes
-    transforms = mdra.pretrain_transforms(dataclasses.replace(IMAGENET, native_size=size), size, solarize=0.5)
-    views = gpu_aug.DeviceTwoViews(*transforms, seed=5, rank=0, world_size=1, device="cpu")
+    augmentations = mdra.view_augmentations(dataclasses.replace(IMAGENET, native_size=size), size, solarize=0.5)
+    views = gpu_aug.DeviceTwoViews(*augmentations, seed=5, rank=0, world_size=1, device="cpu")
     generator = torch.Generator().manual_seed(5)
     images = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=generator)
               for h, w in torch.randint(30, 70, (n, 2), generator=generator)]
@@ -113,8 +95,8 @@ def test_both_views_made_as_one_batch_equal_each_view_made_on_its_own_with_its_o
 
 def test_everything_after_the_crop_equals_torchvisions_functions_applied_image_by_image():
     n, size = 16, 40  # 40 px: blur on (kernel 5), both views' rows in one batch, solarize on in view 2
-    transforms = mdra.pretrain_transforms(dataclasses.replace(IMAGENET, native_size=size), size, solarize=0.5)
-    views = gpu_aug.DeviceTwoViews(*transforms, seed=7, rank=0, world_size=1, device="cpu")
+    augmentations = mdra.view_augmentations(dataclasses.replace(IMAGENET, native_size=size), size, solarize=0.5)
+    views = gpu_aug.DeviceTwoViews(*augmentations, seed=7, rank=0, world_size=1, device="cpu")
     recipe, params = views.recipe, views.params(n, 0, 0)
     assert params["blur"][:n].all() and 0 < params["blur"][n:].sum() < n and recipe.blur_kernel == 5
     crops = torch.rand(2 * n, 3, 12, 14, generator=torch.Generator().manual_seed(7))  # noise: the blur shows
@@ -132,7 +114,7 @@ def test_everything_after_the_crop_equals_torchvisions_functions_applied_image_b
             sigma = float(params["sigma"][i])
             x = TF.gaussian_blur(x, [recipe.blur_kernel] * 2, [sigma, sigma])
         if params["solarize"][i]:
-            x = TF.solarize(x, recipe.solarize_threshold)
+            x = TF.solarize(x, recipe.solarize_threshold / 255)
         expected = TF.normalize(x, recipe.mean, recipe.std)
         torch.testing.assert_close(out[i], expected, atol=2e-5, rtol=0, msg=f"crop {i} of view {i // n + 1}")
 
@@ -218,8 +200,8 @@ def test_gaussian_blur_equals_torchvisions_with_each_images_sigma():
 def test_flip_greyscale_solarize_and_normalisation_equal_torchvision():
     torch.manual_seed(3)
     crops = torch.rand(4, 3, 10, 10)
-    recipe = gpu_aug.ViewRecipe(size=(10, 10), scale=(1, 1), ratio=(1, 1), solarize_threshold=128 / 255,
-                                mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    recipe = mdra.ViewAugmentation(size=(10, 10), scale=(1, 1), ratio=(1, 1), solarize_threshold=128,
+                                   mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
     chosen = torch.tensor([True, False, True, False])
 
     def normalise(x):
@@ -300,7 +282,7 @@ def test_the_padded_batch_reads_images_in_any_memory_layout_and_views_dense_ones
 @pytest.mark.parametrize("height,width", [(375, 500), (60, 400)])  # ImageNet-like; so wide that few tries fit
 def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
     n = 6000
-    recipe = gpu_aug.ViewRecipe(size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    recipe = mdra.ViewAugmentation(size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
     params = gpu_aug.sample_params(recipe, n, torch.Generator().manual_seed(0))
     boxes = gpu_aug.crop_boxes(params, torch.full((n,), height), torch.full((n,), width), recipe.ratio).numpy()
     ours = {"top": boxes[:, 1], "left": boxes[:, 0], "h": boxes[:, 3] - boxes[:, 1], "w": boxes[:, 2] - boxes[:, 0]}
@@ -320,7 +302,7 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
     (90, 100, (1.1, 1.2), (3 / 4, 4 / 3)),   # more than the whole area never fits: the whole image
 ])
 def test_when_no_try_fits_the_crop_is_torchvisions_central_fallback(height, width, scale, ratio):
-    recipe = gpu_aug.ViewRecipe(size=(8, 8), scale=scale, ratio=ratio)
+    recipe = mdra.ViewAugmentation(size=(8, 8), scale=scale, ratio=ratio)
     params = gpu_aug.sample_params(recipe, 5, torch.Generator().manual_seed(0))
     boxes = gpu_aug.crop_boxes(params, torch.full((5,), height), torch.full((5,), width), ratio)
     top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, height, width), scale, ratio)
@@ -329,8 +311,9 @@ def test_when_no_try_fits_the_crop_is_torchvisions_central_fallback(height, widt
 
 def test_parameter_rates_and_ranges_follow_the_cpu_transforms():
     n = 20000
-    view1, view2 = mdra.pretrain_transforms(IMAGENET, 224, solarize=0.2)
-    recipe = gpu_aug.recipe_from_transforms(view2)
+    augmentations = mdra.view_augmentations(IMAGENET, 224, solarize=0.2)
+    view1, view2 = (mdra.view_transform(augmentation) for augmentation in augmentations)  # the CPU path
+    recipe = augmentations[1]
     params = gpu_aug.sample_params(recipe, n, torch.Generator().manual_seed(1))
     for name, p in (("flip", 0.5), ("jitter", 0.8), ("grey", 0.2), ("blur", 0.1), ("solarize", 0.2)):
         assert_rate(params[name].numpy(), p)
@@ -356,14 +339,15 @@ def test_parameter_rates_and_ranges_follow_the_cpu_transforms():
 def test_views_match_the_cpu_path_in_per_image_mean_and_std():
     n, size = 600, 48  # 48 px: blur on, as at 224 px
     info = mdra.DataInfo("imagenet", 1000, [], size, mdra.IMAGENET_MEAN, mdra.IMAGENET_STD, False)
-    view1, view2 = mdra.pretrain_transforms(info, size, solarize=0.3)
+    augmentations = mdra.view_augmentations(info, size, solarize=0.3)
+    view1, view2 = (mdra.view_transform(augmentation) for augmentation in augmentations)  # the CPU path
     pattern = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(4))
     image = (F.interpolate(pattern[None], size=(60, 80), mode="bicubic", align_corners=False)[0].clamp(0, 1) * 255)
     image = image.round().to(torch.uint8)
     torch.manual_seed(4)
     pil = TF.to_pil_image(image)
     cpu = [torch.stack([view(pil) for _ in range(n)]) for view in (view1, view2)]
-    device_views = gpu_aug.DeviceTwoViews(view1, view2, seed=4, rank=0, world_size=1, device="cpu")
+    device_views = gpu_aug.DeviceTwoViews(*augmentations, seed=4, rank=0, world_size=1, device="cpu")
     ours = device_views(image.expand(n, 3, 60, 80), torch.zeros(n, dtype=torch.long), epoch=0, batch_index=0)
     for view, (theirs, mine) in enumerate(zip(cpu, ours[:2])):
         for statistic in (lambda v: v.mean(dim=(1, 2, 3)), lambda v: v.std(dim=(1, 2, 3)),
@@ -372,7 +356,7 @@ def test_views_match_the_cpu_path_in_per_image_mean_and_std():
 
 
 def test_the_same_seed_epoch_and_batch_give_the_same_views_and_another_batch_others():
-    views = gpu_aug.DeviceTwoViews(*mdra.pretrain_transforms(IMAGENET, 40), seed=7, rank=0, world_size=1, device="cpu")
+    views = gpu_aug.DeviceTwoViews(*mdra.view_augmentations(IMAGENET, 40), seed=7, rank=0, world_size=1, device="cpu")
     images = torch.randint(0, 256, (4, 3, 50, 60), dtype=torch.uint8)
     skipped = torch.zeros(4, dtype=torch.long)
     first, again, other = views(images, skipped, 2, 5), views(images, skipped, 2, 5), views(images, skipped, 2, 6)
@@ -382,13 +366,13 @@ def test_the_same_seed_epoch_and_batch_give_the_same_views_and_another_batch_oth
 
 
 def test_each_rank_makes_its_rows_of_the_single_process_views():
-    transforms = mdra.pretrain_transforms(IMAGENET, 40)
+    augmentations = mdra.view_augmentations(IMAGENET, 40)
     images = list(torch.randint(0, 256, (6, 3, 50, 60), dtype=torch.uint8))  # sizes vary in real data
     images[1], images[4] = images[1][:, :45], images[4][:, :, :41]
     skipped = torch.zeros(6, dtype=torch.long)
-    whole = gpu_aug.DeviceTwoViews(*transforms, 3, 0, 1, "cpu")(images, skipped, 1, 9)
+    whole = gpu_aug.DeviceTwoViews(*augmentations, 3, 0, 1, "cpu")(images, skipped, 1, 9)
     for rank in range(2):
-        part = gpu_aug.DeviceTwoViews(*transforms, 3, rank, 2, "cpu")(images[3 * rank:3 * rank + 3], skipped[:3], 1, 9)
+        part = gpu_aug.DeviceTwoViews(*augmentations, 3, rank, 2, "cpu")(images[3 * rank:3 * rank + 3], skipped[:3], 1, 9)
         for view in range(2):
             torch.testing.assert_close(part[view], whole[view][3 * rank:3 * rank + 3], atol=1e-6, rtol=0)
 
@@ -473,7 +457,7 @@ def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path)
 
 
 def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_cleanly():
-    views = gpu_aug.DeviceTwoViews(*mdra.pretrain_transforms(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
+    views = gpu_aug.DeviceTwoViews(*mdra.view_augmentations(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
     batches = [(torch.randint(0, 256, (3, 3, 30, 40), dtype=torch.uint8), torch.tensor([0, 1, 0])) for _ in range(5)]
     prefetched = list(views.prefetch(iter(batches), 3, 7))
     assert len(prefetched) == 5
@@ -489,7 +473,7 @@ def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_clea
 
 
 def test_an_error_in_the_prefetch_thread_is_raised_in_the_training_loop():
-    views = gpu_aug.DeviceTwoViews(*mdra.pretrain_transforms(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
+    views = gpu_aug.DeviceTwoViews(*mdra.view_augmentations(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
     not_a_jpeg = [torch.tensor([1, 2, 3], dtype=torch.uint8)]  # alone in its batch: nothing to replace it by
     prefetcher = views.prefetch(iter([(not_a_jpeg, torch.zeros(1, dtype=torch.long))]), 0, 0)
     with pytest.raises(RuntimeError, match="no image of the batch can be decoded"):

@@ -1,4 +1,5 @@
 """The method's pieces against independent references: loss, Sinkhorn, EMA, queue, LARS, schedule."""
+import dataclasses
 import math
 import os
 import re
@@ -309,6 +310,46 @@ def test_two_views_depend_only_on_seed_epoch_and_index():
     assert skipped == 0 and torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(a1, a2)
     assert not torch.equal(a1, views[(3, 5)][0])
+
+
+IMAGENET = mdra.DataInfo("imagenet", 1000, [], 224, mdra.IMAGENET_MEAN, mdra.IMAGENET_STD, False)
+SMALL = mdra.DataInfo("cifar10", 10, [], 32, (0.5,) * 3, (0.25,) * 3, True)
+
+
+def test_the_views_augmentations_are_the_recipe_of_the_spec_and_differ_only_in_blur_and_solarize():
+    view1, view2 = mdra.view_augmentations(IMAGENET, 224, solarize=0.2)
+    assert view1.size == (224, 224) and view1.scale == (0.08, 1.0) and view1.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert (view1.flip_p, view1.jitter_p, view1.grey_p) == (0.5, 0.8, 0.2)
+    assert [x for r in view1.jitter for x in r] == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.8, 1.2, -0.1, 0.1])
+    assert (view1.blur_p, view2.blur_p, view1.blur_kernel, view1.blur_sigma) == (1.0, 0.1, 23, (0.1, 2.0))
+    assert (view1.solarize_p, view2.solarize_p, view2.solarize_threshold) == (0.0, 0.2, 128)
+    assert view1.mean == mdra.IMAGENET_MEAN and view1.std == mdra.IMAGENET_STD
+    assert dataclasses.replace(view2, blur_p=1.0, solarize_p=0.0) == view1
+    small = mdra.view_augmentations(SMALL, 32)[0]
+    assert small.scale == (0.2, 1.0) and small.blur_p == 0.0  # no blur at 32 px
+
+
+def test_the_cpu_transforms_apply_a_views_augmentation_step_by_step_leaving_out_steps_that_never_happen():
+    from torchvision import transforms as T
+    view1, view2 = mdra.view_augmentations(IMAGENET, 224, solarize=0.2)
+    steps = [T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandomApply, T.RandomGrayscale, T.RandomApply]
+    t1, t2 = (mdra.view_transform(view).transforms for view in (view1, view2))
+    assert [type(t) for t in t1] == [*steps, T.ToTensor, T.Normalize]
+    assert [type(t) for t in t2] == [*steps, T.RandomSolarize, T.ToTensor, T.Normalize]
+    crop, flip, jitter, grey, blur, solarize = t2[:6]
+    assert (crop.size, crop.scale, crop.interpolation) == ((224, 224), (0.08, 1.0), T.InterpolationMode.BICUBIC)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3)) and (flip.p, jitter.p, grey.p) == (0.5, 0.8, 0.2)
+    theirs = T.ColorJitter(0.4, 0.4, 0.2, 0.1)  # the spec's jitter, exactly as torchvision makes it
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        assert getattr(jitter.transforms[0], name) == getattr(theirs, name), name
+    assert isinstance(blur.transforms[0], mdra.GaussianBlur) and (t1[4].p, blur.p) == (1.0, 0.1)
+    assert blur.transforms[0].kernel_size == (23, 23) and blur.transforms[0].sigma == (0.1, 2.0)
+    assert (solarize.threshold, solarize.p) == (128, 0.2)  # on the 0-255 scale of PIL's 8-bit images
+    assert (t2[-1].mean, t2[-1].std) == (mdra.IMAGENET_MEAN, mdra.IMAGENET_STD)
+    # At 32 px nothing is blurred and, without --solarize, nothing solarized: those steps, which would
+    # still draw a random number each, are not there.
+    assert [type(t) for t in mdra.view_transform(mdra.view_augmentations(SMALL, 32)[1]).transforms] == \
+        [*steps[:4], T.ToTensor, T.Normalize]
 
 
 def test_a_data_set_is_one_entry_of_the_table(monkeypatch):
