@@ -826,7 +826,7 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, formats=("mdra",)):
-    """Load a checkpoint safely (weights_only) and check its format."""
+    """Load a checkpoint safely (weights_only) and check its format and version."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist.")
@@ -837,6 +837,10 @@ def load_checkpoint(path, formats=("mdra",)):
     if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UsageError(f"{path} has format {found!r}; expected {' or '.join(map(repr, formats))}.")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise UsageError(f"{path} is a version {version} checkpoint and this code reads versions up to "
+                         f"{CHECKPOINT_VERSION}; update the code to load it.")
     return ckpt
 
 

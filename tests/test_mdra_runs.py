@@ -381,6 +381,14 @@ def test_an_out_dir_taken_by_a_file_is_one_sentence(tmp_path, capsys):
     assert capsys.readouterr().err == f"mdra.py: error: --out-dir {tmp_path / 'taken'} is a file, not a folder.\n"
 
 
+def test_a_checkpoint_newer_than_this_code_is_refused_naming_both_versions(tmp_path):
+    torch.save({"format": "mdra", "version": 99}, tmp_path / "checkpoint.pth")
+    with pytest.raises(mdra.UsageError) as error:
+        mdra.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert str(error.value) == (f"{tmp_path / 'checkpoint.pth'} is a version 99 checkpoint and this code reads "
+                                "versions up to 1; update the code to load it.")
+
+
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
     with pytest.raises(mdra.UsageError, match="--sync-bn needs CUDA"):
         resolve_on_cpu_ranks(2, "--sync-bn")
