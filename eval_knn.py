@@ -420,7 +420,9 @@ def report(args, env, description, bank_shape, n_queries, num_classes, results, 
               "n_train": bank_shape[0], "n_test": n_queries, "num_classes": num_classes,
               "temperature": args.temperature, "git": mdra.git_sha(), "world_size": env.world_size,
               "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()}}
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    text = json.dumps(record, indent=1) + "\n"
+    with mdra.atomic_file(out, len(text.encode())) as tmp:
+        tmp.write_text(text)
     print(f"written to {out}")
 
 

@@ -359,7 +359,9 @@ def finetune(args, env, start):
         step, metrics = int(ckpt["step"]), ckpt["metrics"]
         log.print(f"resumed from {ckpt_path} at step {step}")
     if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
-        (out_dir / "subset.txt").write_text("".join(train_images.names[i] + "\n" for i in subset))
+        names = "".join(train_images.names[i] + "\n" for i in subset)
+        with mdra.atomic_file(out_dir / "subset.txt", len(names.encode())) as tmp:
+            tmp.write_text(names)
 
     model_raw = model
     if args.compile:  # compiled in place, so state-dict keys stay plain
@@ -516,16 +518,19 @@ def export(model, path, ckpt):
     model = model.cpu().float().eval()
     meta = {"classifier.json": json.dumps({"class_names": ckpt["class_names"], "img_size": ckpt["img_size"],
                                            "resize": ckpt["resize"], "mean": ckpt["mean"], "std": ckpt["std"]})}
+    size = mdra.saved_bytes(model.state_dict())
     if path.suffix == ".pt":
         with warnings.catch_warnings():  # recent torch calls TorchScript deprecated; .pt2 is its successor
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-            torch.jit.save(torch.jit.script(model), path, _extra_files=meta)
+            with mdra.atomic_file(path, size) as tmp:
+                torch.jit.save(torch.jit.script(model), tmp, _extra_files=meta)
     else:
         example = torch.rand(2, 3, ckpt["img_size"], ckpt["img_size"])
         Dim = torch.export.Dim
         program = torch.export.export(model, (example,),
                                       dynamic_shapes={"images": {0: Dim("batch", min=1), 2: Dim.AUTO, 3: Dim.AUTO}})
-        torch.export.save(program, path, extra_files=meta)
+        with mdra.atomic_file(path, size) as tmp:
+            torch.export.save(program, tmp, extra_files=meta)
 
 
 def image_files(paths):

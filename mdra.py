@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import errno
 import functools
 import gzip
 import hashlib
@@ -25,6 +26,7 @@ import math
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -814,15 +816,69 @@ def plain_state_dict(state_dict):
     return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
 
 
-def save_checkpoint(state, path):
-    """Write atomically: a half-written file never replaces a good checkpoint."""
+def saved_bytes(state):
+    """About the size of torch.save(state): the storages of its tensors, each once, as torch.save writes them."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(state)
+    return sum(storages.values())
+
+
+def out_of_space(error, folder, needed):
+    """Whether a write failed for want of space: ENOSPC or EDQUOT in the error's chain or, as torch's zip
+    writer reports it as a RuntimeError of its own, less room left in folder than the write still needed."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    try:
+        return shutil.disk_usage(folder).free < needed + 2**20  # a margin for the writer's last buffer
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_file(path, size):
+    """The temporary path to write path's new contents to: once complete and synced it replaces path, so a
+    half-written file never replaces a good one. The temporary file is removed whatever goes wrong, and a
+    full disk is one sentence (size: about how many bytes the file takes)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: two processes never share one
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except Exception as e:
+        full = out_of_space(e, path.parent, size - (tmp.stat().st_size if tmp.exists() else 0))
+        tmp.unlink(missing_ok=True)  # before counting what is free: it would keep the disk full
+        if not full:
+            raise
+        kept = f"; {path} is kept as it was" if path.exists() else ""
+        raise UsageError(f"no space left on {path.parent} for {path.name} (needs about {size / 2**20:.1f} MB, "
+                         f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free){kept}.") from None
+    except BaseException:  # a stop signal or Ctrl-C
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state, path):
+    """Write atomically (atomic_file): a half-written file never replaces a good checkpoint."""
+    with atomic_file(path, saved_bytes(state)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # into a file object, so that a full disk's ENOSPC stays in the error's chain
 
 
 def load_checkpoint(path, formats=("mdra",)):

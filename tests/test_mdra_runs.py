@@ -1,11 +1,15 @@
 """mdra.py end to end: checkpoints, exact resume, signals, real data, torchrun, compile, bad input."""
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -387,6 +391,52 @@ def test_a_checkpoint_newer_than_this_code_is_refused_naming_both_versions(tmp_p
         mdra.load_checkpoint(tmp_path / "checkpoint.pth")
     assert str(error.value) == (f"{tmp_path / 'checkpoint.pth'} is a version 99 checkpoint and this code reads "
                                 "versions up to 1; update the code to load it.")
+
+
+def test_a_full_disk_is_one_sentence_that_keeps_the_last_good_checkpoint_and_frees_the_temporary_file(small_disk):
+    path = small_disk / "checkpoint.pth"
+    mdra.save_checkpoint({"weights": torch.ones(1000)}, path)
+    with pytest.raises(mdra.UsageError) as error:
+        mdra.save_checkpoint({"weights": torch.ones(1_000_000)}, path)  # 4 MB on a 1 MiB disk
+    assert re.fullmatch(rf"no space left on {re.escape(str(small_disk))} for checkpoint.pth \(needs about 3.8 MB, "
+                        rf"1.0 MB free\); {re.escape(str(path))} is kept as it was\.", str(error.value)), error.value
+    assert os.listdir(small_disk) == ["checkpoint.pth"]
+    assert torch.equal(load(path)["weights"], torch.ones(1000))
+
+
+def test_a_disk_that_fills_up_during_training_ends_the_run_with_one_sentence_and_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    save, saves = torch.save, []
+
+    def fills_the_disk(*args, **kwargs):
+        saves.append(args)
+        if len(saves) == 2:  # as torch's zip writer says it: a RuntimeError of its own
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**40, used=2**40, free=0))
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--max-steps", "4", "--save-every", "2")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    folder = re.escape(str(tmp_path))
+    assert re.fullmatch(rf"mdra.py: error: no space left on {folder} for checkpoint.pth \(needs about \d+\.\d MB, "
+                        rf"0.0 MB free\); {folder}/checkpoint.pth is kept as it was\.\n", err), err
+    assert load(tmp_path / "checkpoint.pth")["step"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), ValueError("not about space")])
+def test_a_failed_write_leaves_the_file_as_it_was_and_only_a_full_disk_becomes_one_sentence(tmp_path, error):
+    path = tmp_path / "knn.json"
+    path.write_text("the last good one")
+    with pytest.raises(mdra.UsageError if isinstance(error, OSError) else ValueError,
+                       match=f"^no space left on {re.escape(str(tmp_path))} for knn.json|^not about space$"):
+        with mdra.atomic_file(path, size=100) as tmp:
+            tmp.write_text("half of it")
+            raise error
+    assert os.listdir(tmp_path) == ["knn.json"] and path.read_text() == "the last good one"
 
 
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
