@@ -363,8 +363,11 @@ def evaluate(args):
     if args.bank_device == "cuda" and not cuda:
         raise mdra.UsageError("--bank-device cuda needs the evaluation itself on a GPU (--device cuda).")
     bank_device = torch.device("cpu") if args.bank_device == "cpu" else env.device
-    if args.out and Path(args.out).is_dir():  # checked now: the results are written after all the work
-        raise mdra.UsageError(f"--out {args.out} is a folder; give a file name, e.g. {Path(args.out) / 'knn.json'}.")
+    out = Path(args.out) if args.out else default_out(args)  # checked now: the results are written after all the work
+    if args.out and out.is_dir():
+        raise mdra.UsageError(f"--out {args.out} is a folder; give a file name, e.g. {out / 'knn.json'}.")
+    if args.out or out.parent.exists() or not (args.ckpt or args.load_features):  # not the folder of a mistyped input
+        mdra.require_folder(out.parent, "--out's folder" if args.out else "the default --out's folder")
     if args.save_features:
         mdra.require_folder(args.save_features, "--save-features")
     if args.load_features:  # what made the features is in the folder; these would only mislabel the results

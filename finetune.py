@@ -289,15 +289,13 @@ def resolve_args(args, info, env, start):
 def finetune(args, env, start):
     """Train the classifier on the labelled subset; returns the path of its checkpoint.
     start: the pretraining checkpoint, or None for --random-init."""
+    out_dir = Path(args.out_dir)
+    mdra.require_folder(out_dir, "--out-dir")
     # Synthetic images are drawn at the size they will be used at: by default the pretrained one.
     drawn_size = args.img_size or (start["img_size"] if start is not None else 32)
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
     args = resolve_args(args, info, env, start)
     device, cuda = env.device, env.device.type == "cuda"
-    out_dir = Path(args.out_dir)
-    mdra.require_folder(out_dir, "--out-dir")
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     log = mdra.Logger(out_dir, env.is_main)
     if cuda:
         torch.backends.cudnn.benchmark = True

@@ -31,6 +31,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -1154,9 +1155,19 @@ def resolve_args(args, info, env):
 
 
 def require_folder(path, flag):
-    """One clear error, before any work, when an output folder's path is taken by a file."""
-    if Path(path).exists() and not Path(path).is_dir():
+    """An output folder, made if needed and proven writable by a temporary file: a path taken by a file,
+    a read-only file system or a folder without permission is one clear error before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be created ({e.strerror}).") from None
+    try:
+        tempfile.NamedTemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror}).") from None
 
 
 def require_at_least(least, args, *names):
@@ -1194,15 +1205,13 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
 
 def train(args):
     env = setup_distributed(args.device)
+    out_dir = Path(args.out_dir)
+    require_folder(out_dir, "--out-dir")
     images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
     args = resolve_args(args, info, env)
     if args.knn_every:  # the monitor needs the val split: fail now rather than after the first epoch
         build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size)
     device, cuda = env.device, env.device.type == "cuda"
-    out_dir = Path(args.out_dir)
-    require_folder(out_dir, "--out-dir")
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(out_dir, env.is_main)
     if cuda:
         torch.backends.cudnn.benchmark = True

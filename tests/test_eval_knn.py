@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,6 +226,28 @@ def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, capsys, workers)
 def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):
     eval_knn.main(["--ckpt", str(checkpoint), "--pixels", "--k", "20", "--workers", "0"])
     assert json.loads((checkpoint.parent / "knn_pixels.json").read_text())["n_train"] == 24
+
+
+@pytest.mark.parametrize("output", ["beside --ckpt", "--out", "--save-features"])
+def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_any_work(
+        output, tmp_path, make_read_only, monkeypatch, capsys):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    (read_only / "checkpoint.pth").write_bytes(b"")  # refused before it is read
+    make_read_only(read_only)
+    monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
+    monkeypatch.setattr(mdra, "load_checkpoint", lambda *args, **kwargs: pytest.fail("the checkpoint was read first"))
+    flags, subject = {
+        "beside --ckpt": (["--ckpt", str(read_only / "checkpoint.pth")],
+                          f"the default --out's folder {read_only} is not writable"),
+        "--out": (["--pixels", "--out", str(read_only / "knn.json")], f"--out's folder {read_only} is not writable"),
+        "--save-features": (["--pixels", "--out", str(tmp_path / "knn.json"), "--save-features", str(read_only / "f")],
+                            f"--save-features {read_only / 'f'} cannot be created")}[output]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main([*flags, "--k", "5", "--workers", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"eval_knn.py: error: {re.escape(subject)} \([A-Z][\w -]+\)\.\n", err), err
 
 
 @pytest.mark.parametrize("problem", ["garbage", "wrong format", "arch mismatch"])

@@ -318,6 +318,24 @@ def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
         torch.isfinite(v).all() for v in load(tmp_path / "checkpoint.pth")["head"].values())
 
 
+@pytest.mark.parametrize("flag", ["--out-dir", "--export"])
+def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_the_data_is_listed(
+        flag, tmp_path, make_read_only, monkeypatch, capsys):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    make_read_only(read_only)
+    monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
+    outputs, subject = {
+        "--out-dir": (["--out-dir", str(read_only / "run")], f"--out-dir {read_only / 'run'} cannot be created"),
+        "--export": (["--out-dir", str(tmp_path / "run"), "--export", str(read_only / "model.pt")],
+                     f"--export's folder {read_only} is not writable")}[flag]
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--random-init", *TINY, *outputs])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"finetune.py: error: {re.escape(subject)} \([A-Z][\w -]+\)\.\n", err), err
+
+
 # ------------------------------------------------------------------------------------------------
 # Classifying images
 # ------------------------------------------------------------------------------------------------

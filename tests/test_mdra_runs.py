@@ -385,6 +385,21 @@ def test_an_out_dir_taken_by_a_file_is_one_sentence(tmp_path, capsys):
     assert capsys.readouterr().err == f"mdra.py: error: --out-dir {tmp_path / 'taken'} is a file, not a folder.\n"
 
 
+@pytest.mark.parametrize("out_dir, problem", [("/proc", "is not writable"), ("/proc/mdra-run", "cannot be created"),
+                                              ("{read-only}", "is not writable"),
+                                              ("{read-only}/run", "cannot be created")])
+def test_an_out_dir_that_cannot_be_written_is_one_sentence_before_the_data_is_listed(
+        out_dir, problem, tmp_path, make_read_only, monkeypatch, capsys):
+    if "{read-only}" in out_dir:
+        out_dir = out_dir.replace("{read-only}", str(make_read_only(tmp_path)))
+    monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
+    with pytest.raises(SystemExit) as exc:
+        run(out_dir)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"mdra.py: error: --out-dir {re.escape(out_dir)} {problem} \([A-Z][\w -]+\)\.\n", err), err
+
+
 def test_a_checkpoint_newer_than_this_code_is_refused_naming_both_versions(tmp_path):
     torch.save({"format": "mdra", "version": 99}, tmp_path / "checkpoint.pth")
     with pytest.raises(mdra.UsageError) as error:
