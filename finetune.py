@@ -291,6 +291,8 @@ def finetune(args, env, start):
     start: the pretraining checkpoint, or None for --random-init."""
     out_dir = Path(args.out_dir)
     mdra.require_folder(out_dir, "--out-dir")
+    if env.is_main:
+        mdra.lock_folder(out_dir, "--out-dir")
     # Synthetic images are drawn at the size they will be used at: by default the pretrained one.
     drawn_size = args.img_size or (start["img_size"] if start is not None else 32)
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)

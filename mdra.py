@@ -18,6 +18,7 @@ import contextlib
 import copy
 import datetime
 import errno
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -26,8 +27,10 @@ import math
 import multiprocessing
 import os
 import resource
+import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -1036,6 +1039,7 @@ def run_main(train_fn, argv, parser):
         message, status = "interrupted", 128 + signal.SIGINT
     finally:  # a crash still ends with its traceback and status 1: the workers it left would hang the exit
         kill_loader_workers()
+        _close_held_locks()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
@@ -1170,6 +1174,42 @@ def require_folder(path, flag):
         raise UsageError(f"{flag} {path} is not writable ({e.strerror}).") from None
 
 
+HELD_LOCKS = []  # the open lock files of lock_folder; run_main closes them, which releases the locks
+
+
+def _close_held_locks():
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().close()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)  # a loader worker would keep a killed run's lock alive
+
+
+def lock_folder(path, flag):
+    """Refuse a second run on an output folder while one runs in it: an exclusive flock on <path>/run.lock,
+    which the kernel releases when the process ends, by kill -9 too, or when run_main returns. The file
+    names the holder (pid, host, start, command), so that the refusal can name it."""
+    lock = open(Path(path) / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UsageError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or give another "
+                         f"{flag}.") from None
+    except OSError as e:  # a file system without locks (some network ones): run, but say what is missing
+        lock.close()
+        print(f"warning: {flag} {path} cannot be locked ({e.strerror}); a second run on it "
+              "at the same time would not be refused.", file=sys.stderr)
+        return
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}: "
+               f"{shlex.join(sys.argv)}\n")
+    lock.flush()
+    HELD_LOCKS.append(lock)
+
+
 def require_at_least(least, args, *names):
     """One clear error for the first of these options that is below least."""
     for name in names:
@@ -1207,6 +1247,8 @@ def train(args):
     env = setup_distributed(args.device)
     out_dir = Path(args.out_dir)
     require_folder(out_dir, "--out-dir")
+    if env.is_main:
+        lock_folder(out_dir, "--out-dir")
     images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
     args = resolve_args(args, info, env)
     if args.knn_every:  # the monitor needs the val split: fail now rather than after the first epoch

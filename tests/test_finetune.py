@@ -336,6 +336,17 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_the_data
     assert re.fullmatch(rf"finetune.py: error: {re.escape(subject)} \([A-Z][\w -]+\)\.\n", err), err
 
 
+def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path, monkeypatch, capsys):
+    mdra.lock_folder(tmp_path, "--out-dir")  # as a first run in this process would hold it
+    monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--random-init", *TINY, "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith(f"finetune.py: error: --out-dir {tmp_path} is in use by another run "
+                                              f"(pid {os.getpid()} on ")
+    assert not mdra.HELD_LOCKS  # run_main let go of it
+
+
 # ------------------------------------------------------------------------------------------------
 # Classifying images
 # ------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """mdra.py end to end: checkpoints, exact resume, signals, real data, torchrun, compile, bad input."""
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -398,6 +400,60 @@ def test_an_out_dir_that_cannot_be_written_is_one_sentence_before_the_data_is_li
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert re.fullmatch(rf"mdra.py: error: --out-dir {re.escape(out_dir)} {problem} \([A-Z][\w -]+\)\.\n", err), err
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first_until_that_one_is_killed(tmp_path, capsys):
+    ready, told = os.pipe()
+    holder = os.fork()  # the first run, holding the lock as mdra.py does; faster than a new interpreter
+    if holder == 0:
+        try:
+            mdra.lock_folder(tmp_path, "--out-dir")
+            os.write(told, b"locked")
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 6) == b"locked"
+        with pytest.raises(SystemExit) as exc:
+            run(tmp_path, "--max-steps", "1")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mdra.py: error: --out-dir {tmp_path} is in use by another run (pid {holder} on "
+                              f"{socket.gethostname()}, started ") and err.count("\n") == 1, err
+        assert not (tmp_path / "log.jsonl").exists()
+    finally:
+        os.kill(holder, signal.SIGKILL)  # it cannot release anything itself
+        os.waitpid(holder, 0)
+    assert run(tmp_path, "--max-steps", "1") == tmp_path / "checkpoint.pth"
+
+
+def test_a_forked_process_such_as_a_loader_worker_does_not_keep_the_lock_of_a_run_that_ended(tmp_path):
+    mdra.lock_folder(tmp_path, "--out-dir")
+    ready, told = os.pipe()
+    worker = os.fork()
+    if worker == 0:
+        os.write(told, b"started")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        assert os.read(ready, 7) == b"started"
+        mdra.HELD_LOCKS.pop().close()  # the run ends, or is killed, while its worker lives on for a moment
+        mdra.lock_folder(tmp_path, "--out-dir")
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        while mdra.HELD_LOCKS:
+            mdra.HELD_LOCKS.pop().close()
+
+
+def test_an_out_dir_on_a_file_system_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run(tmp_path, "--max-steps", "1")
+    assert capsys.readouterr().err == (f"warning: --out-dir {tmp_path} cannot be locked (No locks available); "
+                                       "a second run on it at the same time would not be refused.\n")
 
 
 def test_a_checkpoint_newer_than_this_code_is_refused_naming_both_versions(tmp_path):
