@@ -133,7 +133,7 @@ def shard(n, env):
 
 class EvalImages(Dataset):
     """images[indices[i]] through the evaluation transform (labels are taken from .targets instead),
-    with the file's name if it cannot be read (else ""): extract_features then stops with that name,
+    with "path: why" if its file cannot be read (else ""): extract_features then stops with that line,
     as skipping an image would change the bank or the accuracy's denominator."""
 
     def __init__(self, images, indices, transform):
@@ -146,8 +146,9 @@ class EvalImages(Dataset):
         try:
             image, _ = self.images[self.indices[i]]
             return self.transform(image), ""
-        except mdra.READ_ERRORS:  # a stand-in, so that the name reaches the main process
-            return self.transform(Image.new("RGB", (1, 1))), mdra.image_name(self.images, self.indices[i])
+        except mdra.READ_ERRORS as e:  # a stand-in, so that the name reaches the main process
+            why = f"{mdra.image_path(self.images, self.indices[i])}: {mdra.read_error(e)}"
+            return self.transform(Image.new("RGB", (1, 1))), why
 
 
 @torch.no_grad()
@@ -165,7 +166,7 @@ def extract_features(net, images, indices, transform, env, batch_size, workers, 
     features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
     for i, (x, unreadable) in enumerate(loader):
         if any(unreadable):
-            raise mdra.UsageError(f"{next(name for name in unreadable if name)} cannot be read; an evaluation "
+            raise mdra.UsageError(f"cannot read {next(why for why in unreadable if why)}; an evaluation "
                                   "needs every image: remove or replace it.")
         x = x.to(env.device, non_blocking=True, memory_format=memory_format)
         with autocast:

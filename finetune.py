@@ -206,11 +206,11 @@ class AugmentedSubset(Dataset):
         epoch, position = key
         image, label, skipped = mdra.read_image(self.images, position)
         with mdra.sample_rng(mdra.sample_seed(self.seed, epoch, position)):
-            return self.transform(image), label, skipped
+            return self.transform(image), label, len(skipped), "\n".join(skipped)
 
 
 class CentreCrops(Dataset):
-    """Evaluation samples: (image, label, the file's name if it cannot be read else ""). An unreadable
+    """Evaluation samples: (image, label, "path: why" if the file cannot be read else ""). An unreadable
     file is an error here (evaluate raises it): skipping it would change the accuracy's denominator."""
 
     def __init__(self, images, transform, size):
@@ -223,8 +223,9 @@ class CentreCrops(Dataset):
         try:
             image, label = self.images[index]
             return self.transform(image), label, ""
-        except mdra.READ_ERRORS:  # a stand-in, so the batch goes on to evaluate, which names the file
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, mdra.image_name(self.images, index)
+        except mdra.READ_ERRORS as e:  # a stand-in, so the batch goes on to evaluate, which names the file
+            why = f"{mdra.image_path(self.images, index)}: {mdra.read_error(e)}"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, why
 
 
 @torch.no_grad()
@@ -423,7 +424,7 @@ def finetune(args, env, start):
 
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     loss_sum = torch.zeros((), device=device)  # since the last log line
-    skipped_total = 0
+    skips = mdra.SkippedImages(log)
     chance_loss, warned = math.log(info.num_classes), False
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
     mdra.defer_stop_signals()
@@ -435,9 +436,9 @@ def finetune(args, env, start):
         if args.linear:
             model_raw.backbone.eval()  # BatchNorm keeps the pretrained statistics
         epoch_tic = t0 = time.perf_counter()
-        for images, labels, skipped in loader:
+        for images, labels, skipped, unread in loader:
             data_time += time.perf_counter() - t0
-            skipped_total += int(skipped.sum())
+            skips.add(skipped, unread)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base_lr * float(cosine[step])
             labels = labels.to(device, non_blocking=True)
@@ -460,11 +461,11 @@ def finetune(args, env, start):
                 record = {"epoch": epoch + 1, "step": step, "loss": loss_sum.item() / env.world_size / steps,
                           "lr": base_lrs[0] * float(cosine[step - 1]), "images_per_s": steps * args.batch_size / elapsed,
                           "data_wait": data_time / elapsed, "eta_s": elapsed / steps * (last_step - step),
-                          "peak_mem_gb": mdra.peak_memory_gb(device), "skipped_images": skipped_total}
+                          "peak_mem_gb": mdra.peak_memory_gb(device), "skipped_images": skips.total}
                 log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
                           f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
                           f"data {100 * record['data_wait']:.0f}% eta {datetime.timedelta(seconds=round(record['eta_s']))} "
-                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skipped_total}" if skipped_total else ""))
+                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skips.total}" if skips.total else ""))
                 log.json(record)
                 if record["loss"] > 2 * chance_loss and not warned:  # e.g. the patent's lr 0.3 on 10 classes
                     warned = True

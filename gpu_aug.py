@@ -51,7 +51,7 @@ JPEG_SIGNATURE = [0xFF, 0xD8, 0xFF]
 
 class UndecodedImages(Dataset):
     """Pretraining samples keyed by (epoch, index), as mdra.TwoViews, but not augmented: yields
-    (uint8 tensor, number of unreadable files skipped).
+    (uint8 tensor, number of unreadable files skipped, their "path: why" lines) as mdra.TwoViews.
 
     With jpeg_bytes, a JPEG file of an ImageFolder is yielded as its bytes (1-d) for the GPU decoder.
     Everything else (other formats, in-memory data sets, any file when the GPU cannot decode) is
@@ -72,22 +72,22 @@ class UndecodedImages(Dataset):
                 with open(self.paths[index], "rb") as f:
                     data = f.read()
                 if list(data[:3]) == JPEG_SIGNATURE:
-                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, ""
             except OSError:  # unreadable: read_image below skips it as the CPU path does
                 pass
         image, _, skipped = mdra.read_image(self.images, index)
-        return pil_to_tensor(image), skipped
+        return pil_to_tensor(image), len(skipped), "\n".join(skipped)
 
 
 def collate_undecoded(samples):
     """A list of uint8 tensors, or one [B, 3, H, W] tensor when all are decoded images of one size
-    (an in-memory data set), and the skipped counts."""
-    images, skipped = zip(*samples)
+    (an in-memory data set), the skipped counts and the skipped files' lines."""
+    images, skipped, unread = zip(*samples)
     if all(x.ndim == 3 for x in images) and len({x.shape for x in images}) == 1:
         images = torch.stack(images)
     else:
         images = list(images)
-    return images, torch.tensor(skipped)
+    return images, torch.tensor(skipped), list(unread)
 
 
 def decode(images, device):
@@ -566,7 +566,7 @@ class Prefetcher:
 
     batches: the loader's iterator over collate_undecoded batches; batch k of it is global micro-batch
     first_index + k of the epoch, which seeds its parameters as before, so the views are exactly
-    those the loop would have made itself. Yields (v1, v2, skipped) ready for the current stream.
+    those the loop would have made itself. Yields (v1, v2, skipped, unread) ready for the current stream.
     """
 
     _END = object()
@@ -586,8 +586,8 @@ class Prefetcher:
                 torch.cuda.set_device(self.device)  # the current device is per thread
                 stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
-                for index, (images, skipped) in enumerate(batches, start=first_index):
-                    views = device_views(images, skipped, epoch, index)
+                for index, (images, skipped, unread) in enumerate(batches, start=first_index):
+                    views = (*device_views(images, skipped, epoch, index), unread)
                     done = None
                     if self.cuda:
                         done = torch.cuda.Event()
@@ -618,13 +618,13 @@ class Prefetcher:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
-        (v1, v2, skipped), done = item
+        (v1, v2, skipped, unread), done = item
         if self.cuda:  # the current stream waits on the device, not the host, and keeps the memory alive
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
             v1.record_stream(current)
             v2.record_stream(current)
-        return v1, v2, skipped
+        return v1, v2, skipped, unread
 
     def close(self):
         """Stop the thread (a run that ends inside an epoch leaves batches unread)."""

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import find_classes
@@ -533,26 +533,61 @@ def image_folder(data, train):
 
 
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+NAMED_SKIPS = 5  # unreadable training images named in the log per run; any further ones are only counted
 
 
-def image_name(images, index):
-    """The name of images[index] (class/file for an ImageFolder), through Subset wrappers."""
+def image_path(images, index):
+    """Where images[index] is, for a message: an ImageFolder file's path as the user can open it (under
+    --data, as given), else the image's name (an index), through Subset wrappers."""
     while isinstance(images, torch.utils.data.Subset):
         images, index = images.dataset, images.indices[index]
-    return images.names[index]
+    return images.paths[index] if hasattr(images, "paths") else images.names[index]
+
+
+def read_error(error):
+    """Why a file could not be read, in a few words, from what reading it raised (one of READ_ERRORS)."""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"over PIL's pixel limit of {2 * Image.MAX_IMAGE_PIXELS} pixels"
+    if isinstance(error, OSError) and error.errno is not None:  # from the file system, not from PIL
+        return f"cannot be opened ({error.strerror})"
+    if isinstance(error, UnidentifiedImageError):  # its message shows only a file object
+        return "corrupt or not an image (of no format PIL knows)"
+    return f"corrupt or not an image ({type(error).__name__}: {error})"
 
 
 def read_image(images, index):
-    """images[index], or the next readable one if that file is corrupt. Returns (image, label,
-    number skipped) so the caller can count what was skipped instead of dying on it. The scripts call
-    it once before training, so that a data set of which no image can be read is one clear error."""
-    for skipped in range(len(images)):
+    """images[index], or the next readable one if that file cannot be read. Returns (image, label,
+    skipped), skipped the files passed over, each as "path: why", so that the caller can count and
+    name them instead of dying on them. The scripts call it once before training, so that a data set
+    of which no image can be read is one clear error."""
+    skipped = []
+    for offset in range(len(images)):
+        at = (index + offset) % len(images)
         try:
-            image, label = images[(index + skipped) % len(images)]
+            image, label = images[at]
             return image, label, skipped
-        except READ_ERRORS:
-            continue
-    raise UsageError(f"none of the {len(images)} images of the data set can be read.")
+        except READ_ERRORS as e:
+            skipped.append(f"{image_path(images, at)}: {read_error(e)}")
+    raise UsageError(f"none of the {len(images)} images of the data set can be read, e.g. {skipped[0]}.")
+
+
+class SkippedImages:
+    """The training images read_image passed over, as the loaders report them with each batch: the
+    number (counts, a tensor) and, from the workers, the files (unread: per sample, its "path: why"
+    lines). The first NAMED_SKIPS files are named in the log, the rest only counted."""
+
+    def __init__(self, log):
+        self.log, self.total, self.named = log, 0, 0
+
+    def add(self, counts, unread):
+        self.total += int(counts.sum())
+        for line in "\n".join(text for text in unread if text).splitlines():
+            self.named += 1
+            if self.named <= NAMED_SKIPS:
+                self.log.print(f"skipped unreadable training image {line}")
+            elif self.named == NAMED_SKIPS + 1:
+                self.log.print(f"skipped more than {NAMED_SKIPS} unreadable training images: "
+                               "from here on they are only counted (skipped in the log lines)")
 
 
 class GaussianBlur(T.GaussianBlur):
@@ -679,7 +714,7 @@ class TwoViews(Dataset):
         epoch, index = key
         image, _, skipped = read_image(self.images, index)
         with sample_rng(sample_seed(self.seed, epoch, index)):
-            return self.view1(image), self.view2(image), skipped
+            return self.view1(image), self.view2(image), len(skipped), "\n".join(skipped)
 
 
 class EpochSampler(Sampler):
@@ -713,9 +748,11 @@ class EpochSampler(Sampler):
 def pretrain_loader(images, info, args, env, num_batches):
     """This rank's pretraining micro-batches; returns (loader, sampler, device_views).
 
-    The loader yields (v1, v2, skipped). With --gpu-aug its workers only read the files: it yields
-    (undecoded images, skipped), and device_views(images, skipped, epoch, batch index) decodes and
-    augments them on the device into (v1, v2, skipped). epoch_batches gives either as (v1, v2, skipped).
+    The loader yields (v1, v2, skipped, unread): per sample, the number of files read_image passed
+    over and their "path: why" lines (SkippedImages). With --gpu-aug its workers only read the files:
+    it yields (undecoded images, skipped, unread), and device_views(images, skipped, epoch, batch index)
+    decodes and augments them on the device into (v1, v2, skipped). epoch_batches gives either as
+    (v1, v2, skipped, unread).
     """
     sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
     cuda = env.device.type == "cuda"
@@ -734,7 +771,7 @@ def pretrain_loader(images, info, args, env, num_batches):
 
 
 def epoch_batches(loader, device_views, epoch, start_batch):
-    """An epoch's (v1, v2, skipped) micro-batches, from global micro-batch start_batch on. With
+    """An epoch's (v1, v2, skipped, unread) micro-batches, from global micro-batch start_batch on. With
     --gpu-aug a background thread makes the views of the next ones while the current step runs."""
     if device_views is None:
         yield from loader
@@ -1357,7 +1394,7 @@ def train(args):
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     loss_sum = torch.zeros((), device=device)        # since the last log line
     epoch_loss_sum = torch.zeros((), device=device)
-    skipped_total = 0
+    skips = SkippedImages(log)
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
     defer_stop_signals()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -1373,9 +1410,9 @@ def train(args):
                 g["lr"] = float(lr_schedule[step])
             for micro in range(args.accum_steps):
                 t0 = time.perf_counter()
-                v1, v2, skipped = next(batches)
+                v1, v2, skipped, unread = next(batches)
                 data_time += time.perf_counter() - t0
-                skipped_total += int(skipped.sum())
+                skips.add(skipped, unread)
                 v1 = v1.to(device, non_blocking=True, memory_format=memory_format)
                 v2 = v2.to(device, non_blocking=True, memory_format=memory_format)
                 loss, keys, queue_ptr = micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler,
@@ -1398,12 +1435,12 @@ def train(args):
                           "lr": float(lr_schedule[step - 1]), "ema_momentum": args.momentum,
                           "pairs_per_s": steps * batch_images / elapsed, "data_wait": data_time / elapsed,
                           "rankme": erank, "eta_s": elapsed / steps * (last_step - step),
-                          "peak_mem_gb": peak_memory_gb(device), "skipped_images": skipped_total}
+                          "peak_mem_gb": peak_memory_gb(device), "skipped_images": skips.total}
                 log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
                           f"lr {record['lr']:.4g} m {args.momentum:.4f} {record['pairs_per_s']:.0f} pairs/s "
                           f"data {100 * record['data_wait']:.0f}% rankme {erank:.1f}/{min(EMBED_DIM, keys.shape[0])} "
                           f"eta {datetime.timedelta(seconds=round(record['eta_s']))} "
-                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skipped_total}" if skipped_total else ""))
+                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skips.total}" if skips.total else ""))
                 log.json(record)
                 loss_sum.zero_()
                 tic, data_time, logged_step = time.perf_counter(), 0.0, step
@@ -1416,7 +1453,7 @@ def train(args):
             break
         epoch_record = {"event": "epoch", "epoch": epoch + 1, "step": step,
                         "loss": (_all_reduce(epoch_loss_sum.clone()) / env.world_size / (step - epoch_first_step)).item(),
-                        "time_s": time.perf_counter() - epoch_tic, "skipped_images": skipped_total}
+                        "time_s": time.perf_counter() - epoch_tic, "skipped_images": skips.total}
         keep = args.keep_every > 0 and (epoch + 1) % args.keep_every == 0
         if keep or last_saved != step:  # before the kNN monitor, which a time limit may cut short
             save(keep_epoch=epoch + 1 if keep else None)

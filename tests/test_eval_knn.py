@@ -220,7 +220,8 @@ def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, capsys, workers)
         eval_knn.main(["--pixels", "--data", str(tmp_path), "--img-size", "8", "--k", "1", "--workers", workers,
                        "--out", str(tmp_path / "knn.json")])
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        "eval_knn.py: error: class0/2.png cannot be read; an evaluation needs every image: remove or replace it.\n")
+        f"eval_knn.py: error: cannot read {tmp_path}/train/class0/2.png: corrupt or not an image (of no format PIL "
+        "knows); an evaluation needs every image: remove or replace it.\n")
 
 
 def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):

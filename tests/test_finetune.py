@@ -293,20 +293,28 @@ def test_resuming_refuses_a_labelled_subset_whose_images_changed_under_the_same_
     assert exc.value.code == 2 and "comes from a run on other images (8 then, 9 now)" in err, err
 
 
+def image_folder(root, train=16, val=4):
+    """An ImageFolder of 8-px images in two classes: train/ and val/ under root."""
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            (root / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(root / split / f"class{i % 2}" / f"{i:02d}.png")
+    return ["--random-init", "--arch", "resnet18", "--data", str(root), "--img-size", "8", "--batch-size", "4"]
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_unreadable_evaluation_image_is_named_in_one_sentence_after_the_epoch_it_evaluated_is_saved(
         tmp_path, capsys, workers):
-    for split, count in (("train", 16), ("val", 4)):
-        for i in range(count):
-            (tmp_path / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(tmp_path / split / f"class{i % 2}" / f"{i:02d}.png")
-    (tmp_path / "val" / "class1" / "03.png").write_bytes(b"half a PNG")  # sorted after the readable ones
+    command = image_folder(tmp_path)
+    damaged = tmp_path / "val" / "class1" / "03.png"  # sorted after the readable ones
+    png = damaged.read_bytes()
+    damaged.write_bytes(png[:png.index(b"IDAT") + 8])  # its header opens, its pixel data ends early
     with pytest.raises(SystemExit) as exc:
-        finetune.main(["--random-init", "--arch", "resnet18", "--data", str(tmp_path), "--img-size", "8",
-                       "--batch-size", "4", "--workers", workers, "--epochs", "2", "--out-dir", str(tmp_path / "run")])
+        finetune.main([*command, "--workers", workers, "--epochs", "2", "--out-dir", str(tmp_path / "run")])
     assert exc.value.code == 2
-    assert capsys.readouterr().err == ("finetune.py: error: 1 images of the evaluation split cannot be read, e.g. "
-                                       "class1/03.png; remove or replace them, then run the same command again.\n")
+    assert capsys.readouterr().err == (f"finetune.py: error: 1 images of the evaluation split cannot be read, e.g. "
+                                       f"{damaged}: corrupt or not an image (OSError: image file is truncated); "
+                                       "remove or replace them, then run the same command again.\n")
     assert load(tmp_path / "run" / "checkpoint.pth")["step"] == 4  # the first epoch's steps are kept
 
 
@@ -519,7 +527,9 @@ def test_predict_names_each_unreadable_file_classifies_the_others_and_then_exits
     (["--ckpt", "{pretrained}", "--out-dir", "{tmp}/foreign.pth"], "--out-dir {tmp}/foreign.pth is a file, not a folder."),
     (["--ckpt", "{classifier}", "--export", "{tmp}/foreign.pth/model.pt"],
      "--export's folder {tmp}/foreign.pth is a file, not a folder."),
-    (["--random-init", "--data", "{tmp}/unreadable", "--workers", "2"], "none of the 20 images of the data set can be read."),
+    (["--random-init", "--data", "{tmp}/unreadable", "--workers", "2"],
+     "none of the 20 images of the data set can be read, e.g. {tmp}/unreadable/train/class0/0.jpg: corrupt or not an "
+     "image (of no format PIL knows)."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
     torch.save({"format": "something-else"}, tmp_path / "foreign.pth")

@@ -419,13 +419,13 @@ def test_the_loader_yields_jpeg_bytes_for_the_gpu_and_decodes_everything_else(tm
     Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(tmp_path / "a" / "1.png")
     files = mdra.ImageFiles(tmp_path)
     for_gpu = gpu_aug.UndecodedImages(files, jpeg_bytes=True)
-    (jpeg, skipped), (png, _) = for_gpu[0, 0], for_gpu[0, 1]
-    assert jpeg.ndim == 1 and jpeg[:3].tolist() == gpu_aug.JPEG_SIGNATURE and skipped == 0
+    (jpeg, skipped, unread), (png, _, _) = for_gpu[0, 0], for_gpu[0, 1]
+    assert jpeg.ndim == 1 and jpeg[:3].tolist() == gpu_aug.JPEG_SIGNATURE and skipped == 0 and unread == ""
     assert png.shape == (3, 20, 30) and png.dtype == torch.uint8  # grey PNG: RGB as in the CPU path
-    images, skipped = gpu_aug.collate_undecoded([for_gpu[0, 0], for_gpu[0, 1]])
-    assert isinstance(images, list) and skipped.tolist() == [0, 0]
+    images, skipped, unread = gpu_aug.collate_undecoded([for_gpu[0, 0], for_gpu[0, 1]])
+    assert isinstance(images, list) and skipped.tolist() == [0, 0] and unread == ["", ""]
     on_cpu = gpu_aug.UndecodedImages(files, jpeg_bytes=False)
-    images, _ = gpu_aug.collate_undecoded([on_cpu[0, 0], on_cpu[0, 1]])
+    images, _, _ = gpu_aug.collate_undecoded([on_cpu[0, 0], on_cpu[0, 1]])
     assert isinstance(images, torch.Tensor) and images.shape == (2, 3, 20, 30)
 
 
@@ -458,13 +458,15 @@ def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path)
 
 def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_cleanly():
     views = gpu_aug.DeviceTwoViews(*mdra.view_augmentations(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
-    batches = [(torch.randint(0, 256, (3, 3, 30, 40), dtype=torch.uint8), torch.tensor([0, 1, 0])) for _ in range(5)]
+    batches = [(torch.randint(0, 256, (3, 3, 30, 40), dtype=torch.uint8), torch.tensor([0, 1, 0]), ["", "a: why", ""])
+               for _ in range(5)]
     prefetched = list(views.prefetch(iter(batches), 3, 7))
     assert len(prefetched) == 5
-    for k, (images, skipped) in enumerate(batches):  # global micro-batch 7 + k of epoch 3
+    for k, (images, skipped, unread) in enumerate(batches):  # global micro-batch 7 + k of epoch 3
         expected = views(images, skipped, 3, 7 + k)
         for mine, theirs in zip(prefetched[k], expected):
             assert torch.equal(mine, theirs)
+        assert prefetched[k][3] is unread
     # Closed inside the epoch (a run that ends there), the thread stops although batches are left.
     prefetcher = views.prefetch(iter(batches * 10), 0, 0)
     next(prefetcher)
@@ -475,7 +477,7 @@ def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_clea
 def test_an_error_in_the_prefetch_thread_is_raised_in_the_training_loop():
     views = gpu_aug.DeviceTwoViews(*mdra.view_augmentations(IMAGENET, 24), seed=2, rank=0, world_size=1, device="cpu")
     not_a_jpeg = [torch.tensor([1, 2, 3], dtype=torch.uint8)]  # alone in its batch: nothing to replace it by
-    prefetcher = views.prefetch(iter([(not_a_jpeg, torch.zeros(1, dtype=torch.long))]), 0, 0)
+    prefetcher = views.prefetch(iter([(not_a_jpeg, torch.zeros(1, dtype=torch.long), [""])]), 0, 0)
     with pytest.raises(RuntimeError, match="no image of the batch can be decoded"):
         next(prefetcher)
 

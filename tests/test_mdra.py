@@ -304,10 +304,10 @@ def test_two_views_depend_only_on_seed_epoch_and_index():
     images, info = mdra.build_dataset("synthetic", "data", "pretrain", synthetic_size=16, img_size=16)
     v1, v2 = mdra.pretrain_transforms(info, 16)
     views = mdra.TwoViews(images, v1, v2, seed=0)
-    a1, a2, skipped = views[(2, 5)]
+    a1, a2, skipped, unread = views[(2, 5)]
     torch.manual_seed(123)  # the global RNG does not matter
-    b1, b2, _ = views[(2, 5)]
-    assert skipped == 0 and torch.equal(a1, b1) and torch.equal(a2, b2)
+    b1, b2, _, _ = views[(2, 5)]
+    assert skipped == 0 and unread == "" and torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(a1, a2)
     assert not torch.equal(a1, views[(3, 5)][0])
 
@@ -380,17 +380,23 @@ def test_sample_rng_draws_what_torch_manual_seed_draws_and_restores_the_global_s
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_unreadable_image_is_skipped_and_counted(tmp_path):
+def test_an_unreadable_image_is_skipped_and_named_by_the_path_to_open_with_why(tmp_path, monkeypatch):
     from PIL import Image
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         Image.new("RGB", (20, 20), color=(10, 200, 30)).save(tmp_path / cls / "good.png")
     (tmp_path / "a" / "broken.png").write_bytes(b"not an image at all")
+    Image.new("RGB", (30, 30)).save(tmp_path / "a" / "big.png")  # 900 pixels, over the limit set below
     images, info = mdra.build_dataset(str(tmp_path), "data", "pretrain")
     assert info.num_classes == 2 and not info.small
-    broken = images.paths.index(str(tmp_path / "a" / "broken.png"))
-    image, label, skipped = mdra.read_image(images, broken)
-    assert skipped == 1 and image.size == (20, 20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # PIL refuses more than twice this
+    big = images.paths.index(str(tmp_path / "a" / "big.png"))  # sorted: big, broken, good
+    image, label, skipped = mdra.read_image(images, big)
+    assert image.size == (20, 20) and skipped == [
+        f"{tmp_path}/a/big.png: over PIL's pixel limit of 800 pixels",
+        f"{tmp_path}/a/broken.png: corrupt or not an image (of no format PIL knows)"]
+    views = mdra.TwoViews(images, *mdra.pretrain_transforms(info, 16), seed=0)
+    assert views[(0, big)][2:] == (2, "\n".join(skipped))  # what a loader worker hands on
 
 
 def test_val_images_are_labelled_by_the_training_classes_even_where_val_lacks_one(tmp_path):

@@ -354,7 +354,30 @@ def test_a_data_set_of_which_no_image_can_be_read_is_one_sentence(tmp_path, caps
     with pytest.raises(SystemExit) as exc:
         run(tmp_path / "run", "--data", str(tmp_path / "images"), "--accum-steps", "1", "--workers", "2")
     assert exc.value.code == 2
-    assert capsys.readouterr().err == "mdra.py: error: none of the 40 images of the data set can be read.\n"
+    assert capsys.readouterr().err == ("mdra.py: error: none of the 40 images of the data set can be read, e.g. "
+                                       f"{tmp_path}/images/train/class0/0.jpg: corrupt or not an image "
+                                       "(of no format PIL knows).\n")
+
+
+def test_the_first_five_unreadable_training_images_are_named_in_the_log_from_the_loader_workers(tmp_path, capsys):
+    from PIL import Image
+    train = tmp_path / "images" / "train"
+    for i in range(32):
+        (train / f"class{i // 16}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (8 * i, 0, 0)).save(train / f"class{i // 16}" / f"{i:02d}.png")
+    bad = [f"class0/{i:02d}.png" for i in range(0, 14, 2)]  # 7, none followed by another: each skipped once
+    for name in bad:
+        (train / name).write_bytes(b"not a PNG")
+    run(tmp_path / "run", "--data", str(tmp_path / "images"), "--accum-steps", "1", "--workers", "1", "--epochs", "1")
+    lines = capsys.readouterr().out.splitlines()
+    named = [line.removeprefix("skipped unreadable training image ") for line in lines
+             if line.startswith("skipped unreadable training image ")]
+    assert len(named) == 5 and len(set(named)) == 5
+    assert {line.split(": ", 1)[0] for line in named} <= {str(train / name) for name in bad}
+    assert all(line.endswith(": corrupt or not an image (of no format PIL knows)") for line in named)
+    assert lines.count("skipped more than 5 unreadable training images: from here on they are only counted "
+                       "(skipped in the log lines)") == 1
+    assert log_records(tmp_path / "run")[-1]["skipped_images"] == 7 and lines[-2].endswith(" skipped 7")
 
 
 def test_a_crash_with_loader_workers_ends_the_process_with_its_traceback_instead_of_hanging(tmp_path):
