@@ -228,6 +228,46 @@ class CentreCrops(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, why
 
 
+class FileHeaders(Dataset):
+    """For each file, "" if PIL can open it, else "path: why". Opening reads the header (the format, the
+    size, which PIL's pixel limit checks), not the pixels."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]):
+                return ""
+        except mdra.READ_ERRORS as e:
+            return f"{self.paths[i]}: {mdra.read_error(e)}"
+
+
+def unopenable(images, indices, workers):
+    """The "path: why" of each of images[indices] that is a file PIL cannot open (none for images held in
+    memory). Headers only: decoding ImageNet's 50 000 validation images would take minutes before the
+    first epoch, so a file whose pixel data alone is damaged is still found by the evaluation."""
+    base = images
+    while isinstance(base, Subset):
+        base = base.dataset
+    if not hasattr(base, "paths"):
+        return []
+    loader = DataLoader(FileHeaders([mdra.image_path(images, i) for i in indices]), batch_size=256,
+                        num_workers=workers, collate_fn=list, worker_init_fn=mdra.ignore_stop_signals)
+    return [why for batch in loader for why in batch if why]
+
+
+def unreadable_evaluation_error(total, unreadable):
+    """The error every rank raises when the ranks found total unreadable evaluation images, this one
+    the "path: why" lines of unreadable (a name, if this rank has one)."""
+    example = f", e.g. {unreadable[0]}" if unreadable else ""
+    return UsageError(f"{total} images of the evaluation split cannot be read{example}; "
+                      "remove or replace them, then run the same command again.")
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, memory_format, autocast):
     """Top-1 and top-5 accuracy (%) and the number of images. Each rank counts its own share of
@@ -249,9 +289,7 @@ def evaluate(model, loader, device, memory_format, autocast):
         dist.all_reduce(counts)
     top1, top5, total, unreadable_total = counts.tolist()
     if unreadable_total:
-        example = f", e.g. {unreadable[0]}" if unreadable else ""  # a name, if this rank has one
-        raise UsageError(f"{unreadable_total} images of the evaluation split cannot be read{example}; "
-                         "remove or replace them, then run the same command again.")
+        raise unreadable_evaluation_error(unreadable_total, unreadable)
     return 100 * top1 / max(total, 1), 100 * top5 / max(total, 1), total
 
 
@@ -421,6 +459,12 @@ def finetune(args, env, start):
               + " images evaluated " + ("after every epoch" if args.eval_every == 1 else f"every {args.eval_every} epochs"))
     log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device),
               "labelled_images": len(subset), "args": plain_args})
+    unreadable = unopenable(eval_images, val_set.indices, args.workers)  # before the first epoch, not after it
+    unreadable_total = torch.tensor(len(unreadable), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(unreadable_total)  # so that every rank raises the same error
+    if unreadable_total.item():
+        raise unreadable_evaluation_error(unreadable_total.item(), unreadable)
 
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     loss_sum = torch.zeros((), device=device)  # since the last log line

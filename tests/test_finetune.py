@@ -318,6 +318,18 @@ def test_an_unreadable_evaluation_image_is_named_in_one_sentence_after_the_epoch
     assert load(tmp_path / "run" / "checkpoint.pth")["step"] == 4  # the first epoch's steps are kept
 
 
+def test_an_evaluation_image_that_cannot_be_opened_is_refused_before_the_first_epoch(tmp_path, capsys):
+    command = image_folder(tmp_path)
+    (tmp_path / "val" / "class1" / "03.png").write_bytes(b"half a PNG")
+    with pytest.raises(SystemExit) as exc:
+        finetune.main([*command, "--workers", "2", "--epochs", "2", "--out-dir", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("finetune.py: error: 1 images of the evaluation split cannot be read, e.g. "
+                                       f"{tmp_path}/val/class1/03.png: corrupt or not an image (of no format PIL "
+                                       "knows); remove or replace them, then run the same command again.\n")
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()  # no epoch was trained
+
+
 def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
     with pytest.raises(SystemExit, match="finetune.py: error: the loss became non-finite between steps"):
         finetune.main(["--random-init", "--arch", "resnet18", *TINY, "--img-size", "16", "--label-fraction", "0.25",
