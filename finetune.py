@@ -470,6 +470,8 @@ def finetune(args, env, start):
     loss_sum = torch.zeros((), device=device)  # since the last log line
     skips = mdra.SkippedImages(log)
     chance_loss, warned = math.log(info.num_classes), False
+    eval_epochs = [e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs]
+    eval_times = []  # seconds per evaluation, in this process
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
     mdra.defer_stop_signals()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -502,13 +504,23 @@ def finetune(args, env, start):
                 if dist.is_initialized():
                     dist.all_reduce(loss_sum)
                 elapsed, steps = time.perf_counter() - tic, step - logged_step
+                images_per_s = steps * args.batch_size / elapsed
+                # The evaluations still due count at the mean time of those done; before the first, at the
+                # training speed, an evaluated image costing a third of a trained one (no backward pass)
+                # or, in the linear probe, as much.
+                evals_left = sum(step <= e * steps_per_epoch <= last_step for e in eval_epochs)
+                eval_s = (sum(eval_times) / len(eval_times) if eval_times
+                          else len(eval_images) / images_per_s / (1 if args.linear else 3))
                 record = {"epoch": epoch + 1, "step": step, "loss": loss_sum.item() / env.world_size / steps,
-                          "lr": base_lrs[0] * float(cosine[step - 1]), "images_per_s": steps * args.batch_size / elapsed,
-                          "data_wait": data_time / elapsed, "eta_s": elapsed / steps * (last_step - step),
+                          "lr": base_lrs[0] * float(cosine[step - 1]), "images_per_s": images_per_s,
+                          "data_wait": data_time / elapsed,
+                          "eta_s": elapsed / steps * (last_step - step) + evals_left * eval_s,
                           "peak_mem_gb": mdra.peak_memory_gb(device), "skipped_images": skips.total}
+                eta = str(datetime.timedelta(seconds=round(record["eta_s"])))
+                eta = "~" + eta if evals_left and not eval_times else eta  # an estimate until an evaluation is timed
                 log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
                           f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
-                          f"data {100 * record['data_wait']:.0f}% eta {datetime.timedelta(seconds=round(record['eta_s']))} "
+                          f"data {100 * record['data_wait']:.0f}% eta {eta} "
                           f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skips.total}" if skips.total else ""))
                 log.json(record)
                 if record["loss"] > 2 * chance_loss and not warned:  # e.g. the patent's lr 0.3 on 10 classes
@@ -530,11 +542,14 @@ def finetune(args, env, start):
         if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
             mdra.broadcast_buffers(model_raw)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            eval_tic = time.perf_counter()
             try:
                 top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
             except UsageError:  # an unreadable image, on every rank: keep the epoch it evaluated
                 save()
                 raise
+            eval_times.append(time.perf_counter() - eval_tic)
+            tic += eval_times[-1]  # the training speed of the next log line leaves it out
             metrics = {"epoch": epoch + 1, "top1": top1, "top5": top5, "eval": eval_name, "eval_images": counted}
             log.print(f"epoch {epoch + 1}/{args.epochs} {eval_name} top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
             log.json({"event": "epoch", **metrics, "step": step, "time_s": time.perf_counter() - epoch_tic})

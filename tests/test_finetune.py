@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -328,6 +329,25 @@ def test_an_evaluation_image_that_cannot_be_opened_is_refused_before_the_first_e
                                        f"{tmp_path}/val/class1/03.png: corrupt or not an image (of no format PIL "
                                        "knows); remove or replace them, then run the same command again.\n")
     assert not (tmp_path / "run" / "checkpoint.pth").exists()  # no epoch was trained
+
+
+def test_the_eta_counts_the_evaluations_still_due_at_the_time_those_done_took(tmp_path, monkeypatch, capsys):
+    evaluate, pause = finetune.evaluate, 0.6
+
+    def slow_evaluate(*args):  # an evaluation that costs far more than the training steps
+        time.sleep(pause)
+        return evaluate(*args)
+
+    monkeypatch.setattr(finetune, "evaluate", slow_evaluate)
+    finetune.main(["--random-init", "--arch", "resnet18", *TINY, "--img-size", "16", "--label-fraction", "0.25",
+                   "--lr", "0.01", "--epochs", "2", "--out-dir", str(tmp_path)])  # 2 steps per epoch
+    steps = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "eta_s" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    third, fourth = (r["eta_s"] for r in steps[2:])  # after the first evaluation, which was timed
+    assert third >= pause and fourth >= pause  # the last evaluation is still due at both
+    assert fourth <= third + 0.3  # no jump up; it was the training time alone, 0 at the last step
+    printed = [line.split(" eta ")[1].split()[0] for line in capsys.readouterr().out.splitlines() if " eta " in line]
+    assert [eta.startswith("~") for eta in printed] == [True, True, False, False]  # estimated before the first
 
 
 def test_non_finite_loss_stops_with_a_clear_error_before_saving_it(tmp_path):
