@@ -18,6 +18,7 @@ The results go to knn.json next to the checkpoint (or --out). mdra.py --knn-ever
 knn_monitor() below at epoch ends.
 """
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -153,10 +154,11 @@ class EvalImages(Dataset):
 
 @torch.no_grad()
 def extract_features(net, images, indices, transform, env, batch_size, workers, amp, channels_last, out_device,
-                     progress=None):
+                     progress=None, then=0):
     """Features [len(indices), d] float32 of images[indices] on out_device, net in its current mode.
     Returns an empty [0, 0] tensor for an empty shard (gather_rows fills in the width).
-    progress: a name to report rank 0's progress under, every tenth of its shard."""
+    progress: a name to report rank 0's progress under, every tenth of its shard, with an eta that
+    counts `then` more images to extract after these at the same speed (the val split after the bank)."""
     cuda = env.device.type == "cuda"
     loader = DataLoader(EvalImages(images, indices, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=cuda, worker_init_fn=mdra.ignore_stop_signals,
@@ -176,8 +178,10 @@ def extract_features(net, images, indices, transform, env, batch_size, workers, 
         features[done:done + len(batch)] = batch
         done += len(batch)
         if progress and env.is_main and (i + 1) % report_every == 0:
-            print(f"{progress}: {done}/{len(indices)} images of rank 0 in {time.perf_counter() - tic:.0f} s",
-                  flush=True)
+            elapsed = time.perf_counter() - tic
+            eta = datetime.timedelta(seconds=round(elapsed / done * (len(indices) - done + then)))
+            print(f"{progress}: {done}/{len(indices)} images of rank 0 in {elapsed:.0f} s, eta {eta}"
+                  + (f" (with {then} more images to come)" if then else ""), flush=True)
     return features if features is not None else torch.zeros(0, 0, device=out_device)
 
 
@@ -217,6 +221,14 @@ def gather_rows(local, env, chunk_mb=DEFAULT_CHUNK_MB):
 # The in-training monitor (mdra.py --knn-every)
 # ------------------------------------------------------------------------------------------------
 
+def bank_subset(n, size, seed):
+    """Sorted indices of the bank's train images: `size` of the n drawn with seed, or all of them for 0
+    (or size >= n). The monitor's --knn-subset and eval_knn.py's draw the same with the same seed."""
+    if 0 < size < n:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return torch.arange(n)
+
+
 @functools.lru_cache(maxsize=1)
 def monitor_datasets(data, data_dir, synthetic_size, img_size):
     """Built once per run: listing an ImageFolder of a million files takes a while."""
@@ -237,10 +249,7 @@ def knn_monitor(backbone, args, env):
     the global random generators, so training continues exactly as without the monitor.
     """
     bank_images, query_images, info = monitor_datasets(args.data, args.data_dir, args.synthetic_size, args.img_size)
-    bank_indices = torch.arange(len(bank_images))
-    if 0 < args.knn_subset < len(bank_images):
-        chosen = torch.randperm(len(bank_images), generator=torch.Generator().manual_seed(args.seed))
-        bank_indices = chosen[:args.knn_subset].sort().values
+    bank_indices = bank_subset(len(bank_images), args.knn_subset, args.seed)
     k = min(MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank
     query_indices = torch.arange(len(query_images))[shard(len(query_images), env)]
     transform = mdra.eval_transform(info, args.img_size)
@@ -297,20 +306,23 @@ def features_from_images(args, env, bank_device):
     bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
     query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
     args.img_size = args.img_size or info.native_size
-    check_k(args.k, len(bank_images))  # before the long part
+    bank_indices = bank_subset(len(bank_images), args.knn_subset, args.seed)
+    check_k(args.k, len(bank_indices))  # before the long part
 
     net, description = feature_network(args, ckpt, info)
+    if len(bank_indices) < len(bank_images):
+        description += f", bank of {len(bank_indices)} of the {len(bank_images)} train images (seed {args.seed})"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     net.to(env.device, memory_format=memory_format).eval()
     extract = functools.partial(extract_features, net, transform=mdra.eval_transform(info, args.img_size), env=env,
                                 batch_size=args.batch_size, workers=args.workers, amp=args.amp,
                                 channels_last=args.channels_last)
-    bank_shard = range(len(bank_images))[shard(len(bank_images), env)]
+    bank_shard = bank_indices[shard(len(bank_indices), env)].tolist()
     query_shard = range(len(query_images))[shard(len(query_images), env)]
-    bank = gather_rows(extract(images=bank_images, indices=bank_shard, out_device=bank_device, progress="train"),
-                       env, args.chunk_mb)
+    bank = gather_rows(extract(images=bank_images, indices=bank_shard, out_device=bank_device, progress="train",
+                               then=len(query_shard)), env, args.chunk_mb)
     queries = extract(images=query_images, indices=query_shard, out_device=env.device, progress="val")
-    return (bank, torch.tensor(bank_images.targets), queries, torch.tensor(query_images.targets),
+    return (bank, torch.tensor(bank_images.targets)[bank_indices], queries, torch.tensor(query_images.targets),
             info.num_classes, description)
 
 
@@ -372,15 +384,15 @@ def evaluate(args):
     if args.save_features:
         mdra.require_folder(args.save_features, "--save-features")
     if args.load_features:  # what made the features is in the folder; these would only mislabel the results
-        given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size")
-                 if getattr(args, name)]
+        given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size",
+                                                             "knn_subset") if getattr(args, name)]
         if given:
             raise mdra.UsageError(f"--load-features takes the features from its folder; {', '.join(given)} would "
                                   "not change them, so leave them out.")
     if args.temperature <= 0 or args.chunk_mb <= 0 or min(args.k) < 1:
         raise mdra.UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
     mdra.require_at_least(1, args, "batch_size")
-    mdra.require_at_least(0, args, "workers")
+    mdra.require_at_least(0, args, "workers", "knn_subset")
     if cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -421,7 +433,7 @@ def report(args, env, description, bank_shape, n_queries, num_classes, results, 
     out = Path(args.out) if args.out else default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"features": description, "ckpt": args.ckpt, "data": args.data, "img_size": args.img_size,
-              "n_train": bank_shape[0], "n_test": n_queries, "num_classes": num_classes,
+              "n_train": bank_shape[0], "knn_subset": args.knn_subset, "n_test": n_queries, "num_classes": num_classes,
               "temperature": args.temperature, "git": mdra.git_sha(), "world_size": env.world_size,
               "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()}}
     text = json.dumps(record, indent=1) + "\n"
@@ -447,6 +459,9 @@ def get_parser():
     a("--synthetic-size", type=int, default=None, help="train images of --data synthetic; default: the checkpoint's")
     a("--img-size", type=int, default=None, help="crop size; default: the checkpoint's, else the data set's own")
     a("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours; all share one top-k search")
+    a("--knn-subset", type=int, default=0, metavar="N",
+      help="a bank of N train images drawn with --seed (0: all), as mdra.py --knn-subset N draws its monitor's with "
+           "the same --seed: fewer features to extract, e.g. on a CPU")
     a("--temperature", type=mdra.finite_float, default=0.07, help="T of the vote weight exp(similarity / T)")
     a("--batch-size", type=int, default=256, help="images per forward pass on each rank")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
@@ -464,7 +479,7 @@ def get_parser():
       help="vote on the features saved by --save-features instead of extracting them")
     a("--out", default=None, help="JSON file of the results; default: knn.json next to the checkpoint "
                                   "(knn_random-init.json, knn_pixels.json for the baselines)")
-    a("--seed", type=int, default=0, help="seed of --random-init")
+    a("--seed", type=int, default=0, help="seed of --random-init and of the --knn-subset draw")
     return p
 
 

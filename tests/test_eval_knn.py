@@ -1,6 +1,7 @@
 """eval_knn.py: votes against a float64 loop, memory budgets, torchrun shards, baselines, refusals, the monitor."""
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -195,7 +197,7 @@ def test_loaded_features_refuse_flags_that_would_mislabel_them_and_files_of_two_
     common = ["--ckpt", str(checkpoint), "--k", "5", "--workers", "0"]
     eval_knn.main(common + ["--pixels", "--save-features", str(tmp_path / "pixels"), "--out", str(tmp_path / "p.json")])
     eval_knn.main(common + ["--save-features", str(tmp_path / "trained"), "--out", str(tmp_path / "t.json")])
-    for flags in (["--ckpt", str(checkpoint)], ["--pixels"], ["--data", "synthetic"]):
+    for flags in (["--ckpt", str(checkpoint)], ["--pixels"], ["--data", "synthetic"], ["--knn-subset", "5"]):
         with pytest.raises(SystemExit) as exit_info:
             eval_knn.main(["--load-features", str(tmp_path / "pixels"), *flags])
         err = capsys.readouterr().err
@@ -222,6 +224,32 @@ def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, capsys, workers)
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
         f"eval_knn.py: error: cannot read {tmp_path}/train/class0/2.png: corrupt or not an image (of no format PIL "
         "knows); an evaluation needs every image: remove or replace it.\n")
+
+
+def test_knn_subset_draws_the_bank_as_the_monitor_does_and_keeps_its_labels(tmp_path):
+    common = ["--data", "synthetic", "--synthetic-size", "24", "--img-size", "8", "--pixels", "--k", "3",
+              "--workers", "0"]
+    eval_knn.main(common + ["--save-features", str(tmp_path / "all"), "--out", str(tmp_path / "all.json")])
+    eval_knn.main(common + ["--knn-subset", "10", "--seed", "3", "--save-features", str(tmp_path / "part"),
+                            "--out", str(tmp_path / "part.json")])
+    whole, part = (torch.load(tmp_path / name / "train.pth", weights_only=True) for name in ("all", "part"))
+    chosen = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:10].sort().values  # the monitor's draw
+    assert torch.equal(part["features"], whole["features"][chosen])
+    assert torch.equal(part["labels"], whole["labels"][chosen])
+    record = json.loads((tmp_path / "part.json").read_text())
+    assert record["n_train"] == 10 and record["knn_subset"] == 10
+    assert record["features"].endswith(", bank of 10 of the 24 train images (seed 3)")
+
+
+def test_the_progress_lines_give_an_eta_that_counts_the_val_images_still_to_come(tmp_path, monkeypatch, capsys):
+    clock = itertools.count()
+    monkeypatch.setattr(eval_knn, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))  # 1 s a reading
+    eval_knn.main(["--data", "synthetic", "--synthetic-size", "48", "--img-size", "8", "--pixels", "--k", "3",
+                   "--workers", "0", "--batch-size", "4", "--out", str(tmp_path / "knn.json")])  # 12 val images
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("train:", "val:"))]
+    assert lines == ([f"train: {4 * k}/48 images of rank 0 in {k} s, eta 0:00:{15 - k:02d} "
+                      "(with 12 more images to come)" for k in range(1, 13)]
+                     + [f"val: {4 * k}/12 images of rank 0 in {k} s, eta 0:00:{3 - k:02d}" for k in range(1, 4)])
 
 
 def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):
