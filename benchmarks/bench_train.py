@@ -356,7 +356,7 @@ class Loader:
             self.sampler.set_epoch(self.epoch)
             epoch = mdra.epoch_batches(self.loader, self.device_views, self.epoch, 0)
             try:
-                for v1, v2, _ in epoch:
+                for v1, v2, _, _ in epoch:  # the skipped counts and files
                     yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
             finally:  # a --gpu-aug prefetch thread stops with it
                 epoch.close()
@@ -398,7 +398,8 @@ def device_views_rate(loader, batch_size, device, rounds=5):
     batches = itertools.cycle(undecoded)
 
     def augment():
-        loader.device_views(*next(batches), 0, 0)
+        images, skipped, _ = next(batches)
+        loader.device_views(images, skipped, 0, 0)
 
     rate = batch_size / median_step_time(augment, device, warmup=2, steps=len(undecoded), repeats=rounds)
     return rate, host_ops(augment)
