@@ -1028,10 +1028,15 @@ STOP_SIGNALS = []  # SIGTERM / SIGINT received while deferred; the training loop
 def defer_stop_signals():
     """From here on, SIGTERM and SIGINT only ask the training loop to save and stop after the current
     step (run_main hands the handlers back). Before the loop they act at once: a run stopped while it
-    lists its data or waits for its peers has nothing to save."""
+    lists its data or waits for its peers has nothing to save.
+
+    A signal the process was started with ignored stays ignored, as Python and the shell have it: a
+    job that a script starts in the background (`mdra.py ... &`) ignores SIGINT, so that a Ctrl-C
+    meant for the foreground does not stop it; SIGTERM still does."""
     STOP_SIGNALS.clear()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
 
 
 def stop_requested(group=None):

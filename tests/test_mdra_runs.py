@@ -1,4 +1,5 @@
 """mdra.py end to end: checkpoints, exact resume, signals, real data, torchrun, compile, bad input."""
+import contextlib
 import errno
 import fcntl
 import json
@@ -153,8 +154,10 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits(tmp_path):
 
 def test_a_console_that_goes_away_neither_stops_the_run_nor_keeps_a_signal_from_saving(tmp_path):
     # `mdra.py | tee log` and Ctrl-C: tee ends at once, and the run's next line meets a closed pipe.
+    # SIGINT as a foreground run has it, even where this test runs in the background (ignoring SIGINT).
     proc = subprocess.Popen([sys.executable, "mdra.py", *TINY, "--epochs", "100", "--out-dir", str(tmp_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdout.readline()
     proc.stdout.close()
     log = tmp_path / "log.jsonl"
@@ -188,12 +191,23 @@ def test_sigterm_to_the_process_group_during_the_knn_monitor_keeps_the_epoch_and
     assert load(tmp_path / "checkpoint.pth")["step"] == 4  # the epoch's end
 
 
+@contextlib.contextmanager
+def sigint_disposition(handler):
+    """SIGINT as a process started in the foreground (Python's KeyboardInterrupt) or in the background
+    by a script (ignored) has it, whatever this test process inherited."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_stop_signal_before_the_training_loop_acts_at_once_and_one_inside_it_waits_for_the_step(capsys):
     def interrupted_while_setting_up(args):
         os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt here
         raise AssertionError("the signal did not stop the run")
 
-    with pytest.raises(SystemExit) as exc:
+    with sigint_disposition(signal.default_int_handler), pytest.raises(SystemExit) as exc:
         mdra.run_main(interrupted_while_setting_up, [], mdra.get_parser())
     assert exc.value.code == 128 + signal.SIGINT and capsys.readouterr().err == "mdra.py: interrupted\n"
 
@@ -206,6 +220,21 @@ def test_a_stop_signal_before_the_training_loop_acts_at_once_and_one_inside_it_w
     with pytest.raises(SystemExit) as exc:
         mdra.run_main(stopped_inside_the_loop, [], mdra.get_parser())
     assert exc.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it_inside_the_loop_and_stops_on_sigterm():
+    # `mdra.py ... &` in a script: the terminal's Ctrl-C is for the foreground job, not for this one.
+    def signalled_inside_the_loop(args):
+        mdra.defer_stop_signals()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "the loop went on to the end of its step"
+
+    with sigint_disposition(signal.SIG_IGN):
+        with pytest.raises(SystemExit) as exc:
+            mdra.run_main(signalled_inside_the_loop, [], mdra.get_parser())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert exc.value.code == 128 + signal.SIGTERM  # not 128 + SIGINT: that one was never taken
 
 
 def test_resuming_refuses_a_changed_recipe_and_accepts_a_changed_precision(tmp_path, capsys):
