@@ -285,6 +285,7 @@ def feature_network(args, ckpt, info):
         raise mdra.UsageError(f"{args.ckpt} lacks {', '.join(missing)}; it was not written by mdra.py or finetune.py.")
     arch = args.arch or (ckpt["arch"] if ckpt else "resnet50")
     small_stem = ckpt["small_stem"] if ckpt else (info.small or args.img_size <= 64)
+    mdra.require_img_size(args.img_size, small_stem)
     torch.manual_seed(args.seed)  # --random-init: the same untrained weights on every rank
     backbone, _ = mdra.build_backbone(arch, small_stem)
     if args.random_init:
@@ -305,6 +306,7 @@ def features_from_images(args, env, bank_device):
     args.img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or saved.get("img_size")
     bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
     query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
+    mdra.require_two_classes(info.num_classes, args.data, "a kNN evaluation")
     args.img_size = args.img_size or info.native_size
     bank_indices = bank_subset(len(bank_images), args.knn_subset, args.seed)
     check_k(args.k, len(bank_indices))  # before the long part
@@ -457,7 +459,8 @@ def get_parser():
       help="ImageFolder root (train/ and val/) or a data set name of mdra.py; default: the checkpoint's")
     a("--data-dir", default=None, help="where named data sets are read from; default: the checkpoint's")
     a("--synthetic-size", type=int, default=None, help="train images of --data synthetic; default: the checkpoint's")
-    a("--img-size", type=int, default=None, help="crop size; default: the checkpoint's, else the data set's own")
+    a("--img-size", type=mdra.crop_size, default=None,
+      help="crop size; default: the checkpoint's, else the data set's own. " + mdra.IMG_SIZE_MINIMUM)
     a("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours; all share one top-k search")
     a("--knn-subset", type=int, default=0, metavar="N",
       help="a bank of N train images drawn with --seed (0: all), as mdra.py --knn-subset N draws its monitor's with "

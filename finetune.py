@@ -310,6 +310,7 @@ def resolve_args(args, info, env, start):
     args.img_size = args.img_size or info.native_size
     if args.small_stem is None:
         args.small_stem = info.small or args.img_size <= 64
+    mdra.require_img_size(args.img_size, args.small_stem)
     cuda = env.device.type == "cuda"
     args.compile = cuda if args.compile is None else args.compile
     args.amp = args.amp or ("bf16" if cuda else "off")
@@ -335,6 +336,7 @@ def finetune(args, env, start):
     # Synthetic images are drawn at the size they will be used at: by default the pretrained one.
     drawn_size = args.img_size or (start["img_size"] if start is not None else 32)
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
+    mdra.require_two_classes(info.num_classes, args.data, "fine-tuning")
     args = resolve_args(args, info, env, start)
     device, cuda = env.device, env.device.type == "cuda"
     log = mdra.Logger(out_dir, env.is_main)
@@ -711,7 +713,8 @@ def get_parser():
     a("--arch", default=None, help="backbone for --random-init (default resnet50); with --ckpt, the checkpoint's")
     a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
       help="3x3 stride-1 stem without max-pool; with --ckpt, the checkpoint's; else on for small images")
-    a("--img-size", type=int, default=None, help="crop size; default: the data set's native size (224 for ImageFolder)")
+    a("--img-size", type=mdra.crop_size, default=None,
+      help="crop size; default: the data set's native size (224 for ImageFolder). " + mdra.IMG_SIZE_MINIMUM)
     a("--epochs", type=int, default=100, help="length of the schedule")
     a("--max-steps", type=int, default=0,
       help="stop after this many steps in total (resumed ones included); the schedule still follows --epochs")

@@ -159,6 +159,13 @@ def build_backbone(arch, small_stem):
     return net, width
 
 
+def min_img_size(small_stem):
+    """The smallest crop a backbone processes meaningfully: one that its last stage still sees as one
+    pixel of its own, not one made of padding. layer2, layer3 and layer4 each halve the resolution
+    (8x, all the small stem does); the ImageNet stem's stride-2 conv and max-pool add 4x (32x)."""
+    return 8 if small_stem else 32
+
+
 def mlp(in_dim, hidden_dim=HIDDEN_DIM, out_dim=EMBED_DIM):
     """Projector g and predictor h: Linear -> BatchNorm1d -> ReLU -> Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
@@ -1106,6 +1113,21 @@ def finite_float(text):
     return value
 
 
+# The sentence of every script's --img-size help that names the minimum.
+IMG_SIZE_MINIMUM = (f"At least {min_img_size(small_stem=True)} px ({min_img_size(small_stem=False)} with the ImageNet "
+                    "stem), the factor by which the network downsamples.")
+
+
+def crop_size(text):
+    """argparse type of --img-size: at least the small stem's minimum; the ImageNet stem's is checked
+    once the stem is known (require_img_size)."""
+    value, least = int(text), min_img_size(small_stem=True)
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} px is below {least}, the smallest crop a ResNet here can process: "
+                                         f"even with the small stem it downsamples {least}x")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it is a value: None means "chosen from the data or the device",
     which the help text says."""
@@ -1125,7 +1147,8 @@ def get_parser():
     a("--data-dir", default="data", help="where named data sets are read from or downloaded to")
     a("--synthetic-size", type=int, default=1024, help="number of training images of --data synthetic")
     a("--arch", default="resnet50", help="any torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2")
-    a("--img-size", type=int, default=None, help="crop size; default: 224, or the native size of a small data set")
+    a("--img-size", type=crop_size, default=None,
+      help="crop size; default: 224, or the native size of a small data set. " + IMG_SIZE_MINIMUM)
     a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
       help="3x3 stride-1 stem without max-pool; default: on for small data sets and images <= 64 px")
     a("--epochs", type=int, default=200, help="length of the schedule")
@@ -1179,7 +1202,8 @@ def resolve_args(args, info, env):
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
-    require_at_least(1, args, "img_size", "epochs", "batch_size", "accum_steps", "queue_size", "groups",
+    require_img_size(args.img_size, args.small_stem)
+    require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
                      "sinkhorn_iters", "log_every", "save_every")
     require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
                      "lr", "weight_decay")
@@ -1252,6 +1276,22 @@ def lock_folder(path, flag):
     HELD_LOCKS.append(lock)
 
 
+def require_img_size(img_size, small_stem):
+    """One clear error for a crop the backbone would shrink to padding (min_img_size)."""
+    least = min_img_size(small_stem)
+    if img_size < least:
+        raise UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
+                         f"{'small' if small_stem else 'ImageNet'} stem's network can process (it downsamples "
+                         f"{least}x){'' if small_stem else '; use the small stem or a larger crop'}.")
+
+
+def require_two_classes(num_classes, data, what, hint=""):
+    """A classifier or a kNN vote over one class is always right: its 100% would measure nothing."""
+    if num_classes < 2:
+        raise UsageError(f"{what} needs at least two classes; {data} has {num_classes}, over which every answer "
+                         f"is right{hint}.")
+
+
 def require_at_least(least, args, *names):
     """One clear error for the first of these options that is below least."""
     for name in names:
@@ -1293,8 +1333,10 @@ def train(args):
         lock_folder(out_dir, "--out-dir")
     images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
     args = resolve_args(args, info, env)
-    if args.knn_every:  # the monitor needs the val split: fail now rather than after the first epoch
+    if args.knn_every:  # the monitor needs the val split and labels: fail now rather than after the first epoch
         build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size)
+        require_two_classes(info.num_classes, args.data, "--knn-every's kNN monitor",
+                            " (pretraining itself needs no labels: leave --knn-every out)")
     device, cuda = env.device, env.device.type == "cuda"
     log = Logger(out_dir, env.is_main)
     if cuda:

@@ -74,7 +74,8 @@ def get_parser():
     a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     a("--archs", nargs="+", help="torchvision ResNets; the first one is the reference of the data and e2e rows "
                                  "(the loss rows are related to each)")
-    a("--img-size", type=int, help="crop size (a small stem at <= 64 px, as in mdra.py)")
+    a("--img-size", type=mdra.crop_size,
+      help="crop size (a small stem at <= 64 px, as in mdra.py). " + mdra.IMG_SIZE_MINIMUM)
     a("--batch-size", type=int, help="micro-batch of one GPU (the ImageNet recipe: 512 over 8 GPUs = 64)")
     a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
     a("--queue-size", type=int, help="N of the step's loss")

@@ -252,6 +252,26 @@ def test_the_progress_lines_give_an_eta_that_counts_the_val_images_still_to_come
                      + [f"val: {4 * k}/12 images of rank 0 in {k} s, eta 0:00:{3 - k:02d}" for k in range(1, 4)])
 
 
+def test_a_folder_of_one_class_is_refused_as_every_vote_in_it_would_be_right(tmp_path, capsys):
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / split / "all").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "all" / "0.png")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(["--pixels", "--data", str(tmp_path), "--img-size", "8", "--k", "1", "--workers", "0",
+                       "--out", str(tmp_path / "knn.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"eval_knn.py: error: a kNN evaluation needs at least two classes; {tmp_path} has 1, over which every "
+        "answer is right.\n")
+
+
+def test_a_crop_the_checkpoints_imagenet_stem_would_shrink_to_padding_is_refused():
+    args = argparse.Namespace(pixels=False, random_init=False, ckpt="imagenet.pth", arch=None, img_size=16, seed=0)
+    ckpt = {"arch": "resnet18", "small_stem": False, "backbone": {}}
+    with pytest.raises(mdra.UsageError, match="--img-size 16 is below 32, the smallest crop the ImageNet stem's"):
+        eval_knn.feature_network(args, ckpt, info=None)
+
+
 def test_knn_json_goes_next_to_the_checkpoint_by_default(checkpoint):
     eval_knn.main(["--ckpt", str(checkpoint), "--pixels", "--k", "20", "--workers", "0"])
     assert json.loads((checkpoint.parent / "knn_pixels.json").read_text())["n_train"] == 24

@@ -562,12 +562,18 @@ def test_predict_names_each_unreadable_file_classifies_the_others_and_then_exits
     (["--random-init", "--data", "{tmp}/unreadable", "--workers", "2"],
      "none of the 20 images of the data set can be read, e.g. {tmp}/unreadable/train/class0/0.jpg: corrupt or not an "
      "image (of no format PIL knows)."),
+    (["--random-init", "--data", "{tmp}/one-class"], "fine-tuning needs at least two classes; {tmp}/one-class has 1"),
+    (["--random-init", "--arch", "resnet18", "--no-small-stem", "--img-size", "16"],
+     "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
     torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
     for split, i in [("train", i) for i in range(20)] + [("val", 0), ("val", 1)]:
         (tmp_path / "unreadable" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
         (tmp_path / "unreadable" / split / f"class{i % 2}" / f"{i}.jpg").write_text("not a JPEG")
+    for split in ("train", "val"):
+        (tmp_path / "one-class" / split / "all").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / split / "all" / "0.png")
     torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, tmp_path / "no-head.pth")
     places = {"{pretrained}": str(pretrained), "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
     for key, value in places.items():

@@ -457,6 +457,13 @@ def test_backbone_small_stem_keeps_resolution_and_width_matches():
         mdra.build_backbone("vit_b_16", small_stem=False)
 
 
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_the_smallest_crop_is_the_one_the_network_downsamples_to_one_pixel(small_stem):
+    least = mdra.min_img_size(small_stem)
+    trunk = torch.nn.Sequential(*list(mdra.build_backbone("resnet18", small_stem)[0].children())[:-2]).eval()
+    assert [trunk(torch.randn(1, 3, size, size)).shape[-1] for size in (least, 2 * least)] == [1, 2]
+
+
 def test_effective_rank_sees_collapse():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(256, 64, generator=g)

@@ -355,6 +355,8 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--tau", "0"], "--tau 0.0 must be positive."),
     (["--momentum", "1.5"], "--momentum 1.5 is not in [0, 1]."),
     (["--synthetic-size", "-5"], "--synthetic-size must be at least 1."),
+    (["--img-size", "16", "--no-small-stem"],
+     "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process (it downsamples 32x)"),
 ])
 def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -373,6 +375,32 @@ def test_numbers_that_are_not_finite_are_refused_by_the_parser(script, option, v
         parser.parse_args([f"{option}={value}"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"{script}.py: error: argument {option}: {value} is not a finite number"
+
+
+@pytest.mark.parametrize("script", ["mdra", "finetune", "eval_knn"])
+def test_every_script_refuses_a_crop_smaller_than_the_networks_downsampling_while_parsing(script, capsys):
+    parser = __import__(script).get_parser()
+    assert parser.parse_args(["--img-size", "8"]).img_size == 8
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--img-size", "2"])
+    assert exc.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"{script}.py: error: argument --img-size: 2 px is below 8, the smallest crop a ResNet here can process: "
+        "even with the small stem it downsamples 8x")
+
+
+def test_pretraining_takes_a_folder_of_one_class_but_its_knn_monitor_refuses_it(tmp_path, capsys):
+    from PIL import Image
+    for split, count in (("train", 16), ("val", 2)):
+        (tmp_path / "images" / split / "all").mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(tmp_path / "images" / split / "all" / f"{i}.png")
+    folder = ["--data", str(tmp_path / "images"), "--accum-steps", "1"]
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path / "monitored", *folder, "--knn-every", "1")
+    assert exc.value.code == 2 and capsys.readouterr().err == (
+        f"mdra.py: error: --knn-every's kNN monitor needs at least two classes; {tmp_path / 'images'} has 1, over "
+        "which every answer is right (pretraining itself needs no labels: leave --knn-every out).\n")
+    assert load(run(tmp_path / "plain", *folder, "--max-steps", "1"))["step"] == 1
 
 
 def test_a_data_set_of_which_no_image_can_be_read_is_one_sentence(tmp_path, capsys):
