@@ -86,11 +86,47 @@ def test_log_has_a_json_record_per_step_and_epoch(tmp_path):
     assert records[-1]["event"] == "epoch" and records[-1]["epoch"] == 1
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+def closing_lines(out):
+    """What a run printed after its "done" line."""
+    lines = out.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("done: ")) + 1:]
+
+
+def test_the_closing_lines_read_the_steps_behind_the_final_weights_from_the_log(tmp_path):
+    log = [{"event": "start", "step": 0}, *({"step": s, "loss": 9.0, "rankme": 1.0} for s in (1, 2, 3)),  # run A
+           {"event": "start", "step": 0}, *({"step": s, "loss": 8.0 - s, "rankme": 10.0} for s in (1, 2, 3)),  # B
+           {"event": "epoch", "epoch": 1, "step": 3},
+           {"event": "start", "step": 2}, *({"step": s, "loss": 4.0 - s, "rankme": 12.0} for s in (3, 4))]  # B resumed
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"step": 5, "lo')  # killed
+    assert [(r["step"], r["loss"]) for r in mdra.logged_steps(tmp_path / "log.jsonl")] == [(1, 7), (2, 6), (3, 1), (4, 0)]
+
+
+def test_the_closing_lines_say_what_the_loss_and_rankme_show_and_on_fashion_mnist_what_shows_learning():
+    def records(losses, ranks):
+        return [{"step": 5 * (i + 1), "loss": loss, "rankme": rank, "pairs_per_s": 20.0}
+                for i, (loss, rank) in enumerate(zip(losses, ranks))]
+
+    learning = mdra.closing_lines(records([12, 11, 10, 9, 8, 7], [50, 52, 54, 56, 58, 60]), 64, Path("run/c.pth"),
+                                  "fashion-mnist", 30 / 937, 60000)
+    assert learning[0] == "steps 5-15 against 20-30 (means of 3 log points): loss 11.0000 -> 8.0000, RankMe 52.0 -> 58.0 of 64"
+    assert learning[1] == "The loss fell: the objective is being optimised; RankMe is far from 1: the embedding has not collapsed."
+    assert "python3 eval_knn.py --ckpt run/c.pth, then the same with --random-init" in learning[2]
+    assert "80 epochs reach 87.56%" in learning[3] and "67 hours at this run's 20 pairs/s" in learning[3]
+    assert learning[3].endswith(mdra.LEARNING_COMMAND)
+    stuck = mdra.closing_lines(records([8, 9], [40, 6]), 64, Path("c.pth"), "synthetic", 1, 64)
+    assert stuck[1] == ("The loss did not fall: the objective is not (yet) being optimised; RankMe is below 10% of its "
+                        "maximum: the embedding is collapsing.") and len(stuck) == 3
+    assert mdra.closing_lines(records([8], [40]), 64, Path("c.pth"), "synthetic", 1, 64) == [
+        "1 log point(s), too few to compare the start with the end: log more often (--log-every)."]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights_and_the_same_closing_lines(tmp_path, capsys):
     straight = run(tmp_path / "a", "--epochs", "2")
+    straight_out = capsys.readouterr().out
     # Stop inside the first epoch (with other worker processes), then resume across the epoch boundary.
     run(tmp_path / "b", "--epochs", "2", "--max-steps", "3", "--workers", "2")
     assert load(tmp_path / "b" / "checkpoint.pth")["step"] == 3
+    capsys.readouterr()
     resumed = run(tmp_path / "b", "--epochs", "2")
     a, b = load(straight), load(resumed)
     assert a["step"] == b["step"] == 8
@@ -99,6 +135,16 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     losses_a = [r["loss"] for r in log_records(tmp_path / "a") if "pairs_per_s" in r]
     losses_b = [r["loss"] for r in log_records(tmp_path / "b") if "pairs_per_s" in r]
     assert losses_a == losses_b
+    # The resumed run's closing lines count the steps the interrupted one logged; its start record says where it began.
+    assert [r["step"] for r in log_records(tmp_path / "b") if r.get("event") == "start"] == [0, 3]
+    steps = [r for r in log_records(tmp_path / "a") if "pairs_per_s" in r]
+    first, last = steps[:3], steps[-3:]
+    assert closing_lines(straight_out)[0] == (
+        f"steps 1-3 against 6-8 (means of 3 log points): loss {sum(r['loss'] for r in first) / 3:.4f} -> "
+        f"{sum(r['loss'] for r in last) / 3:.4f}, RankMe {sum(r['rankme'] for r in first) / 3:.1f} -> "
+        f"{sum(r['rankme'] for r in last) / 3:.1f} of 16")
+    assert closing_lines(capsys.readouterr().out) == [line.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+                                                      for line in closing_lines(straight_out)]
 
 
 def test_the_loop_moves_the_offline_encoder_once_per_optimizer_step_and_runs_it_in_train_mode(tmp_path, monkeypatch):
