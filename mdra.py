@@ -86,8 +86,11 @@ def sinkhorn(scores, mu=0.05, iters=3):
     last (row) step every row of R sums to 1. The column sums are only close to B/N: a few iterations
     approach the balance, they do not reach it. Rows may live on several ranks; the max, the column
     sums and B are all-reduced, so R equals the single-process result for the same global batch.
+    iters = 0 drops the balance constraint: each row is softmax_j(K[i, j] / mu), and needs no other rank.
     """
     K = scores.float()
+    if iters == 0:  # no balance constraint (an ablation): R is a plain row softmax of K / mu, as in ReSSL
+        return torch.softmax(K / mu, dim=-1)
     B = _all_reduce(K.new_full((), K.shape[-2]))  # filled on the device: no host-to-device copy, no sync
     N = K.shape[-1]
     K_max = _all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
@@ -100,7 +103,7 @@ def sinkhorn(scores, mu=0.05, iters=3):
     return E * B                                        # R = E B: every row sums to 1
 
 
-def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3):
+def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3, *, cross=True):
     """L_MDRA (spec sections 3-4), the mean over this rank's rows.
 
     q1, q2: [B_local, D] online predictions h(g(f(v))) of views 1 and 2 (un-normalised).
@@ -108,6 +111,7 @@ def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters
     queue:  [N, D] the negatives k_j.
     Per subspace g: log P_a = log_softmax_j(q_a . k_j / tau), R_b = sinkhorn(k_b . k_j, mu),
     L_RA^g = 1/2 [CE(R_2, P_1) + CE(R_1, P_2)]; L_MDRA = (1/G) sum_g L_RA^g.
+    cross=False (an ablation) aligns each view with its own offline relation: 1/2 [CE(R_1, P_1) + CE(R_2, P_2)].
     Everything runs in float32 outside autocast; gradients flow only through q.
     """
     with torch.autocast(q1.device.type, enabled=False):
@@ -125,7 +129,8 @@ def mdra_loss(q1, q2, k1, k2, queue, groups=4, tau=0.04, mu=0.05, sinkhorn_iters
         R2 = sinkhorn(similarities(k2.detach()), mu, sinkhorn_iters)
         log_P1 = F.log_softmax(similarities(q1, 1 / tau), dim=-1)     # [G, B, N]
         log_P2 = F.log_softmax(similarities(q2, 1 / tau), dim=-1)
-        L_RA = 0.5 * (cross_entropy(R2, log_P1) + cross_entropy(R1, log_P2))  # [G]: L_RA^g
+        target1, target2 = (R2, R1) if cross else (R1, R2)  # cross alignment: P_1 towards R_2, P_2 towards R_1
+        L_RA = 0.5 * (cross_entropy(target1, log_P1) + cross_entropy(target2, log_P2))  # [G]: L_RA^g
         return L_RA.mean()                                                    # (1/G) sum_g L_RA^g
 
 
@@ -185,22 +190,24 @@ class Encoder(nn.Module):
 
 
 class Online(nn.Module):
-    """The online branch: q = h(g(f(v))) for both views. Each view is its own batch for BatchNorm."""
+    """The online branch: q = h(g(f(v))) for both views. Each view is its own batch for BatchNorm.
+    Without a predictor (an ablation), h is the identity and q = g(f(v)); its state dict then has no
+    predictor keys."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, predictor=True):
         super().__init__()
         self.encoder = encoder
-        self.predictor = mlp(EMBED_DIM)
+        self.predictor = mlp(EMBED_DIM) if predictor else nn.Identity()
 
     def forward(self, v1, v2):
         return self.predictor(self.encoder(v1)), self.predictor(self.encoder(v2))
 
 
-def build_model(arch, small_stem):
+def build_model(arch, small_stem, predictor=True):
     """Returns (online, offline, feature width). The offline encoder starts as a copy, never gets
     gradients, and runs in train mode (batch statistics), as in BYOL."""
     backbone, width = build_backbone(arch, small_stem)
-    online = Online(Encoder(backbone, width))
+    online = Online(Encoder(backbone, width), predictor)
     offline = copy.deepcopy(online.encoder).requires_grad_(False)
     return online, offline, width
 
@@ -953,12 +960,13 @@ def data_fingerprint(names):
     return {"images": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
 
 
-def load_resume_checkpoint(path, args, may_change, formats=("mdra",), data=None):
+def load_resume_checkpoint(path, args, may_change, formats=("mdra",), data=None, added=None):
     """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
     differs from the run's (the others define the model, the data, the schedule or the seed, so the run
-    could not continue as the one it resumes), or if its images (data: their data_fingerprint) did."""
+    could not continue as the one it resumes), or if its images (data: their data_fingerprint) did.
+    added: {setting: value} of flags newer than some checkpoints; one that lacks it ran with that value."""
     ckpt = load_checkpoint(path, formats)
-    saved, now = ckpt["args"], plain_values(args)
+    saved, now = {**(added or {}), **ckpt["args"]}, plain_values(args)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
                for k in sorted(saved.keys() | now.keys()) if k not in may_change and saved.get(k) != now.get(k)]
     if changed:
@@ -1162,11 +1170,18 @@ def get_parser():
     a("--weight-decay", type=finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
     a("--warmup-epochs", type=finite_float, default=10, help="linear warm-up before the cosine decay")
     a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
-    a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is plain relation alignment")
+    a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is an ablation: plain relation alignment (without spec section 4)")
     a("--tau", type=finite_float, default=0.04, help="temperature of the online relation P")
     a("--mu", type=finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
     a("--momentum", type=finite_float, default=0.99, help="EMA momentum m of the offline encoder")
-    a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    a("--sinkhorn-iters", type=int, default=3,
+      help="Sinkhorn-Knopp iterations; 0 is an ablation without the balance constraint (spec section 3): "
+           "R is a plain row softmax of K/mu, as in ReSSL")
+    a("--predictor", action=argparse.BooleanOptionalAction, default=True,
+      help="the online predictor h (spec sections 2-3); --no-predictor is an ablation: q = g(f(v))")
+    a("--cross", action=argparse.BooleanOptionalAction, default=True,
+      help="cross alignment (spec section 3): each view's online relation is pulled towards the other view's "
+           "offline one; --no-cross is an ablation that pulls it towards its own view's")
     a("--solarize", type=finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--gpu-aug", action="store_true",
@@ -1204,9 +1219,9 @@ def resolve_args(args, info, env):
     args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
     require_img_size(args.img_size, args.small_stem)
     require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
-                     "sinkhorn_iters", "log_every", "save_every")
+                     "log_every", "save_every")
     require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
-                     "lr", "weight_decay")
+                     "lr", "weight_decay", "sinkhorn_iters")
     for name in ("tau", "mu"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name} {getattr(args, name)} must be positive.")
@@ -1307,6 +1322,8 @@ def require_at_least(least, args, *names):
 # Everything else (the method, the data, the schedule, the seed) must be the interrupted run's.
 RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
                      "sync_bn", "max_steps", "save_every", "keep_every", "log_every", "knn_every", "knn_subset")
+# Flags added after checkpoints were first written, and the value that a checkpoint without them ran with.
+RESUME_ADDED = {"predictor": True, "cross": True}
 
 
 def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
@@ -1318,7 +1335,7 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
             q1, q2 = online(v1, v2)
             with torch.no_grad():
                 k1, k2 = offline(v1), offline(v2)
-        loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters)
+        loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
         scaler.scale(loss / args.accum_steps).backward()
     # The queue moves once per micro-batch, after the loss that used it.
     keys = all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
@@ -1415,7 +1432,7 @@ def train(args):
 
     # The same seed on every rank makes the initial weights and queue identical everywhere.
     torch.manual_seed(args.seed)
-    online, offline, width = build_model(args.arch, args.small_stem)
+    online, offline, width = build_model(args.arch, args.small_stem, args.predictor)
     if args.sync_bn:
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         offline = nn.SyncBatchNorm.convert_sync_batchnorm(offline)
@@ -1436,7 +1453,7 @@ def train(args):
     data = data_fingerprint(images.names)
     batchnorm_batch = args.batch_size if args.sync_bn or env.world_size == 1 else args.batch_size // env.world_size
     if ckpt_path.exists():
-        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, data=data)
+        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, data=data, added=RESUME_ADDED)
         require_same_batchnorm_batch(ckpt, batchnorm_batch, ckpt_path)
         load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
         load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")

@@ -266,7 +266,7 @@ class TrainStep:
             self.offline.compile(backend=args.compile_backend)
         self.offline.train()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-        self.loss_args = SimpleNamespace(groups=args.groups, tau=0.04, mu=0.05, sinkhorn_iters=3,
+        self.loss_args = SimpleNamespace(groups=args.groups, tau=0.04, mu=0.05, sinkhorn_iters=3, cross=True,
                                          accum_steps=args.accum_steps)
         self.accum_steps, self.device = args.accum_steps, device
 

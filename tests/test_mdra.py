@@ -15,8 +15,9 @@ import mdra
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reference_mdra_loss(q1, q2, k1, k2, queue, groups, tau, mu, iters):
-    """Spec sections 3-4 written out with loops and explicit formulas, in float64."""
+def reference_mdra_loss(q1, q2, k1, k2, queue, groups, tau, mu, iters, cross=True):
+    """Spec sections 3-4 written out with loops and explicit formulas, in float64; iters = 0 and
+    cross=False are the ablations without the balance constraint and without cross alignment."""
     q1, q2, k1, k2, queue = (x.double() for x in (q1, q2, k1, k2, queue))
     B, D = q1.shape
     N, d = queue.shape[0], D // groups
@@ -34,6 +35,8 @@ def reference_mdra_loss(q1, q2, k1, k2, queue, groups, tau, mu, iters):
 
         def offline_relation(k):
             e = torch.exp(unit(k) @ negatives.T / mu)
+            if iters == 0:  # no balance constraint: R[i, j] = exp(K[i, j] / mu) / sum_j' exp(K[i, j'] / mu)
+                return e / e.sum(dim=1, keepdim=True)
             for _ in range(iters):
                 e = e / e.sum(dim=0, keepdim=True) / N
                 e = e / e.sum(dim=1, keepdim=True) / B
@@ -42,8 +45,9 @@ def reference_mdra_loss(q1, q2, k1, k2, queue, groups, tau, mu, iters):
         def cross_entropy(r, p):
             return -(r * torch.log(p)).sum() / B
 
-        total = total + 0.5 * (cross_entropy(offline_relation(k2), online_relation(q1))
-                               + cross_entropy(offline_relation(k1), online_relation(q2)))
+        target1, target2 = (k2, k1) if cross else (k1, k2)  # whose offline relation each view is pulled to
+        total = total + 0.5 * (cross_entropy(offline_relation(target1), online_relation(q1))
+                               + cross_entropy(offline_relation(target2), online_relation(q2)))
     return total / groups
 
 
@@ -55,15 +59,16 @@ def random_inputs(B=12, D=256, N=48, seed=0):
     return q1, q2, k1, k2, queue
 
 
-@pytest.mark.parametrize("groups", [1, 4, 8])
-def test_loss_and_its_gradients_match_a_float64_reference(groups):
+@pytest.mark.parametrize("groups, iters, cross", [(1, 3, True), (4, 3, True), (8, 3, True),
+                                                   (4, 0, True), (4, 3, False)])  # the method, then two ablations
+def test_loss_and_its_gradients_match_a_float64_reference(groups, iters, cross):
     q1, q2, k1, k2, queue = random_inputs()
     q1.requires_grad_(), q2.requires_grad_()
-    loss = mdra.mdra_loss(q1, q2, k1, k2, queue, groups=groups, tau=0.04, mu=0.05, sinkhorn_iters=3)
+    loss = mdra.mdra_loss(q1, q2, k1, k2, queue, groups=groups, tau=0.04, mu=0.05, sinkhorn_iters=iters, cross=cross)
     loss.backward()
 
     r1, r2 = q1.detach().double().requires_grad_(), q2.detach().double().requires_grad_()
-    ref = reference_mdra_loss(r1, r2, k1, k2, queue, groups, 0.04, 0.05, 3)
+    ref = reference_mdra_loss(r1, r2, k1, k2, queue, groups, 0.04, 0.05, iters, cross)
     ref.backward()
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -115,6 +120,28 @@ def test_sinkhorn_matches_float64_reference_and_ignores_extreme_scores():
         torch.testing.assert_close(r.double(), e * 8, rtol=1e-5, atol=1e-8)
     # Shifting all scores by a constant changes nothing: the max subtraction is only for overflow.
     torch.testing.assert_close(mdra.sinkhorn(scores + 30, mu=0.05, iters=3), R)
+
+
+def test_sinkhorn_without_iterations_is_the_row_softmax_of_K_over_mu():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 8, 32, generator=g) * 2 - 1
+    R = mdra.sinkhorn(scores, mu=0.05, iters=0)
+    e = torch.exp(scores.double() / 0.05)
+    torch.testing.assert_close(R.double(), e / e.sum(dim=-1, keepdim=True), rtol=1e-5, atol=1e-8)
+    # A small mu does not overflow: exp(1 / 0.005) is beyond float32.
+    sharp = mdra.sinkhorn(scores, mu=0.005, iters=0)
+    torch.testing.assert_close(sharp.sum(dim=-1), torch.ones(2, 8), rtol=0, atol=1e-5)
+
+
+def test_online_branch_without_predictor_is_the_encoder_and_saves_no_predictor_keys():
+    torch.manual_seed(0)
+    online, _, _ = mdra.build_model("resnet18", small_stem=True, predictor=False)
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    q1, q2 = online(x1, x2)
+    assert torch.equal(q1, online.encoder(x1)) and torch.equal(q2, online.encoder(x2))
+    assert not any(k.startswith("predictor.") for k in online.state_dict())
+    default, _, _ = mdra.build_model("resnet18", small_stem=True)
+    assert any(k.startswith("predictor.") for k in default.state_dict())
 
 
 def run_under_torchrun(script, processes, *args):
@@ -261,7 +288,7 @@ def test_micro_step_enqueues_the_offline_keys_of_view_1_with_each_subspace_norma
         expected = torch.nn.functional.normalize(copy.deepcopy(offline)(v1).view(8, 4, 64), dim=2).flatten(1)
     queue = mdra.init_queue(16, 4, seed=0)
     before = queue.clone()
-    args = SimpleNamespace(groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3, accum_steps=1)
+    args = SimpleNamespace(groups=4, tau=0.04, mu=0.05, sinkhorn_iters=3, cross=True, accum_steps=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     _, keys, ptr = mdra.micro_step(online, offline, queue, 8, v1, v2, args, contextlib.nullcontext(), scaler)
     assert ptr == 0 and torch.equal(queue[:8], before[:8])  # rows 8-15 were the oldest

@@ -295,6 +295,23 @@ def test_resuming_refuses_a_changed_recipe_and_accepts_a_changed_precision(tmp_p
     assert load(run(tmp_path, "--max-steps", "2", "--amp", "fp16", "--workers", "1"))["step"] == 2
 
 
+def test_the_ablations_train_and_a_checkpoint_from_before_their_flags_resumes(tmp_path, capsys):
+    ablated = load(run(tmp_path / "ablated", "--max-steps", "1", "--no-predictor", "--no-cross", "--sinkhorn-iters", "0"))
+    assert ablated["step"] == 1 and not any(k.startswith("predictor.") for k in ablated["online"])
+    assert all(r["loss"] > 0 for r in log_records(tmp_path / "ablated") if "loss" in r)
+    with pytest.raises(SystemExit):  # the predictor is part of the run: its absence is a setting to keep
+        run(tmp_path / "ablated", "--max-steps", "2", "--no-cross", "--sinkhorn-iters", "0")
+    assert "--predictor False -> True" in capsys.readouterr().err
+
+    path = run(tmp_path / "old", "--max-steps", "1")
+    ckpt = load(path)
+    assert any(k.startswith("predictor.") for k in ckpt["online"])
+    del ckpt["args"]["predictor"], ckpt["args"]["cross"]  # as a checkpoint written before these flags
+    torch.save(ckpt, path)
+    assert load(run(tmp_path / "old", "--max-steps", "2"))["step"] == 2
+    assert "resumed from" in capsys.readouterr().out
+
+
 def test_resuming_refuses_images_that_changed_under_the_same_flags(tmp_path, capsys):
     from PIL import Image
     root = tmp_path / "images"
