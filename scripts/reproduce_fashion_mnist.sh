@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # The whole pipeline on Fashion-MNIST with a ResNet-18 (small stem), and the table of results:
 #   MDRA pretraining -> weighted kNN, fine-tuning on 1% and 10% of the labels, linear probe;
-#   baselines: raw-pixel kNN, random-init kNN, supervised from scratch on the same 1% / 10% subsets,
-#   and the ablation --groups 1 (relation alignment without subspaces).
+#   baselines: raw-pixel kNN, random-init kNN, supervised from scratch on the same 1% / 10% subsets;
+#   ablations, each one mdra.py flag: --groups 1 (relation alignment without subspaces), --sinkhorn-iters 0
+#   (no balance constraint), --no-predictor, --no-cross; and a second seed of MDRA and of G = 1.
 #
 #   scripts/reproduce_fashion_mnist.sh [OUT]          # OUT defaults to runs/fashion-mnist
+#   ROWS="ablations seeds" scripts/reproduce_fashion_mnist.sh [OUT]
+#
+# Rows: the pretrainings mdra, mdra-seed1, mdra-g1, mdra-g1-seed1, mdra-nobalance, mdra-nopredictor,
+# mdra-nocross; for each pretraining P the rows that use its backbone, P-knn, P-ft1, P-ft10 (fine-tuned on
+# 1% / 10% of the labels) and P-linear; the baselines pixels-knn, random-knn, scratch1, scratch10. ROWS
+# names the rows to run, and these sets of them: default (mdra and its four rows, the baselines, mdra-g1
+# and mdra-g1-knn), ablations (the kNN of each ablation), seeds (mdra-seed1-knn, mdra-seed1-linear,
+# mdra-g1-seed1-knn). A row brings the pretraining whose backbone it uses.
 #
 # Every fine-tuning row (MDRA and from scratch alike) first fine-tunes once with each learning rate of
 # FT_LRS, evaluated on HOLDOUT training images outside its labelled subset, and then once more with the
 # best of them, evaluated on the test split: the test images choose nothing. The linear probe does the
 # same with LINEAR_LRS, its trials holding the HOLDOUT images out of its labels.
 #
-# Environment (defaults in brackets): EPOCHS pretraining epochs [200], FT_EPOCHS fine-tuning epochs
-# [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01], LINEAR_LRS [FT_LRS],
-# HOLDOUT [10000], DEVICE [auto], WORKERS [8], FLAGS extra flags for every script, PRETRAIN_FLAGS for
-# mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for eval_knn.py, PARALLEL=1 runs
-# independent rows at once (one GPU has room for several), ABLATION=0 skips the --groups 1 pretraining
-# (it costs as much as the main one), DATA [fashion-mnist]
+# Environment (defaults in brackets): ROWS [default], EPOCHS pretraining epochs [200], FT_EPOCHS
+# fine-tuning epochs [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01],
+# LINEAR_LRS [FT_LRS], HOLDOUT [10000], DEVICE [auto], WORKERS [8], FLAGS extra flags for every script,
+# PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for eval_knn.py,
+# PARALLEL=1 runs independent rows at once (one GPU has room for several), ABLATION=0 leaves mdra-g1 and
+# mdra-g1-knn out of the default rows (they cost as much as the main pretraining), DATA [fashion-mnist],
+# RESULTS a folder that keeps the records of the finished rows (no checkpoints), also when the run is
+# stopped, and the table of every row it holds: separate runs (each on its own machine) accumulate there.
 # (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
 #   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
 #   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \
@@ -33,6 +44,32 @@ FT_LRS=${FT_LRS:-0.3 0.1 0.03 0.01}
 LINEAR_LRS=${LINEAR_LRS:-$FT_LRS}
 HOLDOUT=${HOLDOUT:-10000}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
+
+# The pretraining rows and their mdra.py flags; scripts/results_table.py names them in the table.
+PRETRAININGS=(mdra mdra-seed1 mdra-g1 mdra-g1-seed1 mdra-nobalance mdra-nopredictor mdra-nocross)
+declare -A PRETRAIN_ARGS=([mdra]="" [mdra-seed1]="--seed 1" [mdra-g1]="--groups 1" [mdra-g1-seed1]="--groups 1 --seed 1"
+                          [mdra-nobalance]="--sinkhorn-iters 0" [mdra-nopredictor]="--no-predictor" [mdra-nocross]="--no-cross")
+USES=(knn ft1 ft10 linear)  # the rows P-knn, P-ft1, P-ft10, P-linear of every pretraining P
+BASELINES=(pixels-knn random-knn scratch1 scratch10)
+
+selected=()
+for name in ${ROWS:-default}; do
+    case $name in
+        default) selected+=(mdra mdra-knn mdra-ft1 mdra-ft10 mdra-linear "${BASELINES[@]}")
+                 [ "${ABLATION:-1}" = 0 ] || selected+=(mdra-g1 mdra-g1-knn) ;;
+        ablations) selected+=(mdra-g1-knn mdra-nobalance-knn mdra-nopredictor-knn mdra-nocross-knn) ;;
+        seeds) selected+=(mdra-seed1-knn mdra-seed1-linear mdra-g1-seed1-knn) ;;
+        *) selected+=("$name") ;;
+    esac
+done
+known=" ${BASELINES[*]} "
+for p in "${PRETRAININGS[@]}"; do known+="$p ${USES[*]/#/$p-} "; done
+for name in "${selected[@]}"; do
+    [[ $known == *" $name "* ]] || { echo "ROWS: no row $name; a row is a pretraining (${PRETRAININGS[*]}), one of them" \
+        "followed by -knn, -ft1, -ft10 or -linear, a baseline (${BASELINES[*]}), or the set default, ablations or seeds."; exit 2; }
+done
+wanted() { [[ " ${selected[*]} " == *" $1 "* ]]; }
+
 mkdir -p "$OUT"
 
 # The GPU if any, the CPU and its cores (all of them: nproc alone follows OMP_NUM_THREADS), and torch's
@@ -106,32 +143,65 @@ together() {
     for cmd in "$@"; do eval "$cmd"; done
 }
 
-pretrain_chain() {  # MDRA (G = 4): pretraining, then everything that uses its backbone
-    row mdra python3 mdra.py $COMMON --arch resnet18 --epochs "$EPOCHS" --out-dir "$OUT/mdra" ${PRETRAIN_FLAGS:-}
-    local ckpt out lrs linear_lrs  # quoted for eval, as paths may hold spaces
-    printf -v ckpt %q "$OUT/mdra/checkpoint.pth"; printf -v out %q "$OUT/mdra-knn/knn.json"
+pretrain_chain() {  # pretrain_chain P: the pretraining P, then the chosen rows that use its backbone
+    local p=$1 ckpt out lrs linear_lrs uses=()
+    row "$p" python3 mdra.py $COMMON --arch resnet18 ${PRETRAIN_ARGS[$p]} --epochs "$EPOCHS" --out-dir "$OUT/$p" ${PRETRAIN_FLAGS:-}
+    # quoted for eval, as paths may hold spaces
+    printf -v ckpt %q "$OUT/$p/checkpoint.pth"; printf -v out %q "$OUT/$p-knn/knn.json"
     printf -v lrs %q "$FT_LRS"; printf -v linear_lrs %q "$LINEAR_LRS"
-    together \
-        "row mdra-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $out" \
-        "finetune_row mdra-ft1 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.01 ${FT_FLAGS:-}" \
-        "finetune_row mdra-ft10 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.1 ${FT_FLAGS:-}" \
-        "finetune_row mdra-linear $LINEAR_EPOCHS $linear_lrs $COMMON --ckpt $ckpt --linear --label-fraction 1.0 ${FT_FLAGS:-}"
-}
-
-ablation_chain() {  # the same run with one subspace
-    row mdra-g1 python3 mdra.py $COMMON --arch resnet18 --groups 1 --epochs "$EPOCHS" --out-dir "$OUT/mdra-g1" ${PRETRAIN_FLAGS:-}
-    row mdra-g1-knn python3 eval_knn.py $COMMON --ckpt "$OUT/mdra-g1/checkpoint.pth" ${KNN_FLAGS:-} --out "$OUT/mdra-g1-knn/knn.json"
+    if wanted "$p-knn"; then uses+=("row $p-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $out"); fi
+    if wanted "$p-ft1"; then
+        uses+=("finetune_row $p-ft1 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.01 ${FT_FLAGS:-}")
+    fi
+    if wanted "$p-ft10"; then
+        uses+=("finetune_row $p-ft10 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.1 ${FT_FLAGS:-}")
+    fi
+    if wanted "$p-linear"; then
+        uses+=("finetune_row $p-linear $LINEAR_EPOCHS $linear_lrs $COMMON --ckpt $ckpt --linear --label-fraction 1.0 ${FT_FLAGS:-}")
+    fi
+    together "${uses[@]}"
 }
 
 baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same seed, same class-balanced draw)
-    row pixels-knn python3 eval_knn.py $COMMON --pixels ${KNN_FLAGS:-} --out "$OUT/pixels-knn/knn.json"
-    row random-knn python3 eval_knn.py $COMMON --random-init --arch resnet18 ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
-    finetune_row scratch1 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.01 ${FT_FLAGS:-}
-    finetune_row scratch10 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.1 ${FT_FLAGS:-}
+    if wanted pixels-knn; then row pixels-knn python3 eval_knn.py $COMMON --pixels ${KNN_FLAGS:-} --out "$OUT/pixels-knn/knn.json"; fi
+    if wanted random-knn; then
+        row random-knn python3 eval_knn.py $COMMON --random-init --arch resnet18 ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
+    fi
+    if wanted scratch1; then
+        finetune_row scratch1 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.01 ${FT_FLAGS:-}
+    fi
+    if wanted scratch10; then
+        finetune_row scratch10 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.1 ${FT_FLAGS:-}
+    fi
 }
 
-chains=(pretrain_chain baseline_chain)
-[ "${ABLATION:-1}" = 0 ] || chains+=(ablation_chain)
+# keep_records: the finished rows' records, no checkpoints, into RESULTS (and the failed ones' where it has
+# no finished one), and the table of all it holds.
+keep_records() {
+    local dir name file
+    for dir in "$OUT"/*/ "$OUT"/lr-trials/*/; do
+        name=${dir#"$OUT"/}; name=${name%/}
+        [ -f "$dir/time_s" ] || { [ -f "$dir/failed" ] && [ ! -f "$RESULTS/$name/time_s" ]; } || continue
+        if [ -f "$RESULTS/$name/command" ] && ! cmp -s "$RESULTS/$name/command" "$dir/command"; then
+            echo "RESULTS: $RESULTS/$name holds another command's row ($(cat "$RESULTS/$name/command")); not replaced."
+            continue
+        fi
+        rm -rf "$RESULTS/$name"; mkdir -p "$RESULTS/$name"
+        for file in command hardware time_s elapsed_s failed log.jsonl knn.json; do
+            [ ! -f "$dir/$file" ] || cp "$dir/$file" "$RESULTS/$name/"
+        done
+    done
+    python3 scripts/results_table.py "$RESULTS" > "$RESULTS/results.md.tmp" && mv "$RESULTS/results.md.tmp" "$RESULTS/results.md"
+}
+[ -z "${RESULTS:-}" ] || trap keep_records EXIT  # also when a row fails or a time limit stops the run
+
+chains=()
+for p in "${PRETRAININGS[@]}"; do
+    for name in "$p" "${USES[@]/#/$p-}"; do
+        if wanted "$name"; then chains+=("pretrain_chain $p"); break; fi
+    done
+    [ "$p" != mdra ] || chains+=(baseline_chain)
+done
 together "${chains[@]}"
 python3 scripts/results_table.py "$OUT" > "$OUT/results.md.tmp"
 mv "$OUT/results.md.tmp" "$OUT/results.md"

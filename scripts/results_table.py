@@ -8,21 +8,40 @@ import json
 import sys
 from pathlib import Path
 
-# (row folder, what it is, which labels it uses)
-ROWS = [
-    ("pixels-knn", "raw-pixel kNN (baseline)", "all, kNN"),
-    ("random-knn", "random-init ResNet-18 kNN (baseline)", "all, kNN"),
-    ("mdra-knn", "MDRA (G = 4) kNN", "all, kNN"),
-    ("mdra-g1-knn", "ablation: relation alignment without subspaces (G = 1) kNN", "all, kNN"),
-    ("scratch1", "supervised from scratch (baseline)", "1%"),
-    ("mdra-ft1", "MDRA (G = 4), fine-tuned", "1%"),
-    ("scratch10", "supervised from scratch (baseline)", "10%"),
-    ("mdra-ft10", "MDRA (G = 4), fine-tuned", "10%"),
-    ("mdra-linear", "MDRA (G = 4), linear probe (frozen backbone)", "100%"),
+# The pretraining rows of reproduce_fashion_mnist.sh (its PRETRAININGS) and what each is; a second seed
+# names the row of the first, and is reported with it and their mean.
+PRETRAININGS = {
+    "mdra": "MDRA (G = 4)",
+    "mdra-seed1": "MDRA (G = 4)",
+    "mdra-g1": "ablation: relation alignment without subspaces (G = 1)",
+    "mdra-g1-seed1": "ablation: relation alignment without subspaces (G = 1)",
+    "mdra-nobalance": "ablation: no balance constraint, R a row softmax as in ReSSL (--sinkhorn-iters 0)",
+    "mdra-nopredictor": "ablation: no predictor h (--no-predictor)",
+    "mdra-nocross": "ablation: no cross alignment, each view with its own relation (--no-cross)",
+}
+SEEDS = {"mdra-seed1": "mdra", "mdra-g1-seed1": "mdra-g1"}
+# The table's blocks: the baselines (row folder, what it is), then the row of every pretraining P that
+# uses its backbone, P-<use> (use, what it does, which labels it uses).
+BLOCKS = [
+    ([("pixels-knn", "raw-pixel kNN (baseline)"), ("random-knn", "random-init ResNet-18 kNN (baseline)")],
+     ("knn", " kNN", "all, kNN")),
+    ([("scratch1", "supervised from scratch (baseline)")], ("ft1", ", fine-tuned", "1%")),
+    ([("scratch10", "supervised from scratch (baseline)")], ("ft10", ", fine-tuned", "10%")),
+    ([], ("linear", ", linear probe (frozen backbone)", "100%")),
 ]
-PRETRAINING = {"mdra-knn": "mdra", "mdra-g1-knn": "mdra-g1", "mdra-ft1": "mdra", "mdra-ft10": "mdra",
-               "mdra-linear": "mdra"}
+# The rows the script runs by default are listed as "not run" until they have; the others once they have.
+DEFAULT_ROWS = {"pixels-knn", "random-knn", "mdra-knn", "mdra-g1-knn", "scratch1", "mdra-ft1", "scratch10",
+                "mdra-ft10", "mdra-linear"}
 
+
+def rows():
+    """[(row folder, what it is, which labels it uses, its pretraining or None)], in the table's order."""
+    listed = []
+    for baselines, (use, does, labels) in BLOCKS:
+        listed += [(name, what, labels, None) for name, what in baselines]
+        listed += [(f"{p}-{use}", PRETRAININGS[p] + does + (", seed 1" if p in SEEDS else ""), labels, p)
+                   for p in PRETRAININGS]
+    return listed
 
 def accuracy(folder):
     """(top-1, top-5, epochs of this row, k) from a kNN result (k = 20, else the smallest k it has) or
@@ -83,38 +102,52 @@ def pretraining_epochs(folder):
     return max((r["epoch"] for r in records(folder) if r.get("event") == "epoch"), default=0)
 
 
+def row_cells(out, name, pretraining):
+    """(top-1, top-5, k, the epochs, lr, wall time, hardware, command) of a finished row."""
+    folder = out / name
+    top1, top5, epochs, k = accuracy(folder)
+    lr = learning_rate(out, name) if (folder / "log.jsonl").exists() else "–"
+    seconds = int((folder / "time_s").read_text())
+    epoch_text = f"{epochs} fine-tuning" if epochs else ""
+    if pretraining:
+        pre = out / pretraining
+        seconds_pre = int((pre / "time_s").read_text())
+        epoch_text = f"{pretraining_epochs(pre)} pretraining" + (f" + {epoch_text}" if epoch_text else "")
+        time_text = f"{seconds_pre} s + {seconds} s"
+    else:
+        time_text = f"{seconds} s"
+    command = (folder / "command").read_text().strip()
+    hardware = (folder / "hardware").read_text().strip()
+    return top1, top5, k, epoch_text, lr, time_text, hardware, command
+
+
 def main(out):
     out = Path(out)
     lines = ["| row | labels | top-1 | top-5 | epochs | lr | wall time | hardware | command |",
              "| --- | --- | ---: | ---: | --- | --- | ---: | --- | --- |"]
-    for name, what, labels in ROWS:
-        folder = out / name
-        if not (folder / "time_s").exists():
-            lines.append(f"| {what} | {labels} | not run | | | | | | |")
+    done = {name: row_cells(out, name, p) for name, _, _, p in rows() if (out / name / "time_s").exists()}
+    for name, what, labels, pretraining in rows():
+        if name not in done:
+            if name in DEFAULT_ROWS:
+                lines.append(f"| {what} | {labels} | not run | | | | | | |")
             continue
-        top1, top5, epochs, k = accuracy(folder)
+        top1, top5, k, epoch_text, lr, time_text, hardware, command = done[name]
         if k not in (None, "20"):
             labels += f" (k = {k})"
-        lr = learning_rate(out, name) if (folder / "log.jsonl").exists() else "–"
-        seconds = int((folder / "time_s").read_text())
-        epoch_text = f"{epochs} fine-tuning" if epochs else ""
-        if name in PRETRAINING:
-            pre = out / PRETRAINING[name]
-            seconds_pre = int((pre / "time_s").read_text())
-            epoch_text = f"{pretraining_epochs(pre)} pretraining" + (f" + {epoch_text}" if epoch_text else "")
-            time_text = f"{seconds_pre} s + {seconds} s"
-        else:
-            time_text = f"{seconds} s"
-        command = (folder / "command").read_text().strip()
-        hardware = (folder / "hardware").read_text().strip()
         lines.append(f"| {what} | {labels} | {top1:.2f} | {top5:.2f} | {epoch_text} | {lr} | {time_text} | {hardware} | `{command}` |")
-    for name in ("mdra", "mdra-g1"):
+        first = SEEDS[pretraining] + name[len(pretraining):] if pretraining in SEEDS else None
+        if first in done:  # the second seed: both seeds' mean, and how far apart they are
+            (a1, a5, _, a_epochs, *_), (b1, b5, *_) = done[first], done[name]
+            what = what.removesuffix(", seed 1")
+            epochs = a_epochs if a_epochs == epoch_text else f"{a_epochs} / {epoch_text}"
+            lines.append(f"| {what}, mean of seeds 0 and 1 | {labels} | {(a1 + b1) / 2:.2f} (spread {abs(a1 - b1):.2f}) "
+                         f"| {(a5 + b5) / 2:.2f} | {epochs} | – | | | |")
+    for name in PRETRAININGS:
         folder = out / name
         if (folder / "time_s").exists():
             lines.append(f"\nPretraining `{name}` ({pretraining_epochs(folder)} epochs, {int((folder / 'time_s').read_text())} s, "
                          f"{(folder / 'hardware').read_text().strip()}): `{(folder / 'command').read_text().strip()}`")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--best-lr"]:

@@ -87,6 +87,49 @@ def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
     assert other.returncode != 0 and "was made by another command" in other.stdout
 
 
+def test_chosen_rows_run_with_the_pretraining_they_use_and_separate_runs_accumulate_in_results(tmp_path):
+    results = tmp_path / "results"
+
+    def script(out, rows):
+        return subprocess.run(["bash", str(SCRIPT), str(tmp_path / out)], capture_output=True, text=True, timeout=300,
+                              env={**tiny_env(epochs=1), "ROWS": rows, "RESULTS": str(results)})
+
+    refused = script("none", "mdra-nocross-knn mdra-nothing")
+    assert refused.returncode == 2 and "ROWS: no row mdra-nothing;" in refused.stdout
+    assert not (tmp_path / "none").exists()
+    for out, rows, ran in (("a", "mdra-nocross-knn", {"mdra-nocross", "mdra-nocross-knn"}),
+                           ("b", "mdra-nobalance", {"mdra-nobalance"})):
+        done = script(out, rows)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert {p.parent.name for p in (tmp_path / out).glob("*/time_s")} == ran
+    for row, flags in (("a/mdra-nocross", "--no-cross"), ("b/mdra-nobalance", "--sinkhorn-iters 0")):
+        assert f"--arch resnet18 {flags} --epochs 1" in (tmp_path / row / "command").read_text()
+    # results/ holds both runs' records and their table, and no checkpoint.
+    assert {p.parent.name for p in results.glob("*/time_s")} == {"mdra-nocross", "mdra-nocross-knn", "mdra-nobalance"}
+    assert (results / "mdra-nocross" / "log.jsonl").exists() and not list(results.rglob("*.pth"))
+    table = (results / "results.md").read_text()
+    assert "| ablation: no cross alignment, each view with its own relation (--no-cross) kNN | all, kNN | " in table
+    assert "Pretraining `mdra-nobalance` (1 epochs" in table
+
+
+def test_the_table_reports_both_seeds_and_their_mean(tmp_path):
+    for seed, top1 in (("", 87.0), ("-seed1", 88.0)):
+        pretraining, knn = tmp_path / f"mdra{seed}", tmp_path / f"mdra{seed}-knn"
+        for folder, record in ((pretraining, {"event": "epoch", "epoch": 200}), (knn, None)):
+            folder.mkdir()
+            (folder / "time_s").write_text("10")
+            (folder / "command").write_text(f"python3 run {folder.name}")
+            (folder / "hardware").write_text("a GPU")
+        (pretraining / "log.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 200}) + "\n")
+        (knn / "knn.json").write_text(json.dumps({"results": {"20": {"top1": top1, "top5": top1 + 10}}}))
+    made = subprocess.run(["python3", str(SCRIPT.parent / "results_table.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    lines = made.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| MDRA (G = 4) kNN |"))
+    assert lines[first + 1].startswith("| MDRA (G = 4) kNN, seed 1 | all, kNN | 88.00 | 98.00 | 200 pretraining |")
+    assert lines[first + 2] == "| MDRA (G = 4) kNN, mean of seeds 0 and 1 | all, kNN | 87.50 (spread 1.00) | 97.50 | 200 pretraining | – | | | |"
+
+
 def test_the_committed_h100_table_is_what_its_logs_give():
     folder = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist-h100-80ep"
     made = subprocess.run(["python3", str(SCRIPT.parent / "results_table.py"), str(folder)], capture_output=True,
