@@ -1,0 +1,54 @@
+"""scripts/plot_curves.py on a tiny synthetic results folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_curves.py"
+
+
+def write_log(folder, records):
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def pretraining_log(knn_at):
+    records = [{"event": "start", "args": {"groups": 4}}]
+    for epoch in (1, 2, 3):
+        records += [{"epoch": epoch, "step": 2 * epoch - 1 + s, "loss": 9.0 - epoch, "rankme": 50.0 + epoch} for s in (0, 1)]
+        records.append({"event": "epoch", "epoch": epoch, "step": 2 * epoch, "loss": 9.0 - epoch,
+                        **({"knn": {"top1@20": 80.0 + epoch, "top5@20": 98.0}} if epoch in knn_at else {})})
+    return records
+
+
+def test_one_png_with_the_curves_of_every_pretraining_row(tmp_path):
+    from PIL import Image
+    pytest.importorskip("matplotlib")
+    resumed = [{"event": "start", "args": {"groups": 4}}, {"epoch": 3, "step": 6, "loss": 6.0, "rankme": 55.0},
+               {"event": "epoch", "epoch": 3, "step": 6, "loss": 6.0, "knn": {"top1@10": 84.0, "top1@200": 85.0}}]
+    write_log(tmp_path / "mdra", pretraining_log(knn_at=(2, 3)) + resumed)  # the last of each step counts
+    write_log(tmp_path / "mdra-g1", pretraining_log(knn_at=()))  # a run without the kNN monitor
+    write_log(tmp_path / "mdra-ft1", [{"event": "epoch", "epoch": 1, "top1": 80.0}])  # fine-tuning: not a curve
+    sys.path.insert(0, str(SCRIPT.parent))
+    import plot_curves
+    assert list(plot_curves.pretraining_logs(tmp_path)) == ["mdra", "mdra-g1"]
+    assert plot_curves.curves(tmp_path / "mdra" / "log.jsonl") == {
+        "knn": [(2, 82.0), (3, 84.0)], "loss": [(1, 8.0), (2, 7.0), (3, 6.0)], "rankme": [(1, 51.0), (2, 52.0), (3, 54.0)]}
+    made = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    with Image.open(tmp_path / "curves.png") as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] >= 1000 and 300 <= image.size[1] <= image.size[0]
+
+
+def test_without_matplotlib_it_says_so_in_one_sentence(tmp_path):
+    fake = tmp_path / "no-matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+    made = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(fake.parent)})
+    assert made.returncode == 1 and made.stderr.strip() == \
+        "plot_curves.py needs matplotlib, which nothing else here does: pip install matplotlib"
