@@ -48,6 +48,8 @@ CLASSIFIER_FORMAT = "mdra-classifier"
 # saves and evaluates, and what it does with the classifier afterwards.
 RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
                      "max_steps", "save_every", "log_every", "eval_every", "export", "predict")
+# What --export and --predict of a fine-tuned classifier use; any other flag would have no effect there.
+CLASSIFY_USES = ("ckpt", "export", "predict", "device", "batch_size", "workers")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -669,6 +671,7 @@ def run(args):
         if not (args.export or args.predict):
             raise UsageError(f"{args.ckpt} is already a fine-tuned classifier: use it with --export or --predict, "
                              "or fine-tune a pretraining checkpoint (an interrupted run resumes from its --out-dir).")
+        refuse_unused_flags(args)
         classifier_path, classifier = Path(args.ckpt), start
     else:
         classifier_path, classifier = finetune(args, env, start), None
@@ -682,6 +685,18 @@ def run(args):
     if args.predict:
         predict(model, predict_files, classifier, env.device, args.batch_size)
     return classifier_path
+
+
+def refuse_unused_flags(args):
+    """--export and --predict of a fine-tuned classifier: the flags given that they do not use are
+    refused (a flag left at its default was not given), rather than silently ignored."""
+    parser = get_parser()
+    unused = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+              if name not in CLASSIFY_USES and value != parser.get_default(name)]
+    if unused:
+        raise UsageError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on --export and "
+                         f"--predict of the fine-tuned classifier {args.ckpt}, whose data, size and training are "
+                         "fixed; leave " + ("it" if len(unused) == 1 else "them") + " out.")
 
 
 def get_parser():

@@ -532,6 +532,21 @@ def test_predict_names_each_unreadable_file_classifies_the_others_and_then_exits
         "the others are classified above."]
 
 
+def test_export_and_predict_of_a_classifier_refuse_the_flags_they_would_ignore(classifier, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    Image.new("RGB", (16, 16)).save(image)
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--ckpt", str(classifier), "--predict", str(image), "--epochs", "5", "--lr", "9", "--data", "cifar10"])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert not out and err == (f"finetune.py: error: --data, --epochs, --lr have no effect on --export and --predict "
+                               f"of the fine-tuned classifier {classifier}, whose data, size and training are fixed; "
+                               "leave them out.\n")
+    finetune.main(["--ckpt", str(classifier), "--predict", str(image), "--device", "cpu", "--batch-size", "2",
+                   "--workers", "0"])  # the flags prediction uses
+    assert capsys.readouterr().out.startswith(f"{image}: ")
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors a user can cause: one sentence and exit status 2
 # ------------------------------------------------------------------------------------------------
@@ -579,8 +594,9 @@ def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretr
     for key, value in places.items():
         argv = [a.replace(key, value) for a in argv]
         message = message.replace(key, value)
+    training = [] if {"--export", "--predict"} & set(argv) else [*TINY, "--out-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
-        finetune.main([*TINY, "--out-dir", str(tmp_path / "run"), *argv])  # argv's flags win
+        finetune.main([*training, *argv])  # argv's flags win
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune.py: error: ") and err.count("\n") == 1 and message in err, err
