@@ -16,15 +16,16 @@ Launch:
     python finetune.py --ckpt runs/ft-1pct/checkpoint.pth --export classifier.pt2   # or .pt: TorchScript
     python finetune.py --ckpt runs/ft-1pct/checkpoint.pth --predict photo.png more_photos/
 
-Starting again with the same --out-dir resumes from <out-dir>/checkpoint.pth. A fine-tuned
-checkpoint given to --ckpt is used as it is, for --export and --predict; training writes one and then
-does the same with it.
+Starting again with the same --out-dir resumes from <out-dir>/checkpoint.pth; left out, the flags whose
+defaults come from the data or the checkpoint keep its values. --export and --predict take a fine-tuned
+checkpoint as it is (a pretraining one must be fine-tuned first), or the one --random-init training writes.
 """
 import argparse
 import datetime
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -299,6 +300,27 @@ def evaluate(model, loader, device, memory_format, autocast):
 # Fine-tuning (patent step 6) and the linear probe
 # ------------------------------------------------------------------------------------------------
 
+def resumed_args(out_dir):
+    """The settings of the run whose checkpoint is in out_dir; {} if there is none."""
+    path = Path(out_dir) / "checkpoint.pth"
+    return mdra.load_checkpoint(path, formats=(CLASSIFIER_FORMAT,))["args"] if path.is_file() else {}
+
+
+def resolve_sources(args, start, resumed):
+    """Fill the defaults of the flags left out that come from elsewhere: a resumed run keeps its own
+    settings, whatever the defaults are now (resumed: its args); a pretraining checkpoint (start) gives
+    its size and, unless --data names another, its data (as eval_knn.py)."""
+    pretrained = {**start.get("args", {}), "img_size": start["img_size"]} if start is not None else {}
+    if args.data is None:
+        args.data = resumed.get("data", pretrained.get("data", "fashion-mnist"))
+    same_data = args.data == pretrained.get("data")
+    for name, default in (("data_dir", "data"), ("synthetic_size", 1024), ("img_size", None)):
+        if getattr(args, name) is None:
+            fallback = pretrained.get(name, default) if same_data or name == "img_size" else default
+            setattr(args, name, resumed.get(name, fallback))
+    return args
+
+
 def resolve_args(args, info, env, start):
     """Fill the defaults that depend on the checkpoint, data and device; check what cannot work."""
     if start is not None:  # the architecture is the pretrained one
@@ -335,8 +357,7 @@ def finetune(args, env, start):
     mdra.require_folder(out_dir, "--out-dir")
     if env.is_main:
         mdra.lock_folder(out_dir, "--out-dir")
-    # Synthetic images are drawn at the size they will be used at: by default the pretrained one.
-    drawn_size = args.img_size or (start["img_size"] if start is not None else 32)
+    drawn_size = args.img_size or 32  # synthetic images are drawn at the size they will be used at
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
     mdra.require_two_classes(info.num_classes, args.data, "fine-tuning")
     args = resolve_args(args, info, env, start)
@@ -673,7 +694,13 @@ def run(args):
                              "or fine-tune a pretraining checkpoint (an interrupted run resumes from its --out-dir).")
         refuse_unused_flags(args)
         classifier_path, classifier = Path(args.ckpt), start
+    elif start is not None and (args.export or args.predict):  # rather than a long fine-tune nobody asked for
+        out_dir = shlex.quote(args.out_dir)
+        raise UsageError(f"{args.ckpt} is a pretraining checkpoint, not a classifier: fine-tune it first "
+                         f"(python3 finetune.py --ckpt {shlex.quote(args.ckpt)} --label-fraction 0.01 --out-dir "
+                         f"{out_dir}), then --export or --predict with --ckpt {out_dir}/checkpoint.pth.")
     else:
+        args = resolve_sources(args, start, resumed_args(args.out_dir))
         classifier_path, classifier = finetune(args, env, start), None
     if not (env.is_main and (args.export or args.predict)):
         return classifier_path
@@ -708,10 +735,13 @@ def get_parser():
     a("--ckpt", default=None,
       help="a pretraining checkpoint (mdra.py) to fine-tune, or a fine-tuned one to --export or --predict with")
     a("--random-init", action="store_true", help="start from random weights: the supervised-from-scratch baseline")
-    a("--data", default="fashion-mnist",
-      help="ImageFolder root (train/ and val/) or one of: " + ", ".join(mdra.SMALL_DATASETS))
-    a("--data-dir", default="data", help="where named data sets are read from or downloaded to")
-    a("--synthetic-size", type=int, default=1024, help="number of training images of --data synthetic")
+    a("--data", default=None,
+      help="ImageFolder root (train/ and val/) or one of: " + ", ".join(mdra.SMALL_DATASETS)
+           + "; default: the pretraining checkpoint's, else fashion-mnist")
+    a("--data-dir", default=None,
+      help="where named data sets are read from or downloaded to; default: the checkpoint's for its data, else data")
+    a("--synthetic-size", type=int, default=None,
+      help="number of training images of --data synthetic; default: the checkpoint's for its data, else 1024")
     a("--label-fraction", type=mdra.finite_float, default=None,
       help="train on this fraction of the labels (0.01, 0.1), the same share of every class, drawn with --seed; "
            "default: all labels")
@@ -729,7 +759,8 @@ def get_parser():
     a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
       help="3x3 stride-1 stem without max-pool; with --ckpt, the checkpoint's; else on for small images")
     a("--img-size", type=mdra.crop_size, default=None,
-      help="crop size; default: the data set's native size (224 for ImageFolder). " + mdra.IMG_SIZE_MINIMUM)
+      help="crop size; default: the pretraining checkpoint's, else the data set's native size (224 for ImageFolder). "
+           + mdra.IMG_SIZE_MINIMUM)
     a("--epochs", type=int, default=100, help="length of the schedule")
     a("--max-steps", type=int, default=0,
       help="stop after this many steps in total (resumed ones included); the schedule still follows --epochs")
@@ -741,7 +772,8 @@ def get_parser():
     a("--weight-decay", type=mdra.finite_float, default=0.0, help="SGD weight decay")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--out-dir", default="runs/finetune",
-      help="checkpoint.pth, log.jsonl and subset.txt go here; an existing checkpoint is resumed")
+      help="checkpoint.pth, log.jsonl and subset.txt go here; an existing checkpoint is resumed (left "
+           "out, --data, --data-dir, --synthetic-size and --img-size keep its values)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
     a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")

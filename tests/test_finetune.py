@@ -187,6 +187,39 @@ def test_a_loss_over_twice_chance_level_warns_once_that_the_lr_is_too_high(lr, w
     assert out.count("the learning rate is likely too high for this data; try a lower --lr") == warnings
 
 
+def test_left_out_data_and_size_are_the_resumed_runs_then_the_pretraining_checkpoints_then_the_defaults(pretrained):
+    parser = finetune.get_parser()
+    start = load(pretrained)  # synthetic, 64 images of 16 px
+    start["args"]["data_dir"] = "pretraining-data"
+
+    def resolved(argv, resumed):
+        args = finetune.resolve_sources(parser.parse_args(["--ckpt", str(pretrained), *argv]), start, resumed)
+        return args.data, args.data_dir, args.synthetic_size, args.img_size
+
+    assert resolved([], {}) == ("synthetic", "pretraining-data", 64, 16)
+    assert resolved(["--data", "cifar10"], {}) == ("cifar10", "data", 1024, 16)  # the size is still the backbone's
+    assert resolved(["--data", "/imagenet", "--img-size", "224"], {}) == ("/imagenet", "data", 1024, 224)
+    old = {"data": "fashion-mnist", "data_dir": "data", "synthetic_size": 1024, "img_size": 28}
+    assert resolved([], old) == ("fashion-mnist", "data", 1024, 28)  # as that run was started
+    assert resolved(["--img-size", "16"], old)[-1] == 16  # given: the resume guard refuses it
+
+
+def test_fine_tuning_takes_the_data_and_size_the_checkpoint_was_pretrained_on_where_none_is_given(pretrained, tmp_path):
+    quick = ["--batch-size", "4", "--workers", "0", "--max-steps", "1"]
+    args = load(finetune.main(["--ckpt", str(pretrained), *quick, "--out-dir", str(tmp_path / "synthetic")]))["args"]
+    assert (args["data"], args["synthetic_size"], args["img_size"]) == ("synthetic", 64, 16)
+    for split in ("train", "val"):
+        for i in range(8):
+            (tmp_path / "images" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(tmp_path / "images" / split / f"class{i % 2}" / f"{i}.png")
+    ckpt = load(pretrained)  # as if pretrained on that image folder at 12 px
+    ckpt["args"], ckpt["img_size"] = {**ckpt["args"], "data": str(tmp_path / "images"), "img_size": 12}, 12
+    torch.save(ckpt, tmp_path / "folder.pth")
+    ckpt = load(finetune.main(["--ckpt", str(tmp_path / "folder.pth"), *quick, "--out-dir", str(tmp_path / "folder")]))
+    assert (ckpt["args"]["data"], ckpt["img_size"], ckpt["class_names"]) == (str(tmp_path / "images"), 12,
+                                                                           ["class0", "class1"])  # not 224
+
+
 def test_linear_probe_trains_only_the_head_and_leaves_the_backbone_bit_identical(pretrained, classifier, tmp_path):
     split = classifier.parent / "subset.txt"  # the labelled images of the fine-tuning run, as a split file
     path = finetune.main(["--ckpt", str(pretrained), *TINY, "--subset-file", str(split), "--epochs", "1",
@@ -530,6 +563,22 @@ def test_predict_names_each_unreadable_file_classifies_the_others_and_then_exits
         f"{tmp_path / '1-empty.jpg'}: cannot be read (cannot identify image file '{tmp_path / '1-empty.jpg'}')",
         "finetune.py: error: 2 of the 3 files given to --predict cannot be read (named above); "
         "the others are classified above."]
+
+
+@pytest.mark.parametrize("action", ["--export", "--predict"])
+def test_export_or_predict_with_a_pretraining_checkpoint_stops_at_once_saying_how_to_fine_tune_it(
+        action, pretrained, tmp_path, capsys):
+    Image.new("RGB", (16, 16)).save(tmp_path / "image.png")
+    target = {"--export": tmp_path / "model.pt", "--predict": tmp_path / "image.png"}[action]
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--ckpt", str(pretrained), *TINY, "--max-steps", "1", "--out-dir", str(run), action, str(target)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        f"finetune.py: error: {pretrained} is a pretraining checkpoint, not a classifier: fine-tune it first "
+        f"(python3 finetune.py --ckpt {pretrained} --label-fraction 0.01 --out-dir {run}), then --export or "
+        f"--predict with --ckpt {run}/checkpoint.pth.\n")
+    assert not run.exists() and not (tmp_path / "model.pt").exists()
 
 
 def test_export_and_predict_of_a_classifier_refuse_the_flags_they_would_ignore(classifier, tmp_path, capsys):
