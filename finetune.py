@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -42,13 +41,13 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import mdra
-from mdra import UsageError
+import runtime
+from runtime import UsageError
 
 CLASSIFIER_FORMAT = "mdra-classifier"
 # What a resumed run may change (as mdra.RESUME_MAY_CHANGE): where and how it runs, how often it logs,
 # saves and evaluates, and what it does with the classifier afterwards.
-RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
-                     "max_steps", "save_every", "log_every", "eval_every", "export", "predict")
+RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("eval_every", "export", "predict")
 # What --export and --predict of a fine-tuned classifier use; any other flag would have no effect there.
 CLASSIFY_USES = ("ckpt", "export", "predict", "device", "batch_size", "workers")
 
@@ -97,8 +96,8 @@ def load_classifier(ckpt, path):
         raise UsageError(f"{path} lacks {', '.join(missing)}; it was not written by finetune.py.")
     backbone, width = mdra.build_backbone(ckpt["arch"], ckpt["small_stem"])
     model = Classifier(backbone, width, ckpt["num_classes"], ckpt["mean"], ckpt["std"])
-    mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {path}")
-    mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {path}")
+    runtime.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {path}")
+    runtime.load_strict(model.head, ckpt["head"], f"the classifier head in {path}")
     return model.eval()
 
 
@@ -207,28 +206,9 @@ class AugmentedSubset(Dataset):
 
     def __getitem__(self, key):
         epoch, position = key
-        image, label, skipped = mdra.read_image(self.images, position)
-        with mdra.sample_rng(mdra.sample_seed(self.seed, epoch, position)):
+        image, label, skipped = runtime.read_image(self.images, position)
+        with runtime.sample_rng(runtime.sample_seed(self.seed, epoch, position)):
             return self.transform(image), label, len(skipped), "\n".join(skipped)
-
-
-class CentreCrops(Dataset):
-    """Evaluation samples: (image, label, "path: why" if the file cannot be read else ""). An unreadable
-    file is an error here (evaluate raises it): skipping it would change the accuracy's denominator."""
-
-    def __init__(self, images, transform, size):
-        self.images, self.transform, self.size = images, transform, size
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        try:
-            image, label = self.images[index]
-            return self.transform(image), label, ""
-        except mdra.READ_ERRORS as e:  # a stand-in, so the batch goes on to evaluate, which names the file
-            why = f"{mdra.image_path(self.images, index)}: {mdra.read_error(e)}"
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, why
 
 
 class FileHeaders(Dataset):
@@ -245,8 +225,8 @@ class FileHeaders(Dataset):
         try:
             with Image.open(self.paths[i]):
                 return ""
-        except mdra.READ_ERRORS as e:
-            return f"{self.paths[i]}: {mdra.read_error(e)}"
+        except runtime.READ_ERRORS as e:
+            return f"{self.paths[i]}: {runtime.read_error(e)}"
 
 
 def unopenable(images, indices, workers):
@@ -258,8 +238,8 @@ def unopenable(images, indices, workers):
         base = base.dataset
     if not hasattr(base, "paths"):
         return []
-    loader = DataLoader(FileHeaders([mdra.image_path(images, i) for i in indices]), batch_size=256,
-                        num_workers=workers, collate_fn=list, worker_init_fn=mdra.ignore_stop_signals)
+    loader = DataLoader(FileHeaders([runtime.image_path(images, i) for i in indices]), batch_size=256,
+                        num_workers=workers, collate_fn=list, worker_init_fn=runtime.ignore_stop_signals)
     return [why for batch in loader for why in batch if why]
 
 
@@ -303,7 +283,7 @@ def evaluate(model, loader, device, memory_format, autocast):
 def resumed_args(out_dir):
     """The settings of the run whose checkpoint is in out_dir; {} if there is none."""
     path = Path(out_dir) / "checkpoint.pth"
-    return mdra.load_checkpoint(path, formats=(CLASSIFIER_FORMAT,))["args"] if path.is_file() else {}
+    return runtime.load_checkpoint(path, formats=(CLASSIFIER_FORMAT,))["args"] if path.is_file() else {}
 
 
 def resolve_sources(args, start, resumed):
@@ -335,18 +315,15 @@ def resolve_args(args, info, env, start):
     if args.small_stem is None:
         args.small_stem = info.small or args.img_size <= 64
     mdra.require_img_size(args.img_size, args.small_stem)
-    cuda = env.device.type == "cuda"
-    args.compile = cuda if args.compile is None else args.compile
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    runtime.resolve_speed_flags(args, env)
     if args.linear and args.lr_backbone is not None:
         raise UsageError("--lr-backbone has no effect with --linear, whose backbone is frozen.")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
-    mdra.require_at_least(1, args, "epochs", "batch_size", "log_every", "save_every", "eval_every")
-    mdra.require_at_least(0, args, "lr", "weight_decay", "workers", "max_steps", "holdout")
+    runtime.require_at_least(1, args, "epochs", "batch_size", "log_every", "save_every", "eval_every")
+    runtime.require_at_least(0, args, "lr", "weight_decay", "workers", "max_steps", "holdout")
     if args.lr_backbone is not None:
-        mdra.require_at_least(0, args, "lr_backbone")
+        runtime.require_at_least(0, args, "lr_backbone")
     return args
 
 
@@ -354,18 +331,15 @@ def finetune(args, env, start):
     """Train the classifier on the labelled subset; returns the path of its checkpoint.
     start: the pretraining checkpoint, or None for --random-init."""
     out_dir = Path(args.out_dir)
-    mdra.require_folder(out_dir, "--out-dir")
+    runtime.require_folder(out_dir, "--out-dir")
     if env.is_main:
-        mdra.lock_folder(out_dir, "--out-dir")
+        runtime.lock_folder(out_dir, "--out-dir")
     drawn_size = args.img_size or 32  # synthetic images are drawn at the size they will be used at
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
-    mdra.require_two_classes(info.num_classes, args.data, "fine-tuning")
+    runtime.require_two_classes(info.num_classes, args.data, "fine-tuning")
     args = resolve_args(args, info, env, start)
     device, cuda = env.device, env.device.type == "cuda"
-    log = mdra.Logger(out_dir, env.is_main)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True
+    log = runtime.Logger(out_dir, env.is_main)
 
     if args.subset_file:
         subset = read_subset_file(args.subset_file, train_images.names)
@@ -392,7 +366,7 @@ def finetune(args, env, start):
     backbone, width = mdra.build_backbone(args.arch, args.small_stem)
     model = Classifier(backbone, width, info.num_classes, info.mean, info.std)
     if start is not None:
-        mdra.load_strict(model.backbone, start["backbone"], f"the backbone in {args.ckpt}")
+        runtime.load_strict(model.backbone, start["backbone"], f"the backbone in {args.ckpt}")
     if args.linear:
         model.backbone.requires_grad_(False)
         reference = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -406,25 +380,24 @@ def finetune(args, env, start):
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     cosine = mdra.warmup_cosine(1.0, total_steps, 0)  # per step, from 1 to 0
-    amp_dtype = mdra.AMP_DTYPES[args.amp]
+    amp_dtype = runtime.AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     step, metrics = 0, {}
     ckpt_path = out_dir / "checkpoint.pth"
-    data = mdra.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
+    data = runtime.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
     if ckpt_path.exists():
-        ckpt = mdra.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, (CLASSIFIER_FORMAT,), data)
-        mdra.require_same_batchnorm_batch(ckpt, args.batch_size // env.world_size, ckpt_path)
-        mdra.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {ckpt_path}")
-        mdra.load_strict(model.head, ckpt["head"], f"the classifier head in {ckpt_path}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        step, metrics = int(ckpt["step"]), ckpt["metrics"]
+        ckpt = runtime.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, vars(get_parser().parse_args([])),
+                                              (CLASSIFIER_FORMAT,), data)
+        runtime.require_same_batchnorm_batch(ckpt, args.batch_size // env.world_size, ckpt_path)
+        step = runtime.restore_checkpoint(ckpt, ckpt_path, {"backbone": (model.backbone, "the backbone"),
+                                                            "head": (model.head, "the classifier head")},
+                                          optimizer, scaler)
+        metrics = ckpt["metrics"]
         log.print(f"resumed from {ckpt_path} at step {step}")
     if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
         names = "".join(train_images.names[i] + "\n" for i in subset)
-        with mdra.atomic_file(out_dir / "subset.txt", len(names.encode())) as tmp:
+        with runtime.atomic_file(out_dir / "subset.txt", len(names.encode())) as tmp:
             tmp.write_text(names)
 
     model_raw = model
@@ -435,24 +408,20 @@ def finetune(args, env, start):
 
     # Augmentation is keyed by (seed, epoch, position), so no random state needs saving for resume.
     labelled = Subset(train_images, subset)
-    mdra.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one clear error
+    runtime.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one clear error
     train_set = AugmentedSubset(labelled, train_transform(info, args.img_size), args.seed)
     sampler = mdra.EpochSampler(len(subset), args.batch_size, steps_per_epoch, env.world_size, env.rank, args.seed)
-    loader = DataLoader(train_set, batch_size=args.batch_size // env.world_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=mdra.ignore_stop_signals)
+    loader = runtime.data_loader(train_set, args.batch_size // env.world_size, args.workers, device, sampler=sampler)
     resize = eval_resize(info, args.img_size)
-    val_set = Subset(CentreCrops(eval_images, eval_transform(args.img_size, resize), args.img_size),
+    val_set = Subset(mdra.CentreCrops(eval_images, eval_transform(args.img_size, resize)),
                      range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
-    val_loader = DataLoader(val_set, batch_size=args.batch_size // env.world_size, num_workers=args.workers,
-                            pin_memory=cuda, persistent_workers=args.workers > 0, worker_init_fn=mdra.ignore_stop_signals)
+    val_loader = runtime.data_loader(val_set, args.batch_size // env.world_size, args.workers, device)
 
-    plain_args = mdra.plain_values(args)
     last_saved = step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
 
     def check_finite(since):
-        mdra.raise_if_nonfinite(nonfinite, since, step, ckpt_path, "finetune.py", hint=" (try a lower --lr)")
+        runtime.raise_if_nonfinite(nonfinite, since, step, ckpt_path, "finetune.py", hint=" (try a lower --lr)")
 
     def save():
         nonlocal last_saved
@@ -460,30 +429,19 @@ def finetune(args, env, start):
         last_saved = step
         if not env.is_main:
             return
-        mdra.save_checkpoint({
-            "format": CLASSIFIER_FORMAT, "version": mdra.CHECKPOINT_VERSION, "arch": args.arch,
-            "small_stem": args.small_stem, "feature_dim": width, "args": plain_args,
-            "epoch": step // steps_per_epoch, "step": step,
-            "backbone": model_raw.backbone.state_dict(), "head": model_raw.head.state_dict(),
-            "num_classes": info.num_classes, "class_names": list(info.class_names),
-            "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "resize": resize,
-            "metrics": metrics, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "data": data,
-            "batchnorm_batch": args.batch_size // env.world_size,
-        }, ckpt_path)
+        runtime.save_checkpoint(runtime.checkpoint_state(
+            CLASSIFIER_FORMAT, args, step, steps_per_epoch, width, model_raw.backbone, optimizer, scaler, info, data,
+            args.batch_size // env.world_size, head=model_raw.head.state_dict(), num_classes=info.num_classes,
+            class_names=list(info.class_names), resize=resize, metrics=metrics), ckpt_path)
 
     control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
-    sha = mdra.git_sha()
+    runtime.announce(log, "finetune.py", env, args, labelled_images=len(subset))
     mode = "linear probe (frozen backbone)" if args.linear else "fine-tuning"
     origin = "random initialisation" if start is None else args.ckpt
-    log.print(f"finetune.py git {sha} | world size {env.world_size} | device {device}"
-              f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''} | torch {torch.__version__}")
-    log.print("args " + json.dumps(plain_args))
     log.print(f"{mode} of {args.arch} from {origin}: {len(subset)} of {len(train_images)} labelled images "
               f"({100 * len(subset) / len(train_images):.3g}%), {steps_per_epoch} steps per epoch of "
               f"{args.batch_size}, {len(eval_images)} " + ("held-out training" if args.holdout else "validation")
               + " images evaluated " + ("after every epoch" if args.eval_every == 1 else f"every {args.eval_every} epochs"))
-    log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device),
-              "labelled_images": len(subset), "args": plain_args})
     unreadable = unopenable(eval_images, val_set.indices, args.workers)  # before the first epoch, not after it
     unreadable_total = torch.tensor(len(unreadable), device=device)
     if dist.is_initialized():
@@ -493,12 +451,12 @@ def finetune(args, env, start):
 
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     loss_sum = torch.zeros((), device=device)  # since the last log line
-    skips = mdra.SkippedImages(log)
+    skips = runtime.SkippedImages(log)
     chance_loss, warned = math.log(info.num_classes), False
     eval_epochs = [e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs]
     eval_times = []  # seconds per evaluation, in this process
     tic, data_time, logged_step = time.perf_counter(), 0.0, step
-    mdra.defer_stop_signals()
+    runtime.defer_stop_signals()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
             break
@@ -540,7 +498,7 @@ def finetune(args, env, start):
                           "lr": base_lrs[0] * float(cosine[step - 1]), "images_per_s": images_per_s,
                           "data_wait": data_time / elapsed,
                           "eta_s": elapsed / steps * (last_step - step) + evals_left * eval_s,
-                          "peak_mem_gb": mdra.peak_memory_gb(device), "skipped_images": skips.total}
+                          "peak_mem_gb": runtime.peak_memory_gb(device), "skipped_images": skips.total}
                 eta = str(datetime.timedelta(seconds=round(record["eta_s"])))
                 eta = "~" + eta if evals_left and not eval_times else eta  # an estimate until an evaluation is timed
                 log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
@@ -555,7 +513,7 @@ def finetune(args, env, start):
                               "this data; try a lower --lr (--holdout chooses one without the test split).")
                 loss_sum.zero_()
                 tic, data_time, logged_step = time.perf_counter(), 0.0, step
-            mdra.exit_if_stop_requested(control, save, log, step, ckpt_path)
+            runtime.exit_if_stop_requested(control, save, log, step, ckpt_path)
             if step % args.save_every == 0:
                 save()
             if step >= last_step:
@@ -565,7 +523,7 @@ def finetune(args, env, start):
         if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
             break
         if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
-            mdra.broadcast_buffers(model_raw)
+            runtime.broadcast_buffers(model_raw)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             eval_tic = time.perf_counter()
             try:
@@ -603,18 +561,18 @@ def export(model, path, ckpt):
     model = model.cpu().float().eval()
     meta = {"classifier.json": json.dumps({"class_names": ckpt["class_names"], "img_size": ckpt["img_size"],
                                            "resize": ckpt["resize"], "mean": ckpt["mean"], "std": ckpt["std"]})}
-    size = mdra.saved_bytes(model.state_dict())
+    size = runtime.saved_bytes(model.state_dict())
     if path.suffix == ".pt":
         with warnings.catch_warnings():  # recent torch calls TorchScript deprecated; .pt2 is its successor
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-            with mdra.atomic_file(path, size) as tmp:
+            with runtime.atomic_file(path, size) as tmp:
                 torch.jit.save(torch.jit.script(model), tmp, _extra_files=meta)
     else:
         example = torch.rand(2, 3, ckpt["img_size"], ckpt["img_size"])
         Dim = torch.export.Dim
         program = torch.export.export(model, (example,),
                                       dynamic_shapes={"images": {0: Dim("batch", min=1), 2: Dim.AUTO, 3: Dim.AUTO}})
-        with mdra.atomic_file(path, size) as tmp:
+        with runtime.atomic_file(path, size) as tmp:
             torch.export.save(program, tmp, extra_files=meta)
 
 
@@ -638,7 +596,7 @@ def image_files(paths):
 
 def open_image(path):
     with Image.open(path) as image:
-        return mdra.rgb(image)
+        return runtime.rgb(image)
 
 
 @torch.no_grad()
@@ -649,14 +607,14 @@ def predict(model, files, ckpt, device, batch_size):
     model.to(device)
     unreadable = 0
     for first in range(0, len(files), batch_size):
-        if mdra.stop_requested():  # after fine-tuning, whose loop deferred SIGINT and SIGTERM
-            raise SystemExit(128 + mdra.STOP_SIGNALS[0])
+        if runtime.stop_requested():  # after fine-tuning, whose loop deferred SIGINT and SIGTERM
+            raise SystemExit(128 + runtime.STOP_SIGNALS[0])
         paths, images = [], []
         for path in files[first:first + batch_size]:
             try:
                 images.append(transform(open_image(path)))
                 paths.append(path)
-            except mdra.READ_ERRORS as e:
+            except runtime.READ_ERRORS as e:
                 print(f"{path}: cannot be read ({e})", file=sys.stderr)
                 unreadable += 1
         if not paths:
@@ -676,7 +634,7 @@ def predict(model, files, ckpt, device, batch_size):
 
 def run(args):
     if args.export:  # checked now: the export comes after the training
-        mdra.require_folder(Path(args.export).parent, "--export's folder")
+        runtime.require_folder(Path(args.export).parent, "--export's folder")
     if args.export and Path(args.export).suffix not in (".pt", ".pt2"):
         raise UsageError(f"--export {args.export} must end in .pt (TorchScript) or .pt2 (torch.export).")
     if bool(args.ckpt) == args.random_init:
@@ -686,8 +644,8 @@ def run(args):
     if args.label_fraction is not None and args.subset_file:
         raise UsageError("give --label-fraction or --subset-file, not both.")
     predict_files = image_files(args.predict) if args.predict else None  # before training, which may be long
-    env = mdra.setup_distributed(args.device)
-    start = mdra.load_checkpoint(args.ckpt, formats=("mdra", CLASSIFIER_FORMAT)) if args.ckpt else None
+    env = runtime.setup_distributed(args.device)
+    start = runtime.load_checkpoint(args.ckpt, formats=("mdra", CLASSIFIER_FORMAT)) if args.ckpt else None
     if start is not None and start["format"] == CLASSIFIER_FORMAT:
         if not (args.export or args.predict):
             raise UsageError(f"{args.ckpt} is already a fine-tuned classifier: use it with --export or --predict, "
@@ -704,7 +662,7 @@ def run(args):
         classifier_path, classifier = finetune(args, env, start), None
     if not (env.is_main and (args.export or args.predict)):
         return classifier_path
-    classifier = classifier or mdra.load_checkpoint(classifier_path, formats=(CLASSIFIER_FORMAT,))
+    classifier = classifier or runtime.load_checkpoint(classifier_path, formats=(CLASSIFIER_FORMAT,))
     model = load_classifier(classifier, classifier_path)
     if args.export:
         export(model, args.export, classifier)
@@ -718,7 +676,7 @@ def refuse_unused_flags(args):
     """--export and --predict of a fine-tuned classifier: the flags given that they do not use are
     refused (a flag left at its default was not given), rather than silently ignored."""
     parser = get_parser()
-    unused = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+    unused = [f"--{name.replace('_', '-')}" for name, value in sorted(vars(args).items())
               if name not in CLASSIFY_USES and value != parser.get_default(name)]
     if unused:
         raise UsageError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on --export and "
@@ -728,21 +686,16 @@ def refuse_unused_flags(args):
 
 def get_parser():
     p = argparse.ArgumentParser(
-        prog="finetune.py", formatter_class=mdra.HelpFormatter,
+        prog="finetune.py", formatter_class=runtime.HelpFormatter,
         description="Fine-tune (or linearly probe) an MDRA backbone with a linear classifier on a labelled "
-                    "subset, export it, classify images (defaults: the patent's 100 epochs of SGD at lr 0.3).")
+                    "subset, export it, classify images (defaults: the patent's 100 epochs of SGD at lr 0.3). "
+                    "--out-dir also gets subset.txt, the labelled images; a run resumed there keeps, left out, "
+                    "its --data, --data-dir, --synthetic-size and --img-size.")
     a = p.add_argument
     a("--ckpt", default=None,
       help="a pretraining checkpoint (mdra.py) to fine-tune, or a fine-tuned one to --export or --predict with")
     a("--random-init", action="store_true", help="start from random weights: the supervised-from-scratch baseline")
-    a("--data", default=None,
-      help="ImageFolder root (train/ and val/) or one of: " + ", ".join(mdra.SMALL_DATASETS)
-           + "; default: the pretraining checkpoint's, else fashion-mnist")
-    a("--data-dir", default=None,
-      help="where named data sets are read from or downloaded to; default: the checkpoint's for its data, else data")
-    a("--synthetic-size", type=int, default=None,
-      help="number of training images of --data synthetic; default: the checkpoint's for its data, else 1024")
-    a("--label-fraction", type=mdra.finite_float, default=None,
+    a("--label-fraction", type=runtime.finite_float, default=None,
       help="train on this fraction of the labels (0.01, 0.1), the same share of every class, drawn with --seed; "
            "default: all labels")
     a("--subset-file", default=None,
@@ -762,35 +715,22 @@ def get_parser():
       help="crop size; default: the pretraining checkpoint's, else the data set's native size (224 for ImageFolder). "
            + mdra.IMG_SIZE_MINIMUM)
     a("--epochs", type=int, default=100, help="length of the schedule")
-    a("--max-steps", type=int, default=0,
-      help="stop after this many steps in total (resumed ones included); the schedule still follows --epochs")
     a("--batch-size", type=int, default=256, help="global batch over all ranks")
-    a("--lr", type=mdra.finite_float, default=0.3,
+    a("--lr", type=runtime.finite_float, default=0.3,
       help="SGD learning rate of the classifier (and of the backbone without --lr-backbone), cosine to 0 per step")
-    a("--lr-backbone", type=mdra.finite_float, default=None,
+    a("--lr-backbone", type=runtime.finite_float, default=None,
       help="a separate learning rate for the backbone when fine-tuning (e.g. 10x lower than --lr)")
-    a("--weight-decay", type=mdra.finite_float, default=0.0, help="SGD weight decay")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
-    a("--out-dir", default="runs/finetune",
-      help="checkpoint.pth, log.jsonl and subset.txt go here; an existing checkpoint is resumed (left "
-           "out, --data, --data-dir, --synthetic-size and --img-size keep its values)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
-    a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
-    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    a("--seed", type=int, default=0, help="draws the labelled subset, the new layer and the augmentations")
-    a("--save-every", type=int, default=200, help="write the checkpoint every this many steps (and at each epoch end)")
-    a("--log-every", type=int, default=20, help="log every this many steps")
+    a("--weight-decay", type=runtime.finite_float, default=0.0, help="SGD weight decay")
     a("--export", default=None, metavar="PATH",
       help="write the classifier for use without this code: .pt (TorchScript) or .pt2 (torch.export)")
     a("--predict", nargs="+", default=None, metavar="PATH",
       help="image files or folders to classify: prints each one's top-5 classes with probabilities")
+    runtime.add_shared_flags(p, mdra.SMALL_DATASETS, out_dir="runs/finetune", from_checkpoint=True)
     return p
 
 
 def main(argv=None):
-    return mdra.run_main(run, argv, get_parser())
+    return runtime.run_main(run, argv, get_parser())
 
 
 if __name__ == "__main__":

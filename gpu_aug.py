@@ -40,7 +40,7 @@ from torchvision.io import ImageReadMode
 from torchvision.ops import roi_align
 from torchvision.transforms.functional import pil_to_tensor
 
-import mdra
+import runtime
 
 JPEG_SIGNATURE = [0xFF, 0xD8, 0xFF]
 
@@ -75,7 +75,7 @@ class UndecodedImages(Dataset):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, ""
             except OSError:  # unreadable: read_image below skips it as the CPU path does
                 pass
-        image, _, skipped = mdra.read_image(self.images, index)
+        image, _, skipped = runtime.read_image(self.images, index)
         return pil_to_tensor(image), len(skipped), "\n".join(skipped)
 
 
@@ -94,7 +94,7 @@ def decode(images, device):
     """Decode on the device: 1-d tensors are encoded JPEGs, 3-d ones decoded images.
 
     Returns (list of uint8 [3, H, W] on device, [B] count of undecodable files). A file that cannot be
-    decoded is replaced by the next decodable image of the batch, as mdra.read_image replaces an
+    decoded is replaced by the next decodable image of the batch, as runtime.read_image replaces an
     unreadable file by the next readable one.
     """
     decoded = [x.to(device, non_blocking=True) if x.ndim == 3 else None for x in images]
@@ -148,8 +148,8 @@ def _decode_one(data, device):
         pass
     try:
         with Image.open(io.BytesIO(data.numpy())) as image:
-            return pil_to_tensor(mdra.rgb(image)).to(device)
-    except mdra.READ_ERRORS:
+            return pil_to_tensor(runtime.rgb(image)).to(device)
+    except runtime.READ_ERRORS:
         return None
 
 
@@ -515,7 +515,7 @@ class DeviceTwoViews:
         """The parameters of this rank's n images of global micro-batch batch_index, as [2n] rows: view 1's,
         then view 2's. Each view's are drawn in turn for the whole global micro-batch, of which this rank
         takes its rows."""
-        generator = torch.Generator().manual_seed(mdra.sample_seed(self.seed, epoch, batch_index))
+        generator = torch.Generator().manual_seed(runtime.sample_seed(self.seed, epoch, batch_index))
         rows = slice(self.rank * n, (self.rank + 1) * n)
         views = [sample_params(recipe, n * self.world_size, generator) for recipe in self.recipes]
         return {k: torch.cat([view[k][rows] for view in views]) for k in views[0]}

@@ -17,24 +17,13 @@ import argparse
 import contextlib
 import copy
 import datetime
-import errno
-import fcntl
 import functools
 import gzip
-import hashlib
 import json
 import math
-import multiprocessing
 import os
-import resource
 import shlex
-import shutil
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,20 +35,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.datasets.folder import find_classes
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+import knn
+import runtime
+
 EMBED_DIM = 256  # D, the output of projector and predictor
 HIDDEN_DIM = 4096
-CHECKPOINT_VERSION = 1
-
-
-class UsageError(Exception):
-    """A mistake the user can fix; reported as one sentence, without a traceback."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,12 +56,6 @@ class UsageError(Exception):
 def normalize_subspaces(x, groups):
     """[..., D] -> [..., G, D/G]: split into G contiguous subspaces and L2-normalise each slice."""
     return F.normalize(x.unflatten(-1, (groups, -1)), dim=-1)
-
-
-def _all_reduce(tensor, op=dist.ReduceOp.SUM):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor
 
 
 @torch.no_grad()
@@ -91,12 +72,12 @@ def sinkhorn(scores, mu=0.05, iters=3):
     K = scores.float()
     if iters == 0:  # no balance constraint (an ablation): R is a plain row softmax of K / mu, as in ReSSL
         return torch.softmax(K / mu, dim=-1)
-    B = _all_reduce(K.new_full((), K.shape[-2]))  # filled on the device: no host-to-device copy, no sync
+    B = runtime.all_reduce(K.new_full((), K.shape[-2]))  # filled on the device: no host-to-device copy, no sync
     N = K.shape[-1]
-    K_max = _all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
+    K_max = runtime.all_reduce(K.amax(dim=(-2, -1), keepdim=True), op=dist.ReduceOp.MAX)
     E = (K - K_max).div_(mu).exp_()  # exp((K - max K) / mu): the max only guards against overflow
     for _ in range(iters):
-        E /= _all_reduce(E.sum(dim=-2, keepdim=True))  # E /= column sums
+        E /= runtime.all_reduce(E.sum(dim=-2, keepdim=True))  # E /= column sums
         E /= N                                          # E /= N: every column sums to 1/N
         E /= E.sum(dim=-1, keepdim=True)                # E /= row sums
         E /= B                                          # E /= B: every row sums to 1/B
@@ -154,7 +135,7 @@ def resnet_names():
 def build_backbone(arch, small_stem):
     """A torchvision ResNet without its fc; returns (module, feature width)."""
     if arch not in resnet_names():
-        raise UsageError(f"--arch {arch} is not a torchvision ResNet; choose one of {', '.join(resnet_names())}.")
+        raise runtime.UsageError(f"--arch {arch} is not a torchvision ResNet; choose one of {', '.join(resnet_names())}.")
     net = torchvision.models.get_model(arch, weights=None)
     if small_stem:  # 3x3 stride-1 first conv and no max-pool keep small images from shrinking to 1 px
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
@@ -231,22 +212,6 @@ def init_queue(size, groups, seed):
     """Random entries, each subspace slice normalised; the same on every rank."""
     g = torch.Generator().manual_seed(seed)
     return normalize_subspaces(torch.randn(size, EMBED_DIM, generator=g), groups).flatten(1)
-
-
-def broadcast_buffers(module):
-    """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves (without
-    SyncBatchNorm, each rank's BatchNorm running statistics are its own)."""
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
-
-
-def all_gather_rows(x):
-    """Concatenate x from all ranks in rank order (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,15 +306,6 @@ class ArrayImages(Dataset):
         return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
 
 
-def rgb(image):
-    """Any PIL image as RGB. 16- and 32-bit integer greys (mode I;16, I) are scaled to 8 bits first,
-    as if 65535 were white: convert("RGB") would clip everything above 255 to white."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64) / 257
-        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
-    return image.convert("RGB")
-
-
 class ImageFiles(Dataset):
     """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError.
 
@@ -363,7 +319,7 @@ class ImageFiles(Dataset):
         label = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in folder.classes if name not in label]
         if unknown:
-            raise UsageError(f"{root} has {len(unknown)} classes that the training images lack, e.g. {unknown[0]}.")
+            raise runtime.UsageError(f"{root} has {len(unknown)} classes that the training images lack, e.g. {unknown[0]}.")
         self.paths = [path for path, _ in folder.samples]
         self.targets = [label[folder.classes[index]] for _, index in folder.samples]
         self.names = [Path(path).relative_to(root).as_posix() for path in self.paths]  # class/file
@@ -373,7 +329,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         with open(self.paths[i], "rb") as f:
-            return rgb(Image.open(f)), self.targets[i]
+            return runtime.rgb(Image.open(f)), self.targets[i]
 
 
 class SyntheticImages(Dataset):
@@ -405,12 +361,12 @@ def read_idx(path):
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:  # a truncated .gz ends in EOFError
-        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}).") from None
+        raise runtime.UsageError(f"{path} cannot be read ({type(e).__name__}: {e}).") from None
     ndim = data[3] if data[:3] == b"\0\0\x08" and len(data) > 3 else 0  # magic: two zeros, 0x08 (bytes)
     header = 4 + 4 * ndim
     shape = struct.unpack(f">{ndim}I", data[4:header]) if ndim and len(data) >= header else None
     if shape is None or len(data) != header + math.prod(shape):
-        raise UsageError(f"{path} is not a whole IDX file of bytes.")
+        raise runtime.UsageError(f"{path} is not a whole IDX file of bytes.")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -445,7 +401,7 @@ def load_stl10(data_dir, split, **_):
 def load_synthetic(data_dir, split, synthetic_size, img_size):
     """synthetic_size training images, or a quarter as many (at least one per class) to evaluate on."""
     if synthetic_size < 1:
-        raise UsageError("--synthetic-size must be at least 1.")
+        raise runtime.UsageError("--synthetic-size must be at least 1.")
     train = split in TRAIN_SPLITS
     size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
     return SyntheticImages(size, img_size, offset=0 if train else 10**9)
@@ -502,7 +458,7 @@ def downloaded(data, data_dir, load):
     try:
         return load()
     except (OSError, RuntimeError) as e:
-        raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
+        raise runtime.UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
 
 
 def in_turns(load):
@@ -517,7 +473,7 @@ def in_turns(load):
         if t == turn:
             try:
                 result = load()
-            except UsageError as e:  # raised once no rank waits on this one in a barrier
+            except runtime.UsageError as e:  # raised once no rank waits on this one in a barrier
                 error = e
         dist.barrier()
     if error is not None:
@@ -529,79 +485,21 @@ def image_folder(data, train):
     """An ImageFolder root: its train/ (or itself) for training, its val/ for evaluation."""
     root = Path(data)
     if not root.is_dir():
-        raise UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
+        raise runtime.UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
                          "nor an existing ImageFolder directory.")
     has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
     if not train and not has_val:
-        raise UsageError(f"{data} has no val/ folder to evaluate on.")
+        raise runtime.UsageError(f"{data} has no val/ folder to evaluate on.")
     if has_val and not has_train:
-        raise UsageError(f"{data} has a val/ folder but no train/ folder: the training images would include "
+        raise runtime.UsageError(f"{data} has a val/ folder but no train/ folder: the training images would include "
                          "val/ as a class; put them in train/.")
     train_root = root / "train" if has_train else root
     folder = train_root if train else root / "val"
     try:
         images = ImageFiles(folder, None if train else find_classes(train_root)[0])
     except (FileNotFoundError, OSError) as e:
-        raise UsageError(f"{folder} is not an ImageFolder root with one folder of images per class ({e}).") from None
+        raise runtime.UsageError(f"{folder} is not an ImageFolder root with one folder of images per class ({e}).") from None
     return images, DataInfo(folder.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
-
-
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
-NAMED_SKIPS = 5  # unreadable training images named in the log per run; any further ones are only counted
-
-
-def image_path(images, index):
-    """Where images[index] is, for a message: an ImageFolder file's path as the user can open it (under
-    --data, as given), else the image's name (an index), through Subset wrappers."""
-    while isinstance(images, torch.utils.data.Subset):
-        images, index = images.dataset, images.indices[index]
-    return images.paths[index] if hasattr(images, "paths") else images.names[index]
-
-
-def read_error(error):
-    """Why a file could not be read, in a few words, from what reading it raised (one of READ_ERRORS)."""
-    if isinstance(error, Image.DecompressionBombError):
-        return f"over PIL's pixel limit of {2 * Image.MAX_IMAGE_PIXELS} pixels"
-    if isinstance(error, OSError) and error.errno is not None:  # from the file system, not from PIL
-        return f"cannot be opened ({error.strerror})"
-    if isinstance(error, UnidentifiedImageError):  # its message shows only a file object
-        return "corrupt or not an image (of no format PIL knows)"
-    return f"corrupt or not an image ({type(error).__name__}: {error})"
-
-
-def read_image(images, index):
-    """images[index], or the next readable one if that file cannot be read. Returns (image, label,
-    skipped), skipped the files passed over, each as "path: why", so that the caller can count and
-    name them instead of dying on them. The scripts call it once before training, so that a data set
-    of which no image can be read is one clear error."""
-    skipped = []
-    for offset in range(len(images)):
-        at = (index + offset) % len(images)
-        try:
-            image, label = images[at]
-            return image, label, skipped
-        except READ_ERRORS as e:
-            skipped.append(f"{image_path(images, at)}: {read_error(e)}")
-    raise UsageError(f"none of the {len(images)} images of the data set can be read, e.g. {skipped[0]}.")
-
-
-class SkippedImages:
-    """The training images read_image passed over, as the loaders report them with each batch: the
-    number (counts, a tensor) and, from the workers, the files (unread: per sample, its "path: why"
-    lines). The first NAMED_SKIPS files are named in the log, the rest only counted."""
-
-    def __init__(self, log):
-        self.log, self.total, self.named = log, 0, 0
-
-    def add(self, counts, unread):
-        self.total += int(counts.sum())
-        for line in "\n".join(text for text in unread if text).splitlines():
-            self.named += 1
-            if self.named <= NAMED_SKIPS:
-                self.log.print(f"skipped unreadable training image {line}")
-            elif self.named == NAMED_SKIPS + 1:
-                self.log.print(f"skipped more than {NAMED_SKIPS} unreadable training images: "
-                               "from here on they are only counted (skipped in the log lines)")
 
 
 class GaussianBlur(T.GaussianBlur):
@@ -700,18 +598,25 @@ def eval_transform(info, img_size):
                       T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
-def sample_seed(seed, epoch, index):
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+class CentreCrops(Dataset):
+    """Evaluation samples of images through an evaluation transform: (image, label, "path: why" if its
+    file cannot be read, else ""). An unreadable image is an error of the evaluation (kNN features,
+    fine-tuning accuracy), not skipped, as skipping it would change the result; a 1-pixel stand-in
+    carries its "path: why" to the main process, which raises it."""
 
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
 
-@contextlib.contextmanager
-def sample_rng(seed):
-    """The CPU generator, which the transforms draw from, seeded for one sample and restored after.
-    Only that one: torch.manual_seed also queues a CUDA seeding, formatting a stack trace each time in a
-    loader worker, where CUDA is not initialised (about 80 us, a tenth of a 28-px pair's two views)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        try:
+            image, label = self.images[index]
+            return self.transform(image), label, ""
+        except runtime.READ_ERRORS as e:
+            why = f"{runtime.image_path(self.images, index)}: {runtime.read_error(e)}"
+            return self.transform(Image.new("RGB", (1, 1))), -1, why
 
 
 class TwoViews(Dataset):
@@ -726,8 +631,8 @@ class TwoViews(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        image, _, skipped = read_image(self.images, index)
-        with sample_rng(sample_seed(self.seed, epoch, index)):
+        image, _, skipped = runtime.read_image(self.images, index)
+        with runtime.sample_rng(runtime.sample_seed(self.seed, epoch, index)):
             return self.view1(image), self.view2(image), len(skipped), "\n".join(skipped)
 
 
@@ -778,9 +683,8 @@ def pretrain_loader(images, info, args, env, num_batches):
     else:
         view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
         dataset, collate, device_views = TwoViews(images, view1, view2, args.seed), None, None
-    loader = DataLoader(dataset, batch_size=args.batch_size // env.world_size, sampler=sampler, collate_fn=collate,
-                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=ignore_stop_signals)
+    loader = runtime.data_loader(dataset, args.batch_size // env.world_size, args.workers, env.device, sampler=sampler,
+                                 collate_fn=collate)
     return loader, sampler, device_views
 
 
@@ -797,328 +701,56 @@ def epoch_batches(loader, device_views, epoch, start_batch):
         prefetcher.close()
 
 
-def ignore_stop_signals(worker_id=None):
-    """Data-loading workers ignore SIGTERM / SIGINT: schedulers signal the whole process group, and
-    the training loop must outlive its workers long enough to save a checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def kill_loader_workers():
-    """Kill the data-loading workers an error left running (a finished loader has stopped its own).
-    They ignore SIGTERM, which is all that multiprocessing sends them at exit before waiting for them,
-    forever, while the error's traceback still holds their loader."""
-    workers = multiprocessing.active_children()
-    if workers:  # their DataLoader's SIGCHLD handler would report each death as one more error
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in workers:
-        worker.kill()
-        worker.join()
-
-
 # ------------------------------------------------------------------------------------------------
-# Processes, devices, checkpoints
+# The kNN monitor (--knn-every, spec section 7)
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+@functools.lru_cache(maxsize=1)
+def monitor_datasets(data, data_dir, synthetic_size, img_size):
+    """Built once per run: listing an ImageFolder of a million files takes a while."""
+    bank_images, info = build_dataset(data, data_dir, "train", synthetic_size, img_size)
+    query_images, _ = build_dataset(data, data_dir, "val", synthetic_size, img_size)
+    return bank_images, query_images, info
 
 
-def resolve_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but no CUDA GPU is available.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+def knn_monitor(backbone, args, env):
+    """Weighted kNN (k = 20, or the bank size if smaller) of the backbone during pretraining:
+    {"top1@20": %, "top5@20": %}.
 
-
-def setup_distributed(device_name):
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process."""
-    device_name = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return DistEnv(0, 1, 0, torch.device(device_name))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_name == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return DistEnv(rank, world, local, device)
-
-
-def git_sha():
-    """The commit of this code, "-dirty" added when tracked files differ from it; "unknown" outside git."""
+    args: mdra.py's resolved arguments (data, data_dir, synthetic_size, img_size, knn_subset,
+    batch_size, workers, amp, channels_last, seed); env: its runtime.DistEnv. Every rank must call it.
+    The bank is --knn-subset train images (a subset seeded by --seed, or all) kept in host memory, so
+    it never competes with training for GPU memory. The backbone runs in eval mode (BatchNorm running
+    statistics, which it therefore does not update) and gets its modes back; nothing here draws from
+    the global random generators, so training continues exactly as without the monitor.
+    """
+    bank_images, query_images, info = monitor_datasets(args.data, args.data_dir, args.synthetic_size, args.img_size)
+    bank_indices = knn.bank_subset(len(bank_images), args.knn_subset, args.seed)
+    k = min(knn.MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank
+    query_indices = torch.arange(len(query_images))[knn.shard(len(query_images), env)]
+    transform = eval_transform(info, args.img_size)
+    extract = functools.partial(knn.extract_features, backbone, env=env,
+                                batch_size=max(1, args.batch_size // env.world_size), workers=args.workers,
+                                amp=args.amp, channels_last=args.channels_last)
+    modes = [(module, module.training) for module in backbone.modules()]
+    backbone.eval()
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def plain_state_dict(state_dict):
-    """Strip the prefixes DDP ("module.") and torch.compile ("_orig_mod.") add to keys."""
-    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
-
-
-def saved_bytes(state):
-    """About the size of torch.save(state): the storages of its tensors, each once, as torch.save writes them."""
-    storages = {}
-
-    def visit(value):
-        if isinstance(value, torch.Tensor):
-            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-
-    visit(state)
-    return sum(storages.values())
-
-
-def out_of_space(error, folder, needed):
-    """Whether a write failed for want of space: ENOSPC or EDQUOT in the error's chain or, as torch's zip
-    writer reports it as a RuntimeError of its own, less room left in folder than the write still needed."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    try:
-        return shutil.disk_usage(folder).free < needed + 2**20  # a margin for the writer's last buffer
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def atomic_file(path, size):
-    """The temporary path to write path's new contents to: once complete and synced it replaces path, so a
-    half-written file never replaces a good one. The temporary file is removed whatever goes wrong, and a
-    full disk is one sentence (size: about how many bytes the file takes)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: two processes never share one
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except Exception as e:
-        full = out_of_space(e, path.parent, size - (tmp.stat().st_size if tmp.exists() else 0))
-        tmp.unlink(missing_ok=True)  # before counting what is free: it would keep the disk full
-        if not full:
-            raise
-        kept = f"; {path} is kept as it was" if path.exists() else ""
-        raise UsageError(f"no space left on {path.parent} for {path.name} (needs about {size / 2**20:.1f} MB, "
-                         f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free){kept}.") from None
-    except BaseException:  # a stop signal or Ctrl-C
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(state, path):
-    """Write atomically (atomic_file): a half-written file never replaces a good checkpoint."""
-    with atomic_file(path, saved_bytes(state)) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)  # into a file object, so that a full disk's ENOSPC stays in the error's chain
-
-
-def load_checkpoint(path, formats=("mdra",)):
-    """Load a checkpoint safely (weights_only) and check its format and version."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}).") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UsageError(f"{path} has format {found!r}; expected {' or '.join(map(repr, formats))}.")
-    version = ckpt.get("version", 1)
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise UsageError(f"{path} is a version {version} checkpoint and this code reads versions up to "
-                         f"{CHECKPOINT_VERSION}; update the code to load it.")
-    return ckpt
-
-
-def data_fingerprint(names):
-    """What a resumed run checks its images against: how many, and a hash of their names in order."""
-    return {"images": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
-
-
-def load_resume_checkpoint(path, args, may_change, formats=("mdra",), data=None, added=None):
-    """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
-    differs from the run's (the others define the model, the data, the schedule or the seed, so the run
-    could not continue as the one it resumes), or if its images (data: their data_fingerprint) did.
-    added: {setting: value} of flags newer than some checkpoints; one that lacks it ran with that value."""
-    ckpt = load_checkpoint(path, formats)
-    saved, now = {**(added or {}), **ckpt["args"]}, plain_values(args)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
-               for k in sorted(saved.keys() | now.keys()) if k not in may_change and saved.get(k) != now.get(k)]
-    if changed:
-        raise UsageError(f"{path} comes from a different run ({', '.join(changed)}); "
-                         "use another --out-dir or the same settings.")
-    saved_data = ckpt.get("data", data)  # checkpoints written before the fingerprint have none
-    if saved_data != data:
-        then, now = saved_data["images"], data["images"]
-        differ = f"{then} then, {now} now" if then != now else f"{now} then and now, under other names"
-        raise UsageError(f"{path} comes from a run on other images ({differ}); use another --out-dir or the same images.")
-    return ckpt
-
-
-def require_same_batchnorm_batch(ckpt, now, path):
-    """BatchNorm normalises over each rank's images unless SyncBatchNorm does so over all ranks': a
-    resumed run on another number of ranks (or with --sync-bn changed) would train another way."""
-    then = ckpt.get("batchnorm_batch", now)  # checkpoints written before this check have none
-    if then != now:
-        raise UsageError(f"{path} was trained with BatchNorm over {then} images at a time and this run would use "
-                         f"{now} (another number of ranks, or --sync-bn changed); resume as it ran.")
-
-
-def plain_values(args):
-    """The arguments as plain values, for checkpoints (weights_only loading) and JSON."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-
-def load_strict(module, state_dict, what):
-    """load_state_dict that names what does not fit, as one sentence."""
-    state_dict = plain_state_dict(state_dict)
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{name} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if keys]
-        raise UsageError(f"{what} does not match the model: {'; '.join(parts)}.")
-    module.load_state_dict(state_dict)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class Logger:
-    """Console lines and <out-dir>/log.jsonl, from rank 0 only."""
-
-    def __init__(self, out_dir, active):
-        self.active = active
-        self.path = Path(out_dir) / "log.jsonl"
-
-    def print(self, *msg):
-        if self.active:
-            try:
-                print(*msg, flush=True)
-            except BrokenPipeError:  # the console went away (tee, stopped by the same Ctrl-C, say): train on
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # log.jsonl keeps the record
-
-    def json(self, record):
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-STOP_SIGNALS = []  # SIGTERM / SIGINT received while deferred; the training loops save and exit at the next step
-
-
-def defer_stop_signals():
-    """From here on, SIGTERM and SIGINT only ask the training loop to save and stop after the current
-    step (run_main hands the handlers back). Before the loop they act at once: a run stopped while it
-    lists its data or waits for its peers has nothing to save.
-
-    A signal the process was started with ignored stays ignored, as Python and the shell have it: a
-    job that a script starts in the background (`mdra.py ... &`) ignores SIGINT, so that a Ctrl-C
-    meant for the foreground does not stop it; SIGTERM still does."""
-    STOP_SIGNALS.clear()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
-
-
-def stop_requested(group=None):
-    """True on every rank once any rank got SIGTERM or SIGINT (group: a gloo group, no GPU sync)."""
-    flag = torch.tensor([len(STOP_SIGNALS)])
-    if group is not None:
-        dist.all_reduce(flag, group=group)
-    return bool(flag.item())
-
-
-def exit_if_stop_requested(control, save, log, step, ckpt_path):
-    """After an optimizer step of a training loop: once any rank got SIGTERM or SIGINT, save the
-    checkpoint and exit with status 128 + the signal."""
-    if stop_requested(control):
-        save()
-        log.print(f"stopped by a signal at step {step}; checkpoint: {Path(ckpt_path).resolve()}")
-        sys.exit(128 + (STOP_SIGNALS[0] if STOP_SIGNALS else signal.SIGTERM))
-
-
-def raise_if_nonfinite(nonfinite, since, step, ckpt_path, prog, hint=""):
-    """Stop the run if any rank's loss was non-finite since step `since`. nonfinite is a flag kept on
-    the device; reading it is a host sync, so the loops call this only when they log or save."""
-    if _all_reduce(nonfinite.int(), op=dist.ReduceOp.MAX).item():
-        last = ckpt_path if Path(ckpt_path).exists() else "none: none was written yet"
-        raise SystemExit(f"{prog}: error: the loss became non-finite between steps {since} and {step}{hint}; "
-                         f"the last good checkpoint is {last}.")
-
-
-def run_main(train_fn, argv, parser):
-    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2, and a
-    stop signal that a training loop deferred (defer_stop_signals) exit status 128 + the signal."""
-    args = parser.parse_args(argv)
-    STOP_SIGNALS.clear()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    # Only the message is kept: the traceback would keep the loaders, and their workers, alive.
-    message, status = None, 0
-    try:
-        result = train_fn(args)
-    except UsageError as e:
-        message, status = f"error: {e}", 2
-    except KeyboardInterrupt:
-        message, status = "interrupted", 128 + signal.SIGINT
-    finally:  # a crash still ends with its traceback and status 1: the workers it left would hang the exit
-        kill_loader_workers()
-        _close_held_locks()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if message:
-        print(f"{parser.prog}: {message}", file=sys.stderr)
-        sys.exit(status)
-    if STOP_SIGNALS:  # received after the loop's last look, e.g. while finetune.py exported
-        sys.exit(128 + STOP_SIGNALS[0])
-    return result
+        bank_shard = bank_indices[knn.shard(len(bank_indices), env)].tolist()
+        bank = knn.gather_rows(extract(CentreCrops(Subset(bank_images, bank_shard), transform), out_device="cpu"), env)
+        queries = extract(CentreCrops(Subset(query_images, query_indices.tolist()), transform), out_device=env.device)
+    finally:
+        for module, training in modes:
+            module.training = training
+    bank_labels = torch.tensor(bank_images.targets)[bank_indices]
+    query_labels = torch.tensor(query_images.targets)[query_indices]
+    (top1, top5), = knn.knn_accuracy(bank, bank_labels, queries, query_labels, info.num_classes, [k],
+                                     0.07, knn.DEFAULT_CHUNK_MB, env).values()
+    return {f"top1@{k}": top1, f"top5@{k}": top5}
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-
-def finite_float(text):
-    """argparse type: a float that is a number; nan or inf would reach the schedule or the loss."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 # The sentence of every script's --img-size help that names the minimum.
@@ -1136,44 +768,30 @@ def crop_size(text):
     return value
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where it is a value: None means "chosen from the data or the device",
-    which the help text says."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_parser():
     p = argparse.ArgumentParser(
-        prog="mdra.py", formatter_class=HelpFormatter,
+        prog="mdra.py", formatter_class=runtime.HelpFormatter,
         description="MDRA self-supervised pretraining. The defaults are the patent's ImageNet run once --data "
                     "names ImageNet; without --data, Fashion-MNIST with the small-data preset (the quick start).")
     a = p.add_argument
-    a("--data", default="fashion-mnist",
-      help="ImageFolder root (its train/ if present) or one of: " + ", ".join(SMALL_DATASETS))
-    a("--data-dir", default="data", help="where named data sets are read from or downloaded to")
-    a("--synthetic-size", type=int, default=1024, help="number of training images of --data synthetic")
     a("--arch", default="resnet50", help="any torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2")
     a("--img-size", type=crop_size, default=None,
       help="crop size; default: 224, or the native size of a small data set. " + IMG_SIZE_MINIMUM)
     a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
       help="3x3 stride-1 stem without max-pool; default: on for small data sets and images <= 64 px")
     a("--epochs", type=int, default=200, help="length of the schedule")
-    a("--max-steps", type=int, default=0,
-      help="stop after this many optimizer steps in total (resumed ones included); the schedule still follows --epochs")
     a("--batch-size", type=int, default=None,
       help="global micro-batch over all ranks; default 512 (ImageNet) or 256 (small data)")
     a("--accum-steps", type=int, default=None,
       help="micro-batches per optimizer step; default 8 (ImageNet: 512 x 8 = 4096) or 1 (small data)")
-    a("--lr", type=finite_float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
-    a("--weight-decay", type=finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
-    a("--warmup-epochs", type=finite_float, default=10, help="linear warm-up before the cosine decay")
+    a("--lr", type=runtime.finite_float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
+    a("--weight-decay", type=runtime.finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
+    a("--warmup-epochs", type=runtime.finite_float, default=10, help="linear warm-up before the cosine decay")
     a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
     a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is an ablation: plain relation alignment (without spec section 4)")
-    a("--tau", type=finite_float, default=0.04, help="temperature of the online relation P")
-    a("--mu", type=finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
-    a("--momentum", type=finite_float, default=0.99, help="EMA momentum m of the offline encoder")
+    a("--tau", type=runtime.finite_float, default=0.04, help="temperature of the online relation P")
+    a("--mu", type=runtime.finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
+    a("--momentum", type=runtime.finite_float, default=0.99, help="EMA momentum m of the offline encoder")
     a("--sinkhorn-iters", type=int, default=3,
       help="Sinkhorn-Knopp iterations; 0 is an ablation without the balance constraint (spec section 3): "
            "R is a plain row softmax of K/mu, as in ReSSL")
@@ -1182,24 +800,15 @@ def get_parser():
     a("--cross", action=argparse.BooleanOptionalAction, default=True,
       help="cross alignment (spec section 3): each view's online relation is pulled towards the other view's "
            "offline one; --no-cross is an ablation that pulls it towards its own view's")
-    a("--solarize", type=finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    a("--solarize", type=runtime.finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--gpu-aug", action="store_true",
       help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
-    a("--out-dir", default="runs/mdra", help="checkpoint.pth and log.jsonl go here; an existing checkpoint is resumed")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
-    a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
-    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
       help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
-    a("--seed", type=int, default=0, help="seeds the weights, the queue, the data order and every augmentation")
-    a("--save-every", type=int, default=200, help="write the checkpoint every this many optimizer steps (and at each epoch end)")
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
-    a("--log-every", type=int, default=20, help="log every this many optimizer steps")
     a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
     a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")
+    runtime.add_shared_flags(p, SMALL_DATASETS, out_dir="runs/mdra")
     return p
 
 
@@ -1213,133 +822,40 @@ def resolve_args(args, info, env):
     if args.small_stem is None:
         args.small_stem = small or args.img_size <= 64
     cuda = env.device.type == "cuda"
-    args.compile = cuda if args.compile is None else args.compile
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    runtime.resolve_speed_flags(args, env)
     args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
     require_img_size(args.img_size, args.small_stem)
-    require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
+    runtime.require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
                      "log_every", "save_every")
-    require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
+    runtime.require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
                      "lr", "weight_decay", "sinkhorn_iters")
     for name in ("tau", "mu"):
         if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} {getattr(args, name)} must be positive.")
+            raise runtime.UsageError(f"--{name} {getattr(args, name)} must be positive.")
     for name in ("momentum", "solarize"):
         if not 0 <= getattr(args, name) <= 1:
-            raise UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
+            raise runtime.UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
     if EMBED_DIM % args.groups:
-        raise UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
+        raise runtime.UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
     if args.batch_size % env.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
+        raise runtime.UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
     if args.queue_size % args.batch_size:
-        raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
+        raise runtime.UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
     if args.sync_bn and env.world_size > 1 and not cuda:
-        raise UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
+        raise runtime.UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
     return args
 
 
-def require_folder(path, flag):
-    """An output folder, made if needed and proven writable by a temporary file: a path taken by a file,
-    a read-only file system or a folder without permission is one clear error before any work."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is a file, not a folder.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {path} cannot be created ({e.strerror}).") from None
-    try:
-        tempfile.NamedTemporaryFile(dir=path).close()
-    except OSError as e:
-        raise UsageError(f"{flag} {path} is not writable ({e.strerror}).") from None
-
-
-HELD_LOCKS = []  # the open lock files of lock_folder; run_main closes them, which releases the locks
-
-
-def _close_held_locks():
-    while HELD_LOCKS:
-        HELD_LOCKS.pop().close()
-
-
-os.register_at_fork(after_in_child=_close_held_locks)  # a loader worker would keep a killed run's lock alive
-
-
-def lock_folder(path, flag):
-    """Refuse a second run on an output folder while one runs in it: an exclusive flock on <path>/run.lock,
-    which the kernel releases when the process ends, by kill -9 too, or when run_main returns. The file
-    names the holder (pid, host, start, command), so that the refusal can name it."""
-    lock = open(Path(path) / "run.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise UsageError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or give another "
-                         f"{flag}.") from None
-    except OSError as e:  # a file system without locks (some network ones): run, but say what is missing
-        lock.close()
-        print(f"warning: {flag} {path} cannot be locked ({e.strerror}); a second run on it "
-              "at the same time would not be refused.", file=sys.stderr)
-        return
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}: "
-               f"{shlex.join(sys.argv)}\n")
-    lock.flush()
-    HELD_LOCKS.append(lock)
+os.register_at_fork(after_in_child=runtime._close_held_locks)  # a loader worker would keep a killed run's lock alive
 
 
 def require_img_size(img_size, small_stem):
     """One clear error for a crop the backbone would shrink to padding (min_img_size)."""
     least = min_img_size(small_stem)
     if img_size < least:
-        raise UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
+        raise runtime.UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
                          f"{'small' if small_stem else 'ImageNet'} stem's network can process (it downsamples "
                          f"{least}x){'' if small_stem else '; use the small stem or a larger crop'}.")
-
-
-def require_two_classes(num_classes, data, what, hint=""):
-    """A classifier or a kNN vote over one class is always right: its 100% would measure nothing."""
-    if num_classes < 2:
-        raise UsageError(f"{what} needs at least two classes; {data} has {num_classes}, over which every answer "
-                         f"is right{hint}.")
-
-
-def require_at_least(least, args, *names):
-    """One clear error for the first of these options that is below least."""
-    for name in names:
-        if getattr(args, name) < least:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}.")
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
-# What a resumed run may change: where and how it runs, and how often it logs, saves and evaluates.
-# Everything else (the method, the data, the schedule, the seed) must be the interrupted run's.
-RESUME_MAY_CHANGE = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
-                     "sync_bn", "max_steps", "save_every", "keep_every", "log_every", "knn_every", "knn_subset")
-# Flags added after checkpoints were first written, and the value that a checkpoint without them ran with.
-RESUME_ADDED = {"predictor": True, "cross": True}
-
-
-def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
-    """One micro-batch: both branches, the loss, its backward (scaled for accumulation), then the
-    queue update. Returns (detached loss, the enqueued keys, the new queue pointer)."""
-    # DDP all-reduces gradients only when sync_grads: on the last micro-batch of an optimizer step.
-    with (contextlib.nullcontext() if sync_grads or not isinstance(online, DDP) else online.no_sync()):
-        with autocast:
-            q1, q2 = online(v1, v2)
-            with torch.no_grad():
-                k1, k2 = offline(v1), offline(v2)
-        loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
-        scaler.scale(loss / args.accum_steps).backward()
-    # The queue moves once per micro-batch, after the loss that used it.
-    keys = all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
-    return loss.detach(), keys, enqueue(queue, queue_ptr, keys)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1405,210 +921,256 @@ def closing_lines(records, rank_max, ckpt_path, data, epochs, images_per_epoch):
     return lines
 
 
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+# What a resumed run may change besides the shared runtime.RUN_FLAGS: how BatchNorm is synchronised, how
+# often it keeps copies and evaluates. The rest (the method, the data, the schedule, the seed) must be the
+# interrupted run's.
+RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "keep_every", "knn_every", "knn_subset")
+
+
+def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
+    """One micro-batch: both branches, the loss, its backward (scaled for accumulation), then the
+    queue update. Returns (detached loss, the enqueued keys, the new queue pointer)."""
+    # DDP all-reduces gradients only when sync_grads: on the last micro-batch of an optimizer step.
+    with (contextlib.nullcontext() if sync_grads or not isinstance(online, DDP) else online.no_sync()):
+        with autocast:
+            q1, q2 = online(v1, v2)
+            with torch.no_grad():
+                k1, k2 = offline(v1), offline(v2)
+        loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
+        scaler.scale(loss / args.accum_steps).backward()
+    # The queue moves once per micro-batch, after the loss that used it.
+    keys = runtime.all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
+    return loss.detach(), keys, enqueue(queue, queue_ptr, keys)
+
+
+class Pretraining:
+    """What the loop trains and saves: the networks, the queue, LARS and its schedule, and the step.
+    A checkpoint in --out-dir is resumed (state() is the checkpoint, restore() reads one back)."""
+
+    def __init__(self, args, env, images, info, log):
+        self.args, self.env, self.info, self.log = args, env, info, log
+        device = env.device
+        self.batch_images = args.batch_size * args.accum_steps  # per optimizer step
+        self.steps_per_epoch = len(images) // self.batch_images
+        if self.steps_per_epoch == 0:
+            raise runtime.UsageError(f"the data set has {len(images)} images, fewer than one optimizer step "
+                                     f"({args.batch_size} x {args.accum_steps}).")
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
+
+        torch.manual_seed(args.seed)  # the same on every rank: the same initial weights and queue everywhere
+        online, offline, self.width = build_model(args.arch, args.small_stem, args.predictor)
+        if args.sync_bn:
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+            offline = nn.SyncBatchNorm.convert_sync_batchnorm(offline)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.online, self.offline = online.to(device, memory_format=self.memory_format), offline.to(device, memory_format=self.memory_format)
+        self.queue, self.queue_ptr = init_queue(args.queue_size, args.groups, args.seed).to(device), 0
+        self.lr_schedule = warmup_cosine(args.lr * self.batch_images / 256, self.total_steps,
+                                         int(args.warmup_epochs * self.steps_per_epoch))
+        self.optimizer = LARS(lars_param_groups(online, args.weight_decay), momentum=0.9)
+        amp_dtype = runtime.AMP_DTYPES[args.amp]
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self.data = runtime.data_fingerprint(images.names)
+        self.batchnorm_batch = args.batch_size if args.sync_bn or env.world_size == 1 else args.batch_size // env.world_size
+        self.ckpt_path = Path(args.out_dir) / "checkpoint.pth"
+        self.step = self.restore(self.ckpt_path) if self.ckpt_path.exists() else 0
+        # Per-rank randomness from here on, a function of the step: a resumed run needs none of the saved
+        # generator states (kept in the checkpoint for the record), and may run on another number of ranks
+        # when SyncBatchNorm keeps the images each BatchNorm sees (require_same_batchnorm_batch).
+        torch.manual_seed(args.seed + env.rank + self.step)
+
+        self.trained = online  # what the loop calls: compiled in place (state-dict keys stay plain), DDP-wrapped
+        if args.compile:
+            online.encoder.compile(backend=args.compile_backend)
+            online.predictor.compile(backend=args.compile_backend)
+            offline.compile(backend=args.compile_backend)
+        if env.world_size > 1:
+            self.trained = DDP(online, device_ids=[device.index] if device.type == "cuda" else None,
+                               broadcast_buffers=False, gradient_as_bucket_view=True)
+        offline.train()
+        self.last_saved = self.step
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read only when logging or saving
+        self.loss_sum = torch.zeros((), device=device)  # since the last log line
+        self.keys = None  # the last enqueued keys, whose RankMe the log shows
+        self.skips = runtime.SkippedImages(log)
+        self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, self.step
+
+    def state(self):
+        """The checkpoint (spec section 8)."""
+        cuda = self.env.device.type == "cuda"
+        return runtime.checkpoint_state(
+            "mdra", self.args, self.step, self.steps_per_epoch, self.width, self.online.encoder.backbone,
+            self.optimizer, self.scaler, self.info, self.data, self.batchnorm_batch,
+            online=self.online.state_dict(), offline=self.offline.state_dict(), queue=self.queue.cpu(),
+            queue_ptr=self.queue_ptr,
+            rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.env.device)} if cuda else {})})
+
+    def restore(self, path):
+        """Resume from the checkpoint at path; returns its step."""
+        defaults = vars(get_parser().parse_args([]))
+        ckpt = runtime.load_resume_checkpoint(path, self.args, RESUME_MAY_CHANGE, defaults, data=self.data)
+        runtime.require_same_batchnorm_batch(ckpt, self.batchnorm_batch, path)
+        step = runtime.restore_checkpoint(ckpt, path, {"online": (self.online, "the online network"),
+                                                        "offline": (self.offline, "the offline network")},
+                                          self.optimizer, self.scaler)
+        self.queue.copy_(ckpt["queue"])
+        self.queue_ptr = int(ckpt["queue_ptr"])
+        self.log.print(f"resumed from {path} at step {step}")
+        return step
+
+    def check_finite(self, since):
+        runtime.raise_if_nonfinite(self.nonfinite, since, self.step, self.ckpt_path, "mdra.py")
+
+    def save(self, keep_epoch=None):
+        """Write the checkpoint (rank 0), and with keep_epoch a copy that stays; never after a non-finite loss."""
+        self.check_finite(self.last_saved)
+        self.last_saved = self.step
+        if self.env.is_main:
+            state = self.state()
+            runtime.save_checkpoint(state, self.ckpt_path)
+            if keep_epoch is not None:
+                runtime.save_checkpoint(state, self.ckpt_path.with_name(f"checkpoint_epoch{keep_epoch:04d}.pth"))
+
+    def optimizer_step(self, batches):
+        """One optimizer step over args.accum_steps micro-batches; the offline encoder moves once, after it.
+        Returns its loss, on the device."""
+        args, device = self.args, self.env.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr_schedule[self.step])
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.accum_steps):
+            t0 = time.perf_counter()
+            v1, v2, skipped, unread = next(batches)
+            self.data_time += time.perf_counter() - t0
+            self.skips.add(skipped, unread)
+            v1 = v1.to(device, non_blocking=True, memory_format=self.memory_format)
+            v2 = v2.to(device, non_blocking=True, memory_format=self.memory_format)
+            loss, self.keys, self.queue_ptr = micro_step(self.trained, self.offline, self.queue, self.queue_ptr, v1, v2,
+                                                         args, self.autocast, self.scaler,
+                                                         sync_grads=micro == args.accum_steps - 1)
+            self.nonfinite |= ~torch.isfinite(loss)
+            loss_sum += loss / args.accum_steps
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.online, self.offline, args.momentum)
+        self.step += 1
+        return loss_sum
+
+    def log_step(self, epoch):
+        """The log line and record of the steps since the last one (a host sync: only every --log-every)."""
+        self.check_finite(self.logged_step)
+        args, step = self.args, self.step
+        elapsed, steps = time.perf_counter() - self.tic, step - self.logged_step
+        erank = effective_rank(self.keys).item()
+        record = {"epoch": epoch + 1, "step": step,
+                  "loss": (runtime.all_reduce(self.loss_sum.clone()) / self.env.world_size / steps).item(),
+                  "lr": float(self.lr_schedule[step - 1]), "ema_momentum": args.momentum,
+                  "pairs_per_s": steps * self.batch_images / elapsed, "data_wait": self.data_time / elapsed,
+                  "rankme": erank, "eta_s": elapsed / steps * (self.last_step - step),
+                  "peak_mem_gb": runtime.peak_memory_gb(self.env.device), "skipped_images": self.skips.total}
+        self.log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{self.total_steps} loss {record['loss']:.4f} "
+                       f"lr {record['lr']:.4g} m {args.momentum:.4f} {record['pairs_per_s']:.0f} pairs/s "
+                       f"data {100 * record['data_wait']:.0f}% rankme {erank:.1f}/{min(EMBED_DIM, self.keys.shape[0])} "
+                       f"eta {datetime.timedelta(seconds=round(record['eta_s']))} mem {record['peak_mem_gb']:.2f}G"
+                       + (f" skipped {self.skips.total}" if self.skips.total else ""))
+        self.log.json(record)
+        self.loss_sum.zero_()
+        self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, step
+
+
+def train_one_epoch(run, batches, epoch, control):
+    """The epoch's optimizer steps from run.step on; returns its mean loss, or None if --max-steps (or an
+    earlier stop) ended the run inside it. A stop signal saves and exits after the current step."""
+    args, first_step = run.args, run.step
+    epoch_loss_sum = torch.zeros((), device=run.env.device)
+    while run.step < min(run.last_step, (epoch + 1) * run.steps_per_epoch):
+        loss = run.optimizer_step(batches)
+        run.loss_sum += loss
+        epoch_loss_sum += loss
+        if run.step % args.log_every == 0 or run.step == run.last_step:
+            run.log_step(epoch)
+        runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
+        if run.step % args.save_every == 0:
+            run.save()
+    batches.close()
+    if run.step < (epoch + 1) * run.steps_per_epoch:
+        return None
+    return (runtime.all_reduce(epoch_loss_sum) / run.env.world_size / (run.step - first_step)).item()
+
+
+def end_epoch(run, epoch, loss, seconds, control):
+    """After an epoch: save (a copy every --keep-every epochs), then the kNN monitor every --knn-every,
+    then the epoch's record."""
+    args, env = run.args, run.env
+    record = {"event": "epoch", "epoch": epoch + 1, "step": run.step, "loss": loss, "time_s": seconds,
+              "skipped_images": run.skips.total}
+    keep = args.keep_every > 0 and (epoch + 1) % args.keep_every == 0
+    if keep or run.last_saved != run.step:  # before the kNN monitor, which a time limit may cut short
+        run.save(keep_epoch=epoch + 1 if keep else None)
+    if args.knn_every and (epoch + 1) % args.knn_every == 0:
+        backbone = run.online.encoder.backbone
+        if env.world_size > 1:
+            runtime.broadcast_buffers(backbone)
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # training's randomness untouched
+            record["knn"] = knn_monitor(backbone, args, env)
+        run.log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in record["knn"].items()))
+    run.log.json(record)
+    runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)  # a signal during the monitor
+
+
 def train(args):
-    env = setup_distributed(args.device)
+    env = runtime.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
-    require_folder(out_dir, "--out-dir")
+    runtime.require_folder(out_dir, "--out-dir")
     if env.is_main:
-        lock_folder(out_dir, "--out-dir")
+        runtime.lock_folder(out_dir, "--out-dir")
     images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
     args = resolve_args(args, info, env)
     if args.knn_every:  # the monitor needs the val split and labels: fail now rather than after the first epoch
         build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size)
-        require_two_classes(info.num_classes, args.data, "--knn-every's kNN monitor",
-                            " (pretraining itself needs no labels: leave --knn-every out)")
-    device, cuda = env.device, env.device.type == "cuda"
-    log = Logger(out_dir, env.is_main)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True  # convolutions in TF32; the loss keeps exact float32 matmuls
-
-    steps_per_epoch = len(images) // (args.batch_size * args.accum_steps)
-    if steps_per_epoch == 0:
-        raise UsageError(f"the data set has {len(images)} images, fewer than one optimizer step "
-                         f"({args.batch_size} x {args.accum_steps}).")
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-
-    # The same seed on every rank makes the initial weights and queue identical everywhere.
-    torch.manual_seed(args.seed)
-    online, offline, width = build_model(args.arch, args.small_stem, args.predictor)
-    if args.sync_bn:
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-        offline = nn.SyncBatchNorm.convert_sync_batchnorm(offline)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    online.to(device, memory_format=memory_format)
-    offline.to(device, memory_format=memory_format)
-    queue = init_queue(args.queue_size, args.groups, args.seed).to(device)
-    queue_ptr = 0
-
-    batch_images = args.batch_size * args.accum_steps
-    lr_schedule = warmup_cosine(args.lr * batch_images / 256, total_steps, int(args.warmup_epochs * steps_per_epoch))
-    optimizer = LARS(lars_param_groups(online, args.weight_decay), momentum=0.9)
-    amp_dtype = AMP_DTYPES[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    step = 0
-    ckpt_path = out_dir / "checkpoint.pth"
-    data = data_fingerprint(images.names)
-    batchnorm_batch = args.batch_size if args.sync_bn or env.world_size == 1 else args.batch_size // env.world_size
-    if ckpt_path.exists():
-        ckpt = load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, data=data, added=RESUME_ADDED)
-        require_same_batchnorm_batch(ckpt, batchnorm_batch, ckpt_path)
-        load_strict(online, ckpt["online"], f"the online network in {ckpt_path}")
-        load_strict(offline, ckpt["offline"], f"the offline network in {ckpt_path}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        queue.copy_(ckpt["queue"])
-        queue_ptr, step = int(ckpt["queue_ptr"]), int(ckpt["step"])
-        log.print(f"resumed from {ckpt_path} at step {step}")
-    # Per-rank randomness from here on, a function of the step: a resumed run needs none of the saved
-    # generator states (kept in the checkpoint for the record), and may run on another number of ranks
-    # when SyncBatchNorm keeps the images each BatchNorm sees (require_same_batchnorm_batch).
-    torch.manual_seed(args.seed + env.rank + step)
-
-    online_raw, offline_raw = online, offline
-    if args.compile:  # compiled in place, so state-dict keys stay plain
-        online.encoder.compile(backend=args.compile_backend)
-        online.predictor.compile(backend=args.compile_backend)
-        offline.compile(backend=args.compile_backend)
-    if env.world_size > 1:
-        online = DDP(online, device_ids=[device.index] if cuda else None,
-                     broadcast_buffers=False, gradient_as_bucket_view=True)
-    offline.train()
-
-    read_image(images, 0)  # here, not in a loader worker: a data set with no readable image is one clear error
-    loader, sampler, device_views = pretrain_loader(images, info, args, env, steps_per_epoch * args.accum_steps)
-
-    plain_args = plain_values(args)
-    last_saved = step
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
-
-    def check_finite(since):
-        raise_if_nonfinite(nonfinite, since, step, ckpt_path, "mdra.py")
-
-    def save(keep_epoch=None):
-        nonlocal last_saved
-        check_finite(last_saved)  # never write weights a non-finite loss has touched
-        last_saved = step
-        if not env.is_main:
-            return
-        state = {
-            "format": "mdra", "version": CHECKPOINT_VERSION, "arch": args.arch, "small_stem": args.small_stem,
-            "feature_dim": width, "args": plain_args, "epoch": step // steps_per_epoch, "step": step,
-            "backbone": online_raw.encoder.backbone.state_dict(), "online": online_raw.state_dict(),
-            "offline": offline_raw.state_dict(), "queue": queue.cpu(), "queue_ptr": queue_ptr,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})},
-            "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size, "data": data,
-            "batchnorm_batch": batchnorm_batch,
-        }
-        save_checkpoint(state, ckpt_path)
-        if keep_epoch is not None:
-            save_checkpoint(state, out_dir / f"checkpoint_epoch{keep_epoch:04d}.pth")
-
+        runtime.require_two_classes(info.num_classes, args.data, "--knn-every's kNN monitor",
+                                    " (pretraining itself needs no labels: leave --knn-every out)")
+    log = runtime.Logger(out_dir, env.is_main)
+    run = Pretraining(args, env, images, info, log)
+    runtime.read_image(images, 0)  # here, not in a loader worker: a data set with no readable image is one clear error
+    loader, sampler, device_views = pretrain_loader(images, info, args, env, run.steps_per_epoch * args.accum_steps)
     control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
+    runtime.announce(log, "mdra.py", env, args, step=run.step)
+    log.print(f"{len(images)} images, {run.steps_per_epoch} optimizer steps per epoch of {run.batch_images} images, "
+              f"lr {args.lr * run.batch_images / 256:.4g} after {args.warmup_epochs:g} warm-up epochs")
 
-    sha = git_sha()
-    log.print(f"mdra.py git {sha} | world size {env.world_size} | device {device}"
-              f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''} | torch {torch.__version__}")
-    log.print("args " + json.dumps(plain_args))
-    log.print(f"{len(images)} images, {steps_per_epoch} optimizer steps per epoch of {batch_images} images, "
-              f"lr {args.lr * batch_images / 256:.4g} after {args.warmup_epochs:g} warm-up epochs")
-    log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(device), "args": plain_args,
-              "step": step})
-
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    loss_sum = torch.zeros((), device=device)        # since the last log line
-    epoch_loss_sum = torch.zeros((), device=device)
-    skips = SkippedImages(log)
-    tic, data_time, logged_step = time.perf_counter(), 0.0, step
-    defer_stop_signals()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
+    runtime.defer_stop_signals()
+    for epoch in range(run.step // run.steps_per_epoch, args.epochs):
+        if run.step >= run.last_step:
             break
-        start_batch = (step % steps_per_epoch) * args.accum_steps
+        start_batch = (run.step % run.steps_per_epoch) * args.accum_steps
         sampler.set_epoch(epoch, start_batch=start_batch)
-        batches = epoch_batches(loader, device_views, epoch, start_batch)
-        epoch_loss_sum.zero_()
-        epoch_first_step, epoch_tic = step, time.perf_counter()
-        while step < min(last_step, (epoch + 1) * steps_per_epoch):
-            for g in optimizer.param_groups:
-                g["lr"] = float(lr_schedule[step])
-            for micro in range(args.accum_steps):
-                t0 = time.perf_counter()
-                v1, v2, skipped, unread = next(batches)
-                data_time += time.perf_counter() - t0
-                skips.add(skipped, unread)
-                v1 = v1.to(device, non_blocking=True, memory_format=memory_format)
-                v2 = v2.to(device, non_blocking=True, memory_format=memory_format)
-                loss, keys, queue_ptr = micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler,
-                                                   sync_grads=micro == args.accum_steps - 1)
-                nonfinite |= ~torch.isfinite(loss)
-                loss_sum += loss / args.accum_steps
-                epoch_loss_sum += loss / args.accum_steps
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            ema_update(online_raw, offline_raw, args.momentum)  # the offline encoder moves once per optimizer step
-            step += 1
-
-            if step % args.log_every == 0 or step == last_step:
-                check_finite(logged_step)
-                elapsed, steps = time.perf_counter() - tic, step - logged_step
-                erank = effective_rank(keys).item()
-                record = {"epoch": epoch + 1, "step": step,
-                          "loss": (_all_reduce(loss_sum.clone()) / env.world_size / steps).item(),
-                          "lr": float(lr_schedule[step - 1]), "ema_momentum": args.momentum,
-                          "pairs_per_s": steps * batch_images / elapsed, "data_wait": data_time / elapsed,
-                          "rankme": erank, "eta_s": elapsed / steps * (last_step - step),
-                          "peak_mem_gb": peak_memory_gb(device), "skipped_images": skips.total}
-                log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
-                          f"lr {record['lr']:.4g} m {args.momentum:.4f} {record['pairs_per_s']:.0f} pairs/s "
-                          f"data {100 * record['data_wait']:.0f}% rankme {erank:.1f}/{min(EMBED_DIM, keys.shape[0])} "
-                          f"eta {datetime.timedelta(seconds=round(record['eta_s']))} "
-                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skips.total}" if skips.total else ""))
-                log.json(record)
-                loss_sum.zero_()
-                tic, data_time, logged_step = time.perf_counter(), 0.0, step
-            exit_if_stop_requested(control, save, log, step, ckpt_path)
-            if step % args.save_every == 0:
-                save()
-
-        batches.close()
-        if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
+        tic = time.perf_counter()
+        loss = train_one_epoch(run, epoch_batches(loader, device_views, epoch, start_batch), epoch, control)
+        if loss is None:  # --max-steps ended the run inside this epoch
             break
-        epoch_record = {"event": "epoch", "epoch": epoch + 1, "step": step,
-                        "loss": (_all_reduce(epoch_loss_sum.clone()) / env.world_size / (step - epoch_first_step)).item(),
-                        "time_s": time.perf_counter() - epoch_tic, "skipped_images": skips.total}
-        keep = args.keep_every > 0 and (epoch + 1) % args.keep_every == 0
-        if keep or last_saved != step:  # before the kNN monitor, which a time limit may cut short
-            save(keep_epoch=epoch + 1 if keep else None)
-        if args.knn_every and (epoch + 1) % args.knn_every == 0:
-            import eval_knn  # the evaluation lives in its own script
-            if env.world_size > 1:
-                broadcast_buffers(online_raw.encoder.backbone)
-            with torch.random.fork_rng(devices=[device] if cuda else []):  # leaves training's randomness untouched
-                epoch_record["knn"] = eval_knn.knn_monitor(online_raw.encoder.backbone, args, env)
-            log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in epoch_record["knn"].items()))
-        log.json(epoch_record)
-        exit_if_stop_requested(control, save, log, step, ckpt_path)  # a signal during the monitor
+        end_epoch(run, epoch, loss, time.perf_counter() - tic, control)
 
-    if last_saved != step:
-        save()
-    log.print(f"done: {step} optimizer steps; checkpoint: {ckpt_path.resolve()}")
+    if run.last_saved != run.step:
+        run.save()
+    log.print(f"done: {run.step} optimizer steps; checkpoint: {run.ckpt_path.resolve()}")
     if env.is_main:  # from log.jsonl, so that the steps before a resume count too
-        for line in closing_lines(logged_steps(log.path), min(EMBED_DIM, args.batch_size), ckpt_path, args.data,
-                                  step / steps_per_epoch, steps_per_epoch * batch_images):
+        for line in closing_lines(logged_steps(log.path), min(EMBED_DIM, args.batch_size), run.ckpt_path, args.data,
+                                  run.step / run.steps_per_epoch, run.steps_per_epoch * run.batch_images):
             log.print(line)
-    return ckpt_path
+    return run.ckpt_path
 
 
 def main(argv=None):
-    return run_main(train, argv, get_parser())
+    return runtime.run_main(train, argv, get_parser())
 
 
 if __name__ == "__main__":
-    import mdra  # run the imported module, so eval_knn's "import mdra" shares its classes instead of a second copy
-    mdra.main()
+    main()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval_knn  # noqa: E402  (the repository root is not on the path of a script in benchmarks/)
+import knn  # noqa: E402  (the repository root is not on the path of a script in benchmarks/)
 
 SIZES = {"cpu": dict(bank=40_000, queries=2_000, dim=512, classes=100),
          "cuda": dict(bank=1_281_167, queries=50_000, dim=2048, classes=1000)}
@@ -79,9 +79,9 @@ def main():
     p.add_argument("--queries", type=int, default=None, help="test images; default: 2,000 (cpu) or 50,000 (cuda)")
     p.add_argument("--dim", type=int, default=None, help="feature width; default: 512 (cpu) or 2048 (cuda)")
     p.add_argument("--classes", type=int, default=None, help="default: 100 (cpu) or 1000 (cuda)")
-    p.add_argument("--k", type=int, nargs="+", default=list(eval_knn.DEFAULT_KS))
+    p.add_argument("--k", type=int, nargs="+", default=list(knn.DEFAULT_KS))
     p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--chunk-mb", type=float, default=eval_knn.DEFAULT_CHUNK_MB, help="eval_knn's memory budget")
+    p.add_argument("--chunk-mb", type=float, default=knn.DEFAULT_CHUNK_MB, help="eval_knn's memory budget")
     p.add_argument("--noise", type=float, default=5.0, help="noise around the class centres (sets the accuracy)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,16 +99,16 @@ def main():
     ks = sorted(args.k)
 
     def ours(bank):
-        votes = eval_knn.weighted_knn_votes(bank, bank_labels, queries, args.classes, ks, args.temperature,
+        votes = knn.weighted_knn_votes(bank, bank_labels, queries, args.classes, ks, args.temperature,
                                             args.chunk_mb)
-        return [eval_knn.count_correct(votes[k], query_labels)[1] for k in ks]
+        return [knn.count_correct(votes[k], query_labels)[1] for k in ks]
 
     def dino_style():  # DINO normalises once, when it extracts the features: not timed
         return [dino_style_knn(bank_unit, bank_labels, queries_unit, query_labels, k, args.temperature,
                                args.classes)[0] for k in ks]
 
     # Warm-up (kernel selection, allocator) on a slice, so that neither timing pays for it.
-    eval_knn.weighted_knn_votes(bank[:10_000], bank_labels[:10_000], queries[:1000], args.classes, ks)
+    knn.weighted_knn_votes(bank[:10_000], bank_labels[:10_000], queries[:1000], args.classes, ks)
     dino_style_knn(F.normalize(bank[:10_000], dim=1), bank_labels[:10_000], F.normalize(queries[:1000], dim=1),
                    query_labels[:1000], max(ks), args.temperature, args.classes)
 

@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mdra  # noqa: E402  (the repository root is on the path only from here)
+import runtime  # noqa: E402
 
 PRESETS = {
     "cpu": dict(device="cpu", archs=["resnet18", "resnet50"], img_size=96, batch_size=16, queue_size=4096,
@@ -343,7 +344,7 @@ class Loader:
         self.images, info = mdra.build_dataset(str(root), args.data_dir, "pretrain")
         loader_args = SimpleNamespace(img_size=args.img_size, solarize=0.0, batch_size=args.batch_size, seed=0,
                                       workers=args.workers, gpu_aug=gpu_aug)
-        env = mdra.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+        env = runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
         self.num_batches = len(self.images) // args.batch_size
         if self.num_batches < 2:
             raise SystemExit(f"bench_train.py: error: {root} has fewer than two batches of {args.batch_size} images")
@@ -630,7 +631,7 @@ class Report:
 
 def environment(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return (f"{datetime.datetime.now().isoformat(timespec='seconds')} | git {mdra.git_sha()} | {device} ({name}) | "
+    return (f"{datetime.datetime.now().isoformat(timespec='seconds')} | git {runtime.git_sha()} | {device} ({name}) | "
             f"{os.cpu_count()} CPUs | torch {torch.__version__} | torchvision {torchvision.__version__} | "
             f"python {platform.python_version()}")
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import eval_knn
+import knn
 import mdra
+import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 # Two epochs, so that a monitor after epoch 1 could still disturb epoch 2. 8 px keeps resnet18 fast.
@@ -88,7 +90,7 @@ def random_problem(n_train=97, n_test=23, dim=8, num_classes=6, dtype=torch.floa
 def test_votes_for_several_k_match_a_float64_reference_loop(chunk_mb):
     train, labels, test, num_classes = random_problem()
     ks = [1, 5, 20, 97]
-    votes = eval_knn.weighted_knn_votes(train, labels, test, num_classes, ks, temperature=0.07, chunk_mb=chunk_mb)
+    votes = knn.weighted_knn_votes(train, labels, test, num_classes, ks, temperature=0.07, chunk_mb=chunk_mb)
     assert sorted(votes) == ks
     for k in ks:
         assert votes[k].shape == (23, num_classes) and votes[k].dtype == torch.float64
@@ -108,21 +110,21 @@ def test_weighted_knn_normalises_features_itself_and_is_the_one_k_case():
 def test_float32_votes_are_the_same_for_any_memory_budget():
     train, labels, test, num_classes = random_problem(n_train=300, n_test=70, dim=16, dtype=torch.float32)
     ks = [1, 10, 50]
-    one_block = eval_knn.weighted_knn_votes(train, labels, test, num_classes, ks, chunk_mb=1024)
+    one_block = knn.weighted_knn_votes(train, labels, test, num_classes, ks, chunk_mb=1024)
     for chunk_mb in (1e-5, 1e-3, 0.01):  # from 1-row pieces to a few pieces of 16 x 160 blocks
-        votes = eval_knn.weighted_knn_votes(train, labels, test, num_classes, ks, chunk_mb=chunk_mb)
+        votes = knn.weighted_knn_votes(train, labels, test, num_classes, ks, chunk_mb=chunk_mb)
         for k in ks:
             # Block shapes change only the float rounding of the similarities, never the neighbours.
             torch.testing.assert_close(votes[k], one_block[k], rtol=1e-5, atol=0)
-            assert eval_knn.count_correct(votes[k], labels[:70]) == eval_knn.count_correct(one_block[k], labels[:70])
+            assert knn.count_correct(votes[k], labels[:70]) == knn.count_correct(one_block[k], labels[:70])
 
 
 def test_fewer_queries_than_one_chunk_and_no_queries_at_all():
     train, labels, test, num_classes = random_problem(n_test=3)
-    votes = eval_knn.weighted_knn_votes(train, labels, test, num_classes, [5, 20], chunk_mb=1024)
+    votes = knn.weighted_knn_votes(train, labels, test, num_classes, [5, 20], chunk_mb=1024)
     reference = reference_votes(train, labels, test, num_classes, 20, 0.07)
     torch.testing.assert_close(votes[20], reference, rtol=1e-12, atol=0)
-    empty = eval_knn.weighted_knn_votes(train, labels, test[:0], num_classes, [5, 20])
+    empty = knn.weighted_knn_votes(train, labels, test[:0], num_classes, [5, 20])
     assert empty[20].shape == (0, num_classes)
 
 
@@ -138,7 +140,7 @@ def test_top5_credits_only_a_class_that_got_votes_and_a_tie_by_its_chance_to_win
                            [1.0, 2.0, 2.0, 0, 0, 0, 0, 0],  # class 2 tied with the winner: half a hit at top-1
                            [5.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0, 0]])  # class 5 is sixth
     labels = torch.tensor([6, 0, 2, 5])
-    assert eval_knn.count_correct(scores, labels) == {1: 1.5, 5: 2.0}
+    assert knn.count_correct(scores, labels) == {1: 1.5, 5: 2.0}
 
 
 def test_tied_votes_count_as_the_average_over_every_order_of_the_tied_classes():
@@ -146,7 +148,7 @@ def test_tied_votes_count_as_the_average_over_every_order_of_the_tied_classes():
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 3, (40, 5), generator=g).double()  # many ties, some classes without votes
     labels = torch.randint(0, 5, (40,), generator=g)
-    counts = eval_knn.count_correct(scores, labels, topk=(1, 2, 3))
+    counts = knn.count_correct(scores, labels, topk=(1, 2, 3))
     for k in (1, 2, 3):  # reference: rank by score, ties in each of the 5! orders of the classes equally often
         hits = 0
         for order in itertools.permutations(range(5)):
@@ -155,7 +157,7 @@ def test_tied_votes_count_as_the_average_over_every_order_of_the_tied_classes():
                 hits += label in ranked[:k] and row[label] > 0
         assert counts[k] == pytest.approx(hits / 120, rel=1e-12)
     collapsed = torch.ones(10, 10)  # every class voted for equally: the chance level, not a win for each
-    assert eval_knn.count_correct(collapsed, torch.arange(10)) == {1: pytest.approx(1.0), 5: pytest.approx(5.0)}
+    assert knn.count_correct(collapsed, torch.arange(10)) == {1: pytest.approx(1.0), 5: pytest.approx(5.0)}
 
 
 def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path):
@@ -243,7 +245,7 @@ def test_knn_subset_draws_the_bank_as_the_monitor_does_and_keeps_its_labels(tmp_
 
 def test_the_progress_lines_give_an_eta_that_counts_the_val_images_still_to_come(tmp_path, monkeypatch, capsys):
     clock = itertools.count()
-    monkeypatch.setattr(eval_knn, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))  # 1 s a reading
+    monkeypatch.setattr(knn, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))  # 1 s a reading
     eval_knn.main(["--data", "synthetic", "--synthetic-size", "48", "--img-size", "8", "--pixels", "--k", "3",
                    "--workers", "0", "--batch-size", "4", "--out", str(tmp_path / "knn.json")])  # 12 val images
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("train:", "val:"))]
@@ -268,7 +270,7 @@ def test_a_folder_of_one_class_is_refused_as_every_vote_in_it_would_be_right(tmp
 def test_a_crop_the_checkpoints_imagenet_stem_would_shrink_to_padding_is_refused():
     args = argparse.Namespace(pixels=False, random_init=False, ckpt="imagenet.pth", arch=None, img_size=16, seed=0)
     ckpt = {"arch": "resnet18", "small_stem": False, "backbone": {}}
-    with pytest.raises(mdra.UsageError, match="--img-size 16 is below 32, the smallest crop the ImageNet stem's"):
+    with pytest.raises(runtime.UsageError, match="--img-size 16 is below 32, the smallest crop the ImageNet stem's"):
         eval_knn.feature_network(args, ckpt, info=None)
 
 
@@ -285,7 +287,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_any_work
     (read_only / "checkpoint.pth").write_bytes(b"")  # refused before it is read
     make_read_only(read_only)
     monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
-    monkeypatch.setattr(mdra, "load_checkpoint", lambda *args, **kwargs: pytest.fail("the checkpoint was read first"))
+    monkeypatch.setattr(runtime, "load_checkpoint", lambda *args, **kwargs: pytest.fail("the checkpoint was read first"))
     flags, subject = {
         "beside --ckpt": (["--ckpt", str(read_only / "checkpoint.pth")],
                           f"the default --out's folder {read_only} is not writable"),
@@ -333,14 +335,14 @@ def test_bad_options_are_refused_with_one_sentence(option, message, checkpoint, 
 def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
     args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=25,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
-    env = mdra.DistEnv(0, 1, 0, torch.device("cpu"))
+    env = runtime.DistEnv(0, 1, 0, torch.device("cpu"))
     backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
     backbone.train()
     backbone.layer2.eval()  # a mixed state must come back as it was, not as train() everywhere
     modes = [m.training for m in backbone.modules()]
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     rng = torch.get_rng_state()
-    result = eval_knn.knn_monitor(backbone, args, env)
+    result = mdra.knn_monitor(backbone, args, env)
     assert set(result) == {"top1@20", "top5@20"} and all(0 <= v <= 100 for v in result.values())
     assert [m.training for m in backbone.modules()] == modes
     assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())  # BatchNorm statistics too
@@ -351,15 +353,15 @@ def test_monitor_labels_its_bank_subset_with_the_subsets_own_labels():
     args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=80, img_size=8, knn_subset=50,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
     pixels = torch.nn.Flatten()  # the synthetic classes are far apart in pixel space
-    result = eval_knn.knn_monitor(pixels, args, mdra.DistEnv(0, 1, 0, torch.device("cpu")))
+    result = mdra.knn_monitor(pixels, args, runtime.DistEnv(0, 1, 0, torch.device("cpu")))
     assert result["top1@20"] >= 80  # chance is 25%; labels of other images than the subset's fall to it
 
 
 def test_knn_accuracy_gives_each_ks_top1_and_top5_as_ranking_the_reference_votes_does():
     train, labels, test, num_classes = random_problem(n_test=40)
     test_labels = torch.randint(0, num_classes, (40,), generator=torch.Generator().manual_seed(1))
-    env = mdra.DistEnv(0, 1, 0, torch.device("cpu"))
-    result = eval_knn.knn_accuracy(train, labels, test, test_labels, num_classes, [5, 20], 0.07, 1024, env)
+    env = runtime.DistEnv(0, 1, 0, torch.device("cpu"))
+    result = knn.knn_accuracy(train, labels, test, test_labels, num_classes, [5, 20], 0.07, 1024, env)
     for k in (5, 20):
         votes = reference_votes(train, labels, test, num_classes, k, 0.07)
         ranked = votes.argsort(dim=1, descending=True)
@@ -374,7 +376,7 @@ def test_monitor_with_a_bank_smaller_than_k_votes_with_the_whole_bank():
     args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=5,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
     backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
-    result = eval_knn.knn_monitor(backbone, args, mdra.DistEnv(0, 1, 0, torch.device("cpu")))
+    result = mdra.knn_monitor(backbone, args, runtime.DistEnv(0, 1, 0, torch.device("cpu")))
     assert set(result) == {"top1@5", "top5@5"}
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 import finetune
 import mdra
+import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "synthetic", "--synthetic-size", "64", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
@@ -83,7 +84,7 @@ def test_held_out_images_are_outside_the_labelled_subset_and_class_balanced():
     assert Counter(targets[i] for i in held_out) == {c: 40 if c == 3 else 20 for c in range(10)}
     assert held_out == finetune.held_out_subset(targets, labelled, 220, seed=0)
     assert held_out != finetune.held_out_subset(targets, labelled, 220, seed=1)
-    with pytest.raises(mdra.UsageError, match="--holdout 991 must be between 1 and the 990 training images it can hold out"):
+    with pytest.raises(runtime.UsageError, match="--holdout 991 must be between 1 and the 990 training images it can hold out"):
         finetune.held_out_subset(targets, labelled, 991, seed=0)
 
 
@@ -124,7 +125,7 @@ def test_subset_file_errors_say_what_is_wrong(tmp_path, content, names, message)
         split.write_bytes(content)
     elif content is not None:
         split.write_text(content)
-    with pytest.raises(mdra.UsageError, match="--subset-file .*" + re.escape(message)):
+    with pytest.raises(runtime.UsageError, match="--subset-file .*" + re.escape(message)):
         finetune.read_subset_file(split, names)
 
 
@@ -410,14 +411,14 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_the_data
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path, monkeypatch, capsys):
-    mdra.lock_folder(tmp_path, "--out-dir")  # as a first run in this process would hold it
+    runtime.lock_folder(tmp_path, "--out-dir")  # as a first run in this process would hold it
     monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
     with pytest.raises(SystemExit) as exc:
         finetune.main(["--random-init", *TINY, "--out-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith(f"finetune.py: error: --out-dir {tmp_path} is in use by another run "
                                               f"(pid {os.getpid()} on ")
-    assert not mdra.HELD_LOCKS  # run_main let go of it
+    assert not runtime.HELD_LOCKS  # run_main let go of it
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mdra
+import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -401,7 +402,7 @@ def test_sample_rng_draws_what_torch_manual_seed_draws_and_restores_the_global_s
     expected = (torch.rand(3), torch.randint(0, 1000, (3,)), torch.randperm(4))
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    with mdra.sample_rng(7):
+    with runtime.sample_rng(7):
         drawn = (torch.rand(3), torch.randint(0, 1000, (3,)), torch.randperm(4))
     assert all(torch.equal(a, b) for a, b in zip(drawn, expected))  # the views of earlier versions
     assert torch.equal(torch.get_rng_state(), before)
@@ -418,7 +419,7 @@ def test_an_unreadable_image_is_skipped_and_named_by_the_path_to_open_with_why(t
     assert info.num_classes == 2 and not info.small
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # PIL refuses more than twice this
     big = images.paths.index(str(tmp_path / "a" / "big.png"))  # sorted: big, broken, good
-    image, label, skipped = mdra.read_image(images, big)
+    image, label, skipped = runtime.read_image(images, big)
     assert image.size == (20, 20) and skipped == [
         f"{tmp_path}/a/big.png: over PIL's pixel limit of 800 pixels",
         f"{tmp_path}/a/broken.png: corrupt or not an image (of no format PIL knows)"]
@@ -438,10 +439,10 @@ def test_val_images_are_labelled_by_the_training_classes_even_where_val_lacks_on
     assert val_info.num_classes == info.num_classes == 3 and val.classes == train.classes
     (tmp_path / "val" / "fox").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "fox" / "0.png")
-    with pytest.raises(mdra.UsageError, match="val has 1 classes that the training images lack, e.g. fox"):
+    with pytest.raises(runtime.UsageError, match="val has 1 classes that the training images lack, e.g. fox"):
         mdra.build_dataset(str(tmp_path), "data", "val")
     (tmp_path / "train").rename(tmp_path / "elsewhere")  # classes and val/ side by side: val/ is not a class
-    with pytest.raises(mdra.UsageError, match="has a val/ folder but no train/ folder"):
+    with pytest.raises(runtime.UsageError, match="has a val/ folder but no train/ folder"):
         mdra.build_dataset(str(tmp_path), "data", "pretrain")
 
 
@@ -460,7 +461,7 @@ def test_a_truncated_or_foreign_idx_file_is_one_sentence(tmp_path):
     truncated.write_bytes(gzip.compress(header + bytes(24))[:-12])
     for path, message in ((short, "is not a whole IDX file"), (foreign, "is not a whole IDX file"),
                           (truncated, "cannot be read (EOFError")):
-        with pytest.raises(mdra.UsageError, match=re.escape(message)):
+        with pytest.raises(runtime.UsageError, match=re.escape(message)):
             mdra.read_idx(path)
 
 
@@ -480,7 +481,7 @@ def test_backbone_small_stem_keeps_resolution_and_width_matches():
     assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3)
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
     assert mdra.build_backbone("resnet50", small_stem=False)[1] == 2048
-    with pytest.raises(mdra.UsageError, match="not a torchvision ResNet"):
+    with pytest.raises(runtime.UsageError, match="not a torchvision ResNet"):
         mdra.build_backbone("vit_b_16", small_stem=False)
 
 

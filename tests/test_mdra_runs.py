@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import mdra
+import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 # 64 synthetic images of 8 px, 16 per step: 4 optimizer steps per epoch, a fraction of a second each.
@@ -219,14 +220,14 @@ def test_a_console_that_goes_away_neither_stops_the_run_nor_keeps_a_signal_from_
 def test_sigterm_to_the_process_group_during_the_knn_monitor_keeps_the_epoch_and_its_result(tmp_path):
     # The first image the monitor's worker reads signals the whole group, as a scheduler's time limit would.
     # (One worker: a sibling still starting up would die of it, before it can ignore the signal.)
-    signal_once = ("import os, signal, sys, eval_knn, mdra\n"
-                   "read = eval_knn.EvalImages.__getitem__\n"
+    signal_once = ("import os, signal, sys, mdra\n"
+                   "read = mdra.CentreCrops.__getitem__\n"
                    "def read_and_signal(self, i):\n"
                    "    if not os.path.exists(sys.argv[-1] + '/signalled'):\n"
                    "        open(sys.argv[-1] + '/signalled', 'w').close()\n"
                    "        os.killpg(0, signal.SIGTERM)\n"
                    "    return read(self, i)\n"
-                   "eval_knn.EvalImages.__getitem__ = read_and_signal\n"
+                   "mdra.CentreCrops.__getitem__ = read_and_signal\n"
                    "mdra.main(sys.argv[1:])\n")
     result = subprocess.run([sys.executable, "-c", signal_once, *TINY, "--workers", "1", "--epochs", "3",
                              "--knn-every", "1", "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
@@ -254,31 +255,31 @@ def test_a_stop_signal_before_the_training_loop_acts_at_once_and_one_inside_it_w
         raise AssertionError("the signal did not stop the run")
 
     with sigint_disposition(signal.default_int_handler), pytest.raises(SystemExit) as exc:
-        mdra.run_main(interrupted_while_setting_up, [], mdra.get_parser())
+        runtime.run_main(interrupted_while_setting_up, [], mdra.get_parser())
     assert exc.value.code == 128 + signal.SIGINT and capsys.readouterr().err == "mdra.py: interrupted\n"
 
     def stopped_inside_the_loop(args):
-        mdra.defer_stop_signals()
+        runtime.defer_stop_signals()
         os.kill(os.getpid(), signal.SIGTERM)
         return "the loop went on to the end of its step"
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exc:
-        mdra.run_main(stopped_inside_the_loop, [], mdra.get_parser())
+        runtime.run_main(stopped_inside_the_loop, [], mdra.get_parser())
     assert exc.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it_inside_the_loop_and_stops_on_sigterm():
     # `mdra.py ... &` in a script: the terminal's Ctrl-C is for the foreground job, not for this one.
     def signalled_inside_the_loop(args):
-        mdra.defer_stop_signals()
+        runtime.defer_stop_signals()
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)
         return "the loop went on to the end of its step"
 
     with sigint_disposition(signal.SIG_IGN):
         with pytest.raises(SystemExit) as exc:
-            mdra.run_main(signalled_inside_the_loop, [], mdra.get_parser())
+            runtime.run_main(signalled_inside_the_loop, [], mdra.get_parser())
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     assert exc.value.code == 128 + signal.SIGTERM  # not 128 + SIGINT: that one was never taken
 
@@ -396,11 +397,11 @@ def resolve_on_cpu_ranks(world_size, *flags):
     """mdra.resolve_args of TINY + flags as rank 0 of world_size CPU ranks, without launching them."""
     args = mdra.get_parser().parse_args([*TINY, *flags])
     _, info = mdra.build_dataset("synthetic", "data", "pretrain", 64, 8)
-    return mdra.resolve_args(args, info, mdra.DistEnv(0, world_size, 0, torch.device("cpu")))
+    return mdra.resolve_args(args, info, runtime.DistEnv(0, world_size, 0, torch.device("cpu")))
 
 
 def test_batch_not_divisible_by_world_size_is_refused():
-    with pytest.raises(mdra.UsageError, match="--batch-size 15 is not divisible by the world size 2."):
+    with pytest.raises(runtime.UsageError, match="--batch-size 15 is not divisible by the world size 2."):
         resolve_on_cpu_ranks(2, "--batch-size", "15")
 
 
@@ -409,7 +410,7 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--queue-size", "100"], "--queue-size 100 is not a multiple of the global batch 16."),
     (["--groups", "3"], "--groups 3 does not divide the embedding dimension 256."),
     (["--arch", "vgg16"], "--arch vgg16 is not a torchvision ResNet"),
-    (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be at least 1."),
+    (["--sinkhorn-iters", "-1"], "--sinkhorn-iters must be at least 0."),  # 0 is the ablation without balance
     (["--groups", "0"], "--groups must be at least 1."),
     (["--batch-size", "0"], "--batch-size must be at least 1."),  # not silently the default
     (["--queue-size", "-16"], "--queue-size must be at least 1."),
@@ -497,18 +498,19 @@ def test_the_first_five_unreadable_training_images_are_named_in_the_log_from_the
     assert all(line.endswith(": corrupt or not an image (of no format PIL knows)") for line in named)
     assert lines.count("skipped more than 5 unreadable training images: from here on they are only counted "
                        "(skipped in the log lines)") == 1
-    assert log_records(tmp_path / "run")[-1]["skipped_images"] == 7 and lines[-2].endswith(" skipped 7")
+    step_lines = [line for line in lines if line.startswith("epoch 1/1 step ")]
+    assert log_records(tmp_path / "run")[-1]["skipped_images"] == 7 and step_lines[-1].endswith(" skipped 7")
 
 
 def test_a_crash_with_loader_workers_ends_the_process_with_its_traceback_instead_of_hanging(tmp_path):
     # The workers ignore SIGTERM, which is all that multiprocessing sends them at exit before waiting.
     crash_in_step_3 = ("import sys, mdra\n"
                        "loss, calls = mdra.mdra_loss, []\n"
-                       "def crashing(*args):\n"
+                       "def crashing(*args, **kwargs):\n"
                        "    calls.append(1)\n"
                        "    if len(calls) == 3:\n"
                        "        raise RuntimeError('a crash in step 3')\n"
-                       "    return loss(*args)\n"
+                       "    return loss(*args, **kwargs)\n"
                        "mdra.mdra_loss = crashing\n"
                        "mdra.main(sys.argv[1:])\n")
     proc = subprocess.Popen([sys.executable, "-c", crash_in_step_3, *TINY, "--workers", "2", "--epochs", "100",
@@ -550,7 +552,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first_until_that
     holder = os.fork()  # the first run, holding the lock as mdra.py does; faster than a new interpreter
     if holder == 0:
         try:
-            mdra.lock_folder(tmp_path, "--out-dir")
+            runtime.lock_folder(tmp_path, "--out-dir")
             os.write(told, b"locked")
             time.sleep(120)
         finally:
@@ -571,7 +573,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first_until_that
 
 
 def test_a_forked_process_such_as_a_loader_worker_does_not_keep_the_lock_of_a_run_that_ended(tmp_path):
-    mdra.lock_folder(tmp_path, "--out-dir")
+    runtime.lock_folder(tmp_path, "--out-dir")
     ready, told = os.pipe()
     worker = os.fork()
     if worker == 0:
@@ -580,13 +582,13 @@ def test_a_forked_process_such_as_a_loader_worker_does_not_keep_the_lock_of_a_ru
         os._exit(0)
     try:
         assert os.read(ready, 7) == b"started"
-        mdra.HELD_LOCKS.pop().close()  # the run ends, or is killed, while its worker lives on for a moment
-        mdra.lock_folder(tmp_path, "--out-dir")
+        runtime.HELD_LOCKS.pop().close()  # the run ends, or is killed, while its worker lives on for a moment
+        runtime.lock_folder(tmp_path, "--out-dir")
     finally:
         os.kill(worker, signal.SIGKILL)
         os.waitpid(worker, 0)
-        while mdra.HELD_LOCKS:
-            mdra.HELD_LOCKS.pop().close()
+        while runtime.HELD_LOCKS:
+            runtime.HELD_LOCKS.pop().close()
 
 
 def test_an_out_dir_on_a_file_system_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
@@ -601,17 +603,17 @@ def test_an_out_dir_on_a_file_system_without_locks_is_used_with_a_warning(tmp_pa
 
 def test_a_checkpoint_newer_than_this_code_is_refused_naming_both_versions(tmp_path):
     torch.save({"format": "mdra", "version": 99}, tmp_path / "checkpoint.pth")
-    with pytest.raises(mdra.UsageError) as error:
-        mdra.load_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(runtime.UsageError) as error:
+        runtime.load_checkpoint(tmp_path / "checkpoint.pth")
     assert str(error.value) == (f"{tmp_path / 'checkpoint.pth'} is a version 99 checkpoint and this code reads "
                                 "versions up to 1; update the code to load it.")
 
 
 def test_a_full_disk_is_one_sentence_that_keeps_the_last_good_checkpoint_and_frees_the_temporary_file(small_disk):
     path = small_disk / "checkpoint.pth"
-    mdra.save_checkpoint({"weights": torch.ones(1000)}, path)
-    with pytest.raises(mdra.UsageError) as error:
-        mdra.save_checkpoint({"weights": torch.ones(1_000_000)}, path)  # 4 MB on a 1 MiB disk
+    runtime.save_checkpoint({"weights": torch.ones(1000)}, path)
+    with pytest.raises(runtime.UsageError) as error:
+        runtime.save_checkpoint({"weights": torch.ones(1_000_000)}, path)  # 4 MB on a 1 MiB disk
     assert re.fullmatch(rf"no space left on {re.escape(str(small_disk))} for checkpoint.pth \(needs about 3.8 MB, "
                         rf"1.0 MB free\); {re.escape(str(path))} is kept as it was\.", str(error.value)), error.value
     assert os.listdir(small_disk) == ["checkpoint.pth"]
@@ -645,16 +647,16 @@ def test_a_disk_that_fills_up_during_training_ends_the_run_with_one_sentence_and
 def test_a_failed_write_leaves_the_file_as_it_was_and_only_a_full_disk_becomes_one_sentence(tmp_path, error):
     path = tmp_path / "knn.json"
     path.write_text("the last good one")
-    with pytest.raises(mdra.UsageError if isinstance(error, OSError) else ValueError,
+    with pytest.raises(runtime.UsageError if isinstance(error, OSError) else ValueError,
                        match=f"^no space left on {re.escape(str(tmp_path))} for knn.json|^not about space$"):
-        with mdra.atomic_file(path, size=100) as tmp:
+        with runtime.atomic_file(path, size=100) as tmp:
             tmp.write_text("half of it")
             raise error
     assert os.listdir(tmp_path) == ["knn.json"] and path.read_text() == "the last good one"
 
 
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
-    with pytest.raises(mdra.UsageError, match="--sync-bn needs CUDA"):
+    with pytest.raises(runtime.UsageError, match="--sync-bn needs CUDA"):
         resolve_on_cpu_ranks(2, "--sync-bn")
     assert resolve_on_cpu_ranks(1, "--sync-bn").sync_bn  # one rank: allowed
 
@@ -684,4 +686,4 @@ def test_the_logged_commit_says_when_tracked_files_differ_from_it():
     if not head:
         pytest.skip("not a git checkout")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    assert mdra.git_sha() == head + ("-dirty" if dirty else "")
+    assert runtime.git_sha() == head + ("-dirty" if dirty else "")

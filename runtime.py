@@ -1,0 +1,658 @@
+"""The machinery that mdra.py, eval_knn.py and finetune.py share, so that each is written once:
+processes and devices (torchrun, NCCL / gloo), run_main and UsageError, stop signals, logging and the
+git SHA, checkpoint and file writing with the resume guard and the out-dir lock, reading images and
+seeding each sample's augmentation, and the command-line flags and checks every script takes.
+
+Nothing here is the method, and nothing here imports the scripts: imports point one way,
+finetune.py / eval_knn.py -> mdra.py (the method, networks and data) -> knn.py, gpu_aug.py -> runtime.py.
+"""
+import argparse
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors and the main function
+# ------------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A mistake the user can fix; reported as one sentence, without a traceback."""
+
+
+def run_main(train_fn, argv, parser):
+    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2, and a
+    stop signal that a training loop deferred (defer_stop_signals) exit status 128 + the signal."""
+    args = parser.parse_args(argv)
+    STOP_SIGNALS.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Only the message is kept: the traceback would keep the loaders, and their workers, alive.
+    message, status = None, 0
+    try:
+        result = train_fn(args)
+    except UsageError as e:
+        message, status = f"error: {e}", 2
+    except KeyboardInterrupt:
+        message, status = "interrupted", 128 + signal.SIGINT
+    finally:  # a crash still ends with its traceback and status 1: the workers it left would hang the exit
+        kill_loader_workers()
+        _close_held_locks()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if message:
+        print(f"{parser.prog}: {message}", file=sys.stderr)
+        sys.exit(status)
+    if STOP_SIGNALS:  # received after the loop's last look, e.g. while finetune.py exported
+        sys.exit(128 + STOP_SIGNALS[0])
+    return result
+
+
+def kill_loader_workers():
+    """Kill the data-loading workers an error left running (a finished loader has stopped its own).
+    They ignore SIGTERM, which is all that multiprocessing sends them at exit before waiting for them,
+    forever, while the error's traceback still holds their loader."""
+    workers = multiprocessing.active_children()
+    if workers:  # their DataLoader's SIGCHLD handler would report each death as one more error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
+def ignore_stop_signals(worker_id=None):
+    """Data-loading workers ignore SIGTERM / SIGINT: schedulers signal the whole process group, and
+    the training loop must outlive its workers long enough to save a checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes and devices
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is available.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def setup_distributed(device_name):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process."""
+    device_name = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return DistEnv(0, 1, 0, torch.device(device_name))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_name == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return DistEnv(rank, world, local, device)
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves (without
+    SyncBatchNorm, each rank's BatchNorm running statistics are its own)."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def all_gather_rows(x):
+    """Concatenate x from all ranks in rank order (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop signals
+# ------------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = []  # SIGTERM / SIGINT received while deferred; the training loops save and exit at the next step
+
+
+def defer_stop_signals():
+    """From here on, SIGTERM and SIGINT only ask the training loop to save and stop after the current
+    step (run_main hands the handlers back). Before the loop they act at once: a run stopped while it
+    lists its data or waits for its peers has nothing to save.
+
+    A signal the process was started with ignored stays ignored, as Python and the shell have it: a
+    job that a script starts in the background (`mdra.py ... &`) ignores SIGINT, so that a Ctrl-C
+    meant for the foreground does not stop it; SIGTERM still does."""
+    STOP_SIGNALS.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+
+
+def stop_requested(group=None):
+    """True on every rank once any rank got SIGTERM or SIGINT (group: a gloo group, no GPU sync)."""
+    flag = torch.tensor([len(STOP_SIGNALS)])
+    if group is not None:
+        dist.all_reduce(flag, group=group)
+    return bool(flag.item())
+
+
+def exit_if_stop_requested(control, save, log, step, ckpt_path):
+    """After an optimizer step of a training loop: once any rank got SIGTERM or SIGINT, save the
+    checkpoint and exit with status 128 + the signal."""
+    if stop_requested(control):
+        save()
+        log.print(f"stopped by a signal at step {step}; checkpoint: {Path(ckpt_path).resolve()}")
+        sys.exit(128 + (STOP_SIGNALS[0] if STOP_SIGNALS else signal.SIGTERM))
+
+
+def raise_if_nonfinite(nonfinite, since, step, ckpt_path, prog, hint=""):
+    """Stop the run if any rank's loss was non-finite since step `since`. nonfinite is a flag kept on
+    the device; reading it is a host sync, so the loops call this only when they log or save."""
+    if all_reduce(nonfinite.int(), op=dist.ReduceOp.MAX).item():
+        last = ckpt_path if Path(ckpt_path).exists() else "none: none was written yet"
+        raise SystemExit(f"{prog}: error: the loss became non-finite between steps {since} and {step}{hint}; "
+                         f"the last good checkpoint is {last}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
+
+class Logger:
+    """Console lines and <out-dir>/log.jsonl, from rank 0 only."""
+
+    def __init__(self, out_dir, active):
+        self.active = active
+        self.path = Path(out_dir) / "log.jsonl"
+
+    def print(self, *msg):
+        if self.active:
+            try:
+                print(*msg, flush=True)
+            except BrokenPipeError:  # the console went away (tee, stopped by the same Ctrl-C, say): train on
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # log.jsonl keeps the record
+
+    def json(self, record):
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def git_sha():
+    """The commit of this code, "-dirty" added when tracked files differ from it; "unknown" outside git."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# Files and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+CHECKPOINT_VERSION = 1
+
+
+def plain_state_dict(state_dict):
+    """Strip the prefixes DDP ("module.") and torch.compile ("_orig_mod.") add to keys."""
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+def plain_values(args):
+    """The arguments as plain values, for checkpoints (weights_only loading) and JSON."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def saved_bytes(state):
+    """About the size of torch.save(state): the storages of its tensors, each once, as torch.save writes them."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(state)
+    return sum(storages.values())
+
+
+def out_of_space(error, folder, needed):
+    """Whether a write failed for want of space: ENOSPC or EDQUOT in the error's chain or, as torch's zip
+    writer reports it as a RuntimeError of its own, less room left in folder than the write still needed."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    try:
+        return shutil.disk_usage(folder).free < needed + 2**20  # a margin for the writer's last buffer
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_file(path, size):
+    """The temporary path to write path's new contents to: once complete and synced it replaces path, so a
+    half-written file never replaces a good one. The temporary file is removed whatever goes wrong, and a
+    full disk is one sentence (size: about how many bytes the file takes)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: two processes never share one
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except Exception as e:
+        full = out_of_space(e, path.parent, size - (tmp.stat().st_size if tmp.exists() else 0))
+        tmp.unlink(missing_ok=True)  # before counting what is free: it would keep the disk full
+        if not full:
+            raise
+        kept = f"; {path} is kept as it was" if path.exists() else ""
+        raise UsageError(f"no space left on {path.parent} for {path.name} (needs about {size / 2**20:.1f} MB, "
+                         f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free){kept}.") from None
+    except BaseException:  # a stop signal or Ctrl-C
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state, path):
+    """Write atomically (atomic_file): a half-written file never replaces a good checkpoint."""
+    with atomic_file(path, saved_bytes(state)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # into a file object, so that a full disk's ENOSPC stays in the error's chain
+
+
+def load_checkpoint(path, formats=("mdra",)):
+    """Load a checkpoint safely (weights_only) and check its format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UsageError(f"{path} has format {found!r}; expected {' or '.join(map(repr, formats))}.")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise UsageError(f"{path} is a version {version} checkpoint and this code reads versions up to "
+                         f"{CHECKPOINT_VERSION}; update the code to load it.")
+    return ckpt
+
+
+def load_strict(module, state_dict, what):
+    """load_state_dict that names what does not fit, as one sentence."""
+    state_dict = plain_state_dict(state_dict)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{name} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if keys]
+        raise UsageError(f"{what} does not match the model: {'; '.join(parts)}.")
+    module.load_state_dict(state_dict)
+
+
+def data_fingerprint(names):
+    """What a resumed run checks its images against: how many, and a hash of their names in order."""
+    return {"images": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None):
+    """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
+    differs from the run's (the others define the model, the data, the schedule or the seed, so the run
+    could not continue as the one it resumes), or if its images (data: their data_fingerprint) did.
+    defaults: the parser's defaults. A setting the checkpoint lacks (a flag newer than it, or one a fork
+    added) ran at its default; one whose default is None is chosen at run time and taken as it is now."""
+    ckpt = load_checkpoint(path, formats)
+    now = plain_values(args)
+    saved = {**{k: now.get(k) if v is None else v for k, v in defaults.items()}, **ckpt["args"]}
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
+               for k in sorted(saved.keys() | now.keys()) if k not in may_change and saved.get(k) != now.get(k)]
+    if changed:
+        raise UsageError(f"{path} comes from a different run ({', '.join(changed)}); "
+                         "use another --out-dir or the same settings.")
+    saved_data = ckpt.get("data", data)  # checkpoints written before the fingerprint have none
+    if saved_data != data:
+        then, now = saved_data["images"], data["images"]
+        differ = f"{then} then, {now} now" if then != now else f"{now} then and now, under other names"
+        raise UsageError(f"{path} comes from a run on other images ({differ}); use another --out-dir or the same images.")
+    return ckpt
+
+
+def checkpoint_state(fmt, args, step, steps_per_epoch, feature_dim, backbone, optimizer, scaler, info, data,
+                     batchnorm_batch, **parts):
+    """The checkpoint of a training script (spec section 8): what every format shares, and parts."""
+    return {"format": fmt, "version": CHECKPOINT_VERSION, "arch": args.arch, "small_stem": args.small_stem,
+            "feature_dim": feature_dim, "args": plain_values(args), "epoch": step // steps_per_epoch, "step": step,
+            "backbone": backbone.state_dict(), **parts, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size,
+            "data": data, "batchnorm_batch": batchnorm_batch}
+
+
+def restore_checkpoint(ckpt, path, modules, optimizer, scaler):
+    """Load a resumed run's modules ({key: (module, what it is)}), optimizer and scaler from its
+    checkpoint, strictly; returns the step it had reached."""
+    for key, (module, what) in modules.items():
+        load_strict(module, ckpt[key], f"{what} in {path}")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["step"])
+
+
+def require_same_batchnorm_batch(ckpt, now, path):
+    """BatchNorm normalises over each rank's images unless SyncBatchNorm does so over all ranks': a
+    resumed run on another number of ranks (or with --sync-bn changed) would train another way."""
+    then = ckpt.get("batchnorm_batch", now)  # checkpoints written before this check have none
+    if then != now:
+        raise UsageError(f"{path} was trained with BatchNorm over {then} images at a time and this run would use "
+                         f"{now} (another number of ranks, or --sync-bn changed); resume as it ran.")
+
+
+def require_folder(path, flag):
+    """An output folder, made if needed and proven writable by a temporary file: a path taken by a file,
+    a read-only file system or a folder without permission is one clear error before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be created ({e.strerror}).") from None
+    try:
+        tempfile.NamedTemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror}).") from None
+
+
+HELD_LOCKS = []  # the open lock files of lock_folder; run_main closes them, which releases the locks
+
+
+def _close_held_locks():
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().close()
+
+
+def lock_folder(path, flag):
+    """Refuse a second run on an output folder while one runs in it: an exclusive flock on <path>/run.lock,
+    which the kernel releases when the process ends, by kill -9 too, or when run_main returns. The file
+    names the holder (pid, host, start, command), so that the refusal can name it."""
+    lock = open(Path(path) / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UsageError(f"{flag} {path} is in use by another run ({holder}); wait for it to end or give another "
+                         f"{flag}.") from None
+    except OSError as e:  # a file system without locks (some network ones): run, but say what is missing
+        lock.close()
+        print(f"warning: {flag} {path} cannot be locked ({e.strerror}); a second run on it "
+              "at the same time would not be refused.", file=sys.stderr)
+        return
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}: "
+               f"{shlex.join(sys.argv)}\n")
+    lock.flush()
+    HELD_LOCKS.append(lock)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading images and seeding samples
+# ------------------------------------------------------------------------------------------------
+
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
+NAMED_SKIPS = 5  # unreadable training images named in the log per run; any further ones are only counted
+
+
+def image_path(images, index):
+    """Where images[index] is, for a message: an ImageFolder file's path as the user can open it (under
+    --data, as given), else the image's name (an index), through Subset wrappers."""
+    while isinstance(images, torch.utils.data.Subset):
+        images, index = images.dataset, images.indices[index]
+    return images.paths[index] if hasattr(images, "paths") else images.names[index]
+
+
+def read_error(error):
+    """Why a file could not be read, in a few words, from what reading it raised (one of READ_ERRORS)."""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"over PIL's pixel limit of {2 * Image.MAX_IMAGE_PIXELS} pixels"
+    if isinstance(error, OSError) and error.errno is not None:  # from the file system, not from PIL
+        return f"cannot be opened ({error.strerror})"
+    if isinstance(error, UnidentifiedImageError):  # its message shows only a file object
+        return "corrupt or not an image (of no format PIL knows)"
+    return f"corrupt or not an image ({type(error).__name__}: {error})"
+
+
+def read_image(images, index):
+    """images[index], or the next readable one if that file cannot be read. Returns (image, label,
+    skipped), skipped the files passed over, each as "path: why", so that the caller can count and
+    name them instead of dying on them. The scripts call it once before training, so that a data set
+    of which no image can be read is one clear error."""
+    skipped = []
+    for offset in range(len(images)):
+        at = (index + offset) % len(images)
+        try:
+            image, label = images[at]
+            return image, label, skipped
+        except READ_ERRORS as e:
+            skipped.append(f"{image_path(images, at)}: {read_error(e)}")
+    raise UsageError(f"none of the {len(images)} images of the data set can be read, e.g. {skipped[0]}.")
+
+
+class SkippedImages:
+    """The training images read_image passed over, as the loaders report them with each batch: the
+    number (counts, a tensor) and, from the workers, the files (unread: per sample, its "path: why"
+    lines). The first NAMED_SKIPS files are named in the log, the rest only counted."""
+
+    def __init__(self, log):
+        self.log, self.total, self.named = log, 0, 0
+
+    def add(self, counts, unread):
+        self.total += int(counts.sum())
+        for line in "\n".join(text for text in unread if text).splitlines():
+            self.named += 1
+            if self.named <= NAMED_SKIPS:
+                self.log.print(f"skipped unreadable training image {line}")
+            elif self.named == NAMED_SKIPS + 1:
+                self.log.print(f"skipped more than {NAMED_SKIPS} unreadable training images: "
+                               "from here on they are only counted (skipped in the log lines)")
+
+
+def rgb(image):
+    """Any PIL image as RGB. 16- and 32-bit integer greys (mode I;16, I) are scaled to 8 bits first,
+    as if 65535 were white: convert("RGB") would clip everything above 255 to white."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
+def sample_seed(seed, epoch, index):
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+
+
+@contextlib.contextmanager
+def sample_rng(seed):
+    """The CPU generator, which the transforms draw from, seeded for one sample and restored after.
+    Only that one: torch.manual_seed also queues a CUDA seeding, formatting a stack trace each time in a
+    loader worker, where CUDA is not initialised (about 80 us, a tenth of a 28-px pair's two views)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def finite_float(text):
+    """argparse type: a float that is a number; nan or inf would reach the schedule or the loss."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it is a value: None means "chosen from the data or the device",
+    which the help text says."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def require_at_least(least, args, *names):
+    """One clear error for the first of these options that is below least."""
+    for name in names:
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}.")
+
+
+def require_two_classes(num_classes, data, what, hint=""):
+    """A classifier or a kNN vote over one class is always right: its 100% would measure nothing."""
+    if num_classes < 2:
+        raise UsageError(f"{what} needs at least two classes; {data} has {num_classes}, over which every answer "
+                         f"is right{hint}.")
+
+
+
+# What a resumed run may change of the shared flags: where and how it runs, and how often it logs and saves.
+RUN_FLAGS = ("data_dir", "out_dir", "device", "workers", "compile", "compile_backend", "amp", "channels_last",
+             "max_steps", "save_every", "log_every")
+
+
+def add_shared_flags(parser, data_names, out_dir=None, from_checkpoint=False):
+    """The flags every script takes, defined once: the data, the device and its speed settings, the seed;
+    with out_dir (the training scripts' default folder), compile, the run's folder, its length and how often
+    it logs and saves. from_checkpoint: the data flags default to the checkpoint's (the evaluations)."""
+    a = parser.add_argument
+    own = "; default: the checkpoint's for its data, else " if from_checkpoint else None
+    a("--data", default=None if from_checkpoint else "fashion-mnist",
+      help="ImageFolder root (its train/, and val/ to evaluate on) or one of: " + ", ".join(data_names)
+           + ("; default: the checkpoint's, else fashion-mnist" if from_checkpoint else ""))
+    a("--data-dir", default=None if from_checkpoint else "data",
+      help="where named data sets are read from or downloaded to" + (own + "data" if own else ""))
+    a("--synthetic-size", type=int, default=None if from_checkpoint else 1024,
+      help="number of training images of --data synthetic" + (own + "1024" if own else ""))
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
+    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    a("--seed", type=int, default=0,
+      help="seeds every random draw: the weights, the data order and subsets, every augmentation")
+    if out_dir is None:
+        return
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
+    a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
+    a("--out-dir", default=out_dir, help="checkpoint.pth and log.jsonl go here; an existing checkpoint is resumed")
+    a("--max-steps", type=int, default=0,
+      help="stop after this many optimizer steps in total (resumed ones included); the schedule still follows --epochs")
+    a("--save-every", type=int, default=200,
+      help="write the checkpoint every this many optimizer steps (and at each epoch end)")
+    a("--log-every", type=int, default=20, help="log every this many optimizer steps")
+
+
+def resolve_speed_flags(args, env):
+    """The speed settings left out: on CUDA torch.compile (where the script compiles), bf16 autocast and
+    channels_last, with cuDNN's autotuner and TF32 convolutions (matmuls stay exact float32); on the CPU
+    none of them."""
+    cuda = env.device.type == "cuda"
+    if hasattr(args, "compile"):
+        args.compile = cuda if args.compile is None else args.compile
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+    return args
+
+
+def announce(log, prog, env, args, **record):
+    """A run's first lines: the code, the processes, the device and torch, then every argument; and the
+    same as the start record of log.jsonl (with record's fields). Returns the git SHA."""
+    sha = git_sha()
+    cuda = env.device.type == "cuda"
+    log.print(f"{prog} git {sha} | world size {env.world_size} | device {env.device}"
+              f"{' (' + torch.cuda.get_device_name(env.device) + ')' if cuda else ''} | torch {torch.__version__}")
+    log.print("args " + json.dumps(plain_values(args)))
+    log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(env.device),
+              "args": plain_values(args), **record})
+    return sha
+
+
+def data_loader(dataset, batch_size, workers, device, persistent=True, **kwargs):
+    """A DataLoader whose workers ignore stop signals (so that the loop can save), pinned for CUDA, and,
+    with persistent, kept across epochs with four batches a worker in flight."""
+    persistent = persistent and workers > 0
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=persistent, prefetch_factor=4 if persistent else None,
+                      worker_init_fn=ignore_stop_signals, **kwargs)
