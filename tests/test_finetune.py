@@ -188,21 +188,34 @@ def test_a_loss_over_twice_chance_level_warns_once_that_the_lr_is_too_high(lr, w
     assert out.count("the learning rate is likely too high for this data; try a lower --lr") == warnings
 
 
-def test_left_out_data_and_size_are_the_resumed_runs_then_the_pretraining_checkpoints_then_the_defaults(pretrained):
+def test_the_default_lr_is_0_03_on_the_named_small_data_sets_and_the_patents_0_3_otherwise_as_help_says(
+        classifier, tmp_path):
+    parser = finetune.get_parser()
+    for argv, lr in ((["--data", "fashion-mnist"], 0.03), (["--data", "cifar100"], 0.03), ([], 0.03),
+                     (["--data", str(tmp_path)], 0.3), (["--data", "fashion-mnist", "--lr", "0.3"], 0.3)):
+        assert finetune.resolve_sources(parser.parse_args(["--random-init", *argv]), None, {}).lr == lr, argv
+    text = " ".join(parser.format_help().split())
+    assert "default: 0.03 on the named small data sets" in text and "diverges" in text and "else 0.3" in text
+    ckpt = load(classifier)  # fine-tuned on synthetic data without --lr, 2 steps
+    head = ckpt["optimizer"]["param_groups"][0]
+    assert ckpt["args"]["lr"] == 0.03 and head["lr"] == pytest.approx(0.03 * 0.5)  # the last step's: cosine at 1 of 2
+
+
+def test_left_out_flags_take_the_resumed_runs_values_then_the_pretraining_checkpoints_then_the_defaults(pretrained):
     parser = finetune.get_parser()
     start = load(pretrained)  # synthetic, 64 images of 16 px
     start["args"]["data_dir"] = "pretraining-data"
 
     def resolved(argv, resumed):
         args = finetune.resolve_sources(parser.parse_args(["--ckpt", str(pretrained), *argv]), start, resumed)
-        return args.data, args.data_dir, args.synthetic_size, args.img_size
+        return args.data, args.data_dir, args.synthetic_size, args.img_size, args.lr
 
-    assert resolved([], {}) == ("synthetic", "pretraining-data", 64, 16)
-    assert resolved(["--data", "cifar10"], {}) == ("cifar10", "data", 1024, 16)  # the size is still the backbone's
-    assert resolved(["--data", "/imagenet", "--img-size", "224"], {}) == ("/imagenet", "data", 1024, 224)
-    old = {"data": "fashion-mnist", "data_dir": "data", "synthetic_size": 1024, "img_size": 28}
-    assert resolved([], old) == ("fashion-mnist", "data", 1024, 28)  # as that run was started
-    assert resolved(["--img-size", "16"], old)[-1] == 16  # given: the resume guard refuses it
+    assert resolved([], {}) == ("synthetic", "pretraining-data", 64, 16, 0.03)
+    assert resolved(["--data", "cifar10"], {}) == ("cifar10", "data", 1024, 16, 0.03)  # the size is still the backbone's
+    assert resolved(["--data", "/imagenet", "--img-size", "224"], {}) == ("/imagenet", "data", 1024, 224, 0.3)
+    old = {"data": "fashion-mnist", "data_dir": "data", "synthetic_size": 1024, "img_size": 28, "lr": 0.3}
+    assert resolved([], old) == ("fashion-mnist", "data", 1024, 28, 0.3)  # as that run was started
+    assert resolved(["--lr", "0.1"], old)[-1] == 0.1  # given: the resume guard refuses it
 
 
 def test_fine_tuning_takes_the_data_and_size_the_checkpoint_was_pretrained_on_where_none_is_given(pretrained, tmp_path):
@@ -278,9 +291,10 @@ def test_linear_probe_check_rejects_a_backbone_that_moved():
 
 def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(pretrained, tmp_path):
     run = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "2",  # 2 steps per epoch
-           "--lr", "0.3", "--lr-backbone", "0.03"]
-    whole = load(finetune.main(run + ["--out-dir", str(tmp_path / "whole")]))
-    interrupted = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts"), "--max-steps", "3"]))
+           "--lr-backbone", "0.03"]
+    lr = ["--lr", "0.3"]  # as a run started when 0.3 was the default: resumed without --lr, it keeps its rate
+    whole = load(finetune.main(run + lr + ["--out-dir", str(tmp_path / "whole")]))
+    interrupted = load(finetune.main(run + lr + ["--out-dir", str(tmp_path / "parts"), "--max-steps", "3"]))
     assert interrupted["step"] == 3  # stopped inside the second epoch
     resumed = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts")]))
     logged = [r["step"] for r in map(json.loads, (tmp_path / "parts" / "log.jsonl").read_text().splitlines())
@@ -305,7 +319,7 @@ def test_resuming_with_another_start_subset_or_learning_rate_is_refused_and_leav
     other.write_bytes(pretrained.read_bytes())
     for changed, message in ((["--ckpt", str(other)], f"--ckpt {pretrained} -> {other}"),
                              (["--label-fraction", "0.5"], "--label-fraction 0.25 -> 0.5"),
-                             (["--lr", "0.1"], "--lr 0.3 -> 0.1")):
+                             (["--lr", "0.1"], "--lr 0.03 -> 0.1")):
         with pytest.raises(SystemExit) as exc:
             finetune.main(finished + changed)
         err = capsys.readouterr().err
