@@ -244,13 +244,10 @@ def get_parser():
         formatter_class=runtime.HelpFormatter)
     a = p.add_argument
     a("--ckpt", help="checkpoint of mdra.py (format 'mdra') or finetune.py ('mdra-classifier')")
-    a("--arch", default=None, help="backbone architecture; default: the checkpoint's (resnet50 without one)")
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument("--random-init", action="store_true",
                           help="baseline: the same architecture untrained (seeded by --seed): what pretraining bought")
     baseline.add_argument("--pixels", action="store_true", help="baseline: the normalised pixels as features")
-    a("--img-size", type=mdra.crop_size, default=None,
-      help="crop size; default: the checkpoint's, else the data set's own. " + mdra.IMG_SIZE_MINIMUM)
     a("--k", type=int, nargs="+", default=list(knn.DEFAULT_KS), help="numbers of neighbours; all share one top-k search")
     a("--knn-subset", type=int, default=0, metavar="N",
       help="a bank of N train images drawn with --seed (0: all), as mdra.py --knn-subset N draws its monitor's with "
@@ -267,6 +264,7 @@ def get_parser():
       help="vote on the features saved by --save-features instead of extracting them")
     a("--out", default=None, help="JSON file of the results; default: knn.json next to the checkpoint "
                                   "(knn_random-init.json, knn_pixels.json for the baselines)")
+    mdra.add_network_flags(p, from_checkpoint=True, small_stem=False)
     runtime.add_shared_flags(p, mdra.SMALL_DATASETS, from_checkpoint=True)
     return p
 

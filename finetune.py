@@ -714,12 +714,6 @@ def get_parser():
     a("--eval-every", type=int, default=1, metavar="EPOCHS", help="evaluate every this many epochs, and after the last")
     a("--linear", action="store_true",
       help="linear probe: only the classifier learns; the backbone is frozen, BatchNorm in eval mode")
-    a("--arch", default=None, help="backbone for --random-init (default resnet50); with --ckpt, the checkpoint's")
-    a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
-      help="3x3 stride-1 stem without max-pool; with --ckpt, the checkpoint's; else on for small images")
-    a("--img-size", type=mdra.crop_size, default=None,
-      help="crop size; default: the pretraining checkpoint's, else the data set's native size (224 for ImageFolder). "
-           + mdra.IMG_SIZE_MINIMUM)
     a("--epochs", type=int, default=100, help="length of the schedule")
     a("--batch-size", type=int, default=256, help="global batch over all ranks")
     a("--lr", type=runtime.finite_float, default=None,
@@ -733,6 +727,7 @@ def get_parser():
       help="write the classifier for use without this code: .pt (TorchScript) or .pt2 (torch.export)")
     a("--predict", nargs="+", default=None, metavar="PATH",
       help="image files or folders to classify: prints each one's top-5 classes with probabilities")
+    mdra.add_network_flags(p, from_checkpoint=True)
     runtime.add_shared_flags(p, mdra.SMALL_DATASETS, out_dir="runs/finetune", from_checkpoint=True)
     return p
 

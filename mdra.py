@@ -1,9 +1,11 @@
 """MDRA: Multi-Dimensional Relation Alignment, self-supervised pretraining.
 
-The whole method in one file: two augmented views, an online encoder (backbone f, projector g,
-predictor h) trained by back-propagation, an offline encoder (f', g') that is its moving average, a
-queue of past offline embeddings as negatives, and the relation-alignment loss computed in G
-subspaces (MDRA_SPEC.md sections 2-6 and 8).
+The whole method in one file, read top to bottom: the loss (two augmented views, an online encoder
+(backbone f, projector g, predictor h) trained by back-propagation, an offline encoder (f', g') that is
+its moving average, a queue of past offline embeddings as negatives, the relation alignment computed in
+G subspaces), the networks, the optimizer, the data and the training loop (MDRA_SPEC.md sections 2-6
+and 8). The machinery it shares with eval_knn.py and finetune.py (processes, signals, logging,
+checkpoints, the shared flags) is runtime.py's; the weighted kNN of its monitor is knn.py's.
 
 Launch:
     python mdra.py --data fashion-mnist --arch resnet18 --epochs 1       # one process, CPU or GPU
@@ -702,226 +704,6 @@ def epoch_batches(loader, device_views, epoch, start_batch):
 
 
 # ------------------------------------------------------------------------------------------------
-# The kNN monitor (--knn-every, spec section 7)
-# ------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def monitor_datasets(data, data_dir, synthetic_size, img_size):
-    """Built once per run: listing an ImageFolder of a million files takes a while."""
-    bank_images, info = build_dataset(data, data_dir, "train", synthetic_size, img_size)
-    query_images, _ = build_dataset(data, data_dir, "val", synthetic_size, img_size)
-    return bank_images, query_images, info
-
-
-def knn_monitor(backbone, args, env):
-    """Weighted kNN (k = 20, or the bank size if smaller) of the backbone during pretraining:
-    {"top1@20": %, "top5@20": %}.
-
-    args: mdra.py's resolved arguments (data, data_dir, synthetic_size, img_size, knn_subset,
-    batch_size, workers, amp, channels_last, seed); env: its runtime.DistEnv. Every rank must call it.
-    The bank is --knn-subset train images (a subset seeded by --seed, or all) kept in host memory, so
-    it never competes with training for GPU memory. The backbone runs in eval mode (BatchNorm running
-    statistics, which it therefore does not update) and gets its modes back; nothing here draws from
-    the global random generators, so training continues exactly as without the monitor.
-    """
-    bank_images, query_images, info = monitor_datasets(args.data, args.data_dir, args.synthetic_size, args.img_size)
-    bank_indices = knn.bank_subset(len(bank_images), args.knn_subset, args.seed)
-    k = min(knn.MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank
-    query_indices = torch.arange(len(query_images))[knn.shard(len(query_images), env)]
-    transform = eval_transform(info, args.img_size)
-    extract = functools.partial(knn.extract_features, backbone, env=env,
-                                batch_size=max(1, args.batch_size // env.world_size), workers=args.workers,
-                                amp=args.amp, channels_last=args.channels_last)
-    modes = [(module, module.training) for module in backbone.modules()]
-    backbone.eval()
-    try:
-        bank_shard = bank_indices[knn.shard(len(bank_indices), env)].tolist()
-        bank = knn.gather_rows(extract(CentreCrops(Subset(bank_images, bank_shard), transform), out_device="cpu"), env)
-        queries = extract(CentreCrops(Subset(query_images, query_indices.tolist()), transform), out_device=env.device)
-    finally:
-        for module, training in modes:
-            module.training = training
-    bank_labels = torch.tensor(bank_images.targets)[bank_indices]
-    query_labels = torch.tensor(query_images.targets)[query_indices]
-    (top1, top5), = knn.knn_accuracy(bank, bank_labels, queries, query_labels, info.num_classes, [k],
-                                     0.07, knn.DEFAULT_CHUNK_MB, env).values()
-    return {f"top1@{k}": top1, f"top5@{k}": top5}
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
-
-# The sentence of every script's --img-size help that names the minimum.
-IMG_SIZE_MINIMUM = (f"At least {min_img_size(small_stem=True)} px ({min_img_size(small_stem=False)} with the ImageNet "
-                    "stem), the factor by which the network downsamples.")
-
-
-def crop_size(text):
-    """argparse type of --img-size: at least the small stem's minimum; the ImageNet stem's is checked
-    once the stem is known (require_img_size)."""
-    value, least = int(text), min_img_size(small_stem=True)
-    if value < least:
-        raise argparse.ArgumentTypeError(f"{value} px is below {least}, the smallest crop a ResNet here can process: "
-                                         f"even with the small stem it downsamples {least}x")
-    return value
-
-
-def get_parser():
-    p = argparse.ArgumentParser(
-        prog="mdra.py", formatter_class=runtime.HelpFormatter,
-        description="MDRA self-supervised pretraining. The defaults are the patent's ImageNet run once --data "
-                    "names ImageNet; without --data, Fashion-MNIST with the small-data preset (the quick start).")
-    a = p.add_argument
-    a("--arch", default="resnet50", help="any torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2")
-    a("--img-size", type=crop_size, default=None,
-      help="crop size; default: 224, or the native size of a small data set. " + IMG_SIZE_MINIMUM)
-    a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
-      help="3x3 stride-1 stem without max-pool; default: on for small data sets and images <= 64 px")
-    a("--epochs", type=int, default=200, help="length of the schedule")
-    a("--batch-size", type=int, default=None,
-      help="global micro-batch over all ranks; default 512 (ImageNet) or 256 (small data)")
-    a("--accum-steps", type=int, default=None,
-      help="micro-batches per optimizer step; default 8 (ImageNet: 512 x 8 = 4096) or 1 (small data)")
-    a("--lr", type=runtime.finite_float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
-    a("--weight-decay", type=runtime.finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
-    a("--warmup-epochs", type=runtime.finite_float, default=10, help="linear warm-up before the cosine decay")
-    a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
-    a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is an ablation: plain relation alignment (without spec section 4)")
-    a("--tau", type=runtime.finite_float, default=0.04, help="temperature of the online relation P")
-    a("--mu", type=runtime.finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
-    a("--momentum", type=runtime.finite_float, default=0.99, help="EMA momentum m of the offline encoder")
-    a("--sinkhorn-iters", type=int, default=3,
-      help="Sinkhorn-Knopp iterations; 0 is an ablation without the balance constraint (spec section 3): "
-           "R is a plain row softmax of K/mu, as in ReSSL")
-    a("--predictor", action=argparse.BooleanOptionalAction, default=True,
-      help="the online predictor h (spec sections 2-3); --no-predictor is an ablation: q = g(f(v))")
-    a("--cross", action=argparse.BooleanOptionalAction, default=True,
-      help="cross alignment (spec section 3): each view's online relation is pulled towards the other view's "
-           "offline one; --no-cross is an ablation that pulls it towards its own view's")
-    a("--solarize", type=runtime.finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
-    a("--gpu-aug", action="store_true",
-      help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
-    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-      help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
-    a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
-    a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
-    a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")
-    runtime.add_shared_flags(p, SMALL_DATASETS, out_dir="runs/mdra")
-    return p
-
-
-def resolve_args(args, info, env):
-    """Fill the data-dependent defaults (spec section 6) and check what cannot work."""
-    small = info.small
-    defaults = {"img_size": info.native_size, "batch_size": 256 if small else 512, "accum_steps": 1 if small else 8,
-                "queue_size": 4096 if small else 65536}
-    for name, value in defaults.items():
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    if args.small_stem is None:
-        args.small_stem = small or args.img_size <= 64
-    cuda = env.device.type == "cuda"
-    runtime.resolve_speed_flags(args, env)
-    args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
-    require_img_size(args.img_size, args.small_stem)
-    runtime.require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
-                     "log_every", "save_every")
-    runtime.require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
-                     "lr", "weight_decay", "sinkhorn_iters")
-    for name in ("tau", "mu"):
-        if not getattr(args, name) > 0:
-            raise runtime.UsageError(f"--{name} {getattr(args, name)} must be positive.")
-    for name in ("momentum", "solarize"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise runtime.UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
-    if EMBED_DIM % args.groups:
-        raise runtime.UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
-    if args.batch_size % env.world_size:
-        raise runtime.UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
-    if args.queue_size % args.batch_size:
-        raise runtime.UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
-    if args.sync_bn and env.world_size > 1 and not cuda:
-        raise runtime.UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
-    return args
-
-
-os.register_at_fork(after_in_child=runtime._close_held_locks)  # a loader worker would keep a killed run's lock alive
-
-
-def require_img_size(img_size, small_stem):
-    """One clear error for a crop the backbone would shrink to padding (min_img_size)."""
-    least = min_img_size(small_stem)
-    if img_size < least:
-        raise runtime.UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
-                         f"{'small' if small_stem else 'ImageNet'} stem's network can process (it downsamples "
-                         f"{least}x){'' if small_stem else '; use the small stem or a larger crop'}.")
-
-
-# ------------------------------------------------------------------------------------------------
-# What a run shows: its closing lines
-# ------------------------------------------------------------------------------------------------
-
-SUMMARY_POINTS = 3  # log points averaged at each end of the run, so that one batch's noise does not decide
-COLLAPSED_RANK = 0.1  # RankMe below this share of its maximum: the embedding is collapsing (towards rank 1)
-# The run that shows learning on Fashion-MNIST, as measured (README, "Results on Fashion-MNIST": 8.3 s
-# per epoch on one H100, plus four kNN evaluations), and kNN top-1 at k = 20 with the whole training
-# set as the bank: after the quick start's 30 steps, untrained, and after that run.
-LEARNING_EPOCHS, LEARNING_TIME = 80, "about 12 minutes on one H100"
-LEARNING_COMMAND = ("python3 mdra.py --data fashion-mnist --arch resnet18 --epochs 80 --warmup-epochs 4 "
-                    "--knn-every 20 --workers 15 --no-compile --out-dir runs/fm80")
-KNN_QUICK_START, KNN_UNTRAINED, KNN_LEARNT = 76.27, 81.55, 87.56
-
-
-def logged_steps(path):
-    """The step records of log.jsonl behind the weights a run ends with, in step order. A run's start
-    record names the step it began at: a fresh run (step 0) drops what an earlier run left in the
-    folder, and a resumed one the steps logged after the checkpoint it resumed from."""
-    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
-    records = {}
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when a run was killed
-            continue
-        if record.get("event") == "start":  # logs written before start records named a step keep everything
-            records = {step: r for step, r in records.items() if step <= record.get("step", math.inf)}
-        elif "event" not in record:
-            records[record["step"]] = record
-    return [records[step] for step in sorted(records)]
-
-
-def closing_lines(records, rank_max, ckpt_path, data, epochs, images_per_epoch):
-    """What the run's loss and RankMe show, and what they do not: the first SUMMARY_POINTS log points
-    against the last ones. epochs: the epochs trained (a fraction after --max-steps)."""
-    n = min(SUMMARY_POINTS, len(records) // 2)
-    if n == 0:
-        return [f"{len(records)} log point(s), too few to compare the start with the end: log more often (--log-every)."]
-    first, last = records[:n], records[-n:]
-
-    def mean(part, key):
-        return sum(r[key] for r in part) / n
-
-    loss, rank = (mean(first, "loss"), mean(last, "loss")), (mean(first, "rankme"), mean(last, "rankme"))
-    lines = [f"steps {first[0]['step']}-{first[-1]['step']} against {last[0]['step']}-{last[-1]['step']} "
-             f"(means of {n} log points): loss {loss[0]:.4f} -> {loss[1]:.4f}, "
-             f"RankMe {rank[0]:.1f} -> {rank[1]:.1f} of {rank_max}",
-             ("The loss fell: the objective is being optimised; " if loss[1] < loss[0] else
-              "The loss did not fall: the objective is not (yet) being optimised; ") +
-             ("RankMe is far from 1: the embedding has not collapsed." if rank[1] >= COLLAPSED_RANK * rank_max else
-              f"RankMe is below {COLLAPSED_RANK:.0%} of its maximum: the embedding is collapsing."),
-             "Neither shows that the features are useful; a kNN against the same network untrained does: "
-             f"python3 eval_knn.py --ckpt {shlex.quote(str(ckpt_path))}, then the same with --random-init."]
-    if data == "fashion-mnist" and epochs < LEARNING_EPOCHS:
-        rate = sum(r["pairs_per_s"] for r in last) / n
-        hours = LEARNING_EPOCHS * images_per_epoch / rate / 3600
-        lines.append(f"A run this short is not expected to beat it (the quick start's 30 steps: kNN top-1 "
-                     f"{KNN_QUICK_START}%, untrained {KNN_UNTRAINED}%); {LEARNING_EPOCHS} epochs reach {KNN_LEARNT}%, "
-                     f"{LEARNING_TIME} or {hours:.0f} hours at this run's {rate:.0f} pairs/s: {LEARNING_COMMAND}")
-    return lines
-
-
-# ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 
@@ -1118,8 +900,10 @@ def end_epoch(run, epoch, loss, seconds, control):
         backbone = run.online.encoder.backbone
         if env.world_size > 1:
             runtime.broadcast_buffers(backbone)
+        tic = time.perf_counter()
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # training's randomness untouched
             record["knn"] = knn_monitor(backbone, args, env)
+        run.tic += time.perf_counter() - tic  # the next log line's speed and eta leave the monitor out
         run.log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in record["knn"].items()))
     run.log.json(record)
     runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)  # a signal during the monitor
@@ -1166,6 +950,238 @@ def train(args):
                                   run.step / run.steps_per_epoch, run.steps_per_epoch * run.batch_images):
             log.print(line)
     return run.ckpt_path
+
+
+# ------------------------------------------------------------------------------------------------
+# The kNN monitor (--knn-every, spec section 7)
+# ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def monitor_datasets(data, data_dir, synthetic_size, img_size):
+    """Built once per run: listing an ImageFolder of a million files takes a while."""
+    bank_images, info = build_dataset(data, data_dir, "train", synthetic_size, img_size)
+    query_images, _ = build_dataset(data, data_dir, "val", synthetic_size, img_size)
+    return bank_images, query_images, info
+
+
+def knn_monitor(backbone, args, env):
+    """Weighted kNN (k = 20, or the bank size if smaller) of the backbone during pretraining:
+    {"top1@20": %, "top5@20": %}.
+
+    args: mdra.py's resolved arguments (data, data_dir, synthetic_size, img_size, knn_subset,
+    batch_size, workers, amp, channels_last, seed); env: its runtime.DistEnv. Every rank must call it.
+    The bank is --knn-subset train images (a subset seeded by --seed, or all) kept in host memory, so
+    it never competes with training for GPU memory. The backbone runs in eval mode (BatchNorm running
+    statistics, which it therefore does not update) and gets its modes back; nothing here draws from
+    the global random generators, so training continues exactly as without the monitor.
+    """
+    bank_images, query_images, info = monitor_datasets(args.data, args.data_dir, args.synthetic_size, args.img_size)
+    bank_indices = knn.bank_subset(len(bank_images), args.knn_subset, args.seed)
+    k = min(knn.MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank
+    query_indices = torch.arange(len(query_images))[knn.shard(len(query_images), env)]
+    transform = eval_transform(info, args.img_size)
+    extract = functools.partial(knn.extract_features, backbone, env=env,
+                                batch_size=max(1, args.batch_size // env.world_size), workers=args.workers,
+                                amp=args.amp, channels_last=args.channels_last)
+    modes = [(module, module.training) for module in backbone.modules()]
+    backbone.eval()
+    try:
+        bank_shard = bank_indices[knn.shard(len(bank_indices), env)].tolist()
+        bank = knn.gather_rows(extract(CentreCrops(Subset(bank_images, bank_shard), transform), out_device="cpu"), env)
+        queries = extract(CentreCrops(Subset(query_images, query_indices.tolist()), transform), out_device=env.device)
+    finally:
+        for module, training in modes:
+            module.training = training
+    bank_labels = torch.tensor(bank_images.targets)[bank_indices]
+    query_labels = torch.tensor(query_images.targets)[query_indices]
+    (top1, top5), = knn.knn_accuracy(bank, bank_labels, queries, query_labels, info.num_classes, [k],
+                                     0.07, knn.DEFAULT_CHUNK_MB, env).values()
+    return {f"top1@{k}": top1, f"top5@{k}": top5}
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run shows: its closing lines
+# ------------------------------------------------------------------------------------------------
+
+SUMMARY_POINTS = 3  # log points averaged at each end of the run, so that one batch's noise does not decide
+COLLAPSED_RANK = 0.1  # RankMe below this share of its maximum: the embedding is collapsing (towards rank 1)
+# The run that shows learning on Fashion-MNIST, as measured (README, "Results on Fashion-MNIST": 8.3 s
+# per epoch on one H100, plus four kNN evaluations), and kNN top-1 at k = 20 with the whole training
+# set as the bank: after the quick start's 30 steps, untrained, and after that run.
+LEARNING_EPOCHS, LEARNING_TIME = 80, "about 12 minutes on one H100"
+LEARNING_COMMAND = ("python3 mdra.py --data fashion-mnist --arch resnet18 --epochs 80 --warmup-epochs 4 "
+                    "--knn-every 20 --workers 15 --no-compile --out-dir runs/fm80")
+KNN_QUICK_START, KNN_UNTRAINED, KNN_LEARNT = 76.27, 81.55, 87.56
+
+
+def logged_steps(path):
+    """The step records of log.jsonl behind the weights a run ends with, in step order. A run's start
+    record names the step it began at: a fresh run (step 0) drops what an earlier run left in the
+    folder, and a resumed one the steps logged after the checkpoint it resumed from."""
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    records = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when a run was killed
+            continue
+        if record.get("event") == "start":  # logs written before start records named a step keep everything
+            records = {step: r for step, r in records.items() if step <= record.get("step", math.inf)}
+        elif "event" not in record:
+            records[record["step"]] = record
+    return [records[step] for step in sorted(records)]
+
+
+def closing_lines(records, rank_max, ckpt_path, data, epochs, images_per_epoch):
+    """What the run's loss and RankMe show, and what they do not: the first SUMMARY_POINTS log points
+    against the last ones. epochs: the epochs trained (a fraction after --max-steps)."""
+    n = min(SUMMARY_POINTS, len(records) // 2)
+    if n == 0:
+        return [f"{len(records)} log point(s), too few to compare the start with the end: log more often (--log-every)."]
+    first, last = records[:n], records[-n:]
+
+    def mean(part, key):
+        return sum(r[key] for r in part) / n
+
+    loss, rank = (mean(first, "loss"), mean(last, "loss")), (mean(first, "rankme"), mean(last, "rankme"))
+    lines = [f"steps {first[0]['step']}-{first[-1]['step']} against {last[0]['step']}-{last[-1]['step']} "
+             f"(means of {n} log points): loss {loss[0]:.4f} -> {loss[1]:.4f}, "
+             f"RankMe {rank[0]:.1f} -> {rank[1]:.1f} of {rank_max}",
+             ("The loss fell: the objective is being optimised; " if loss[1] < loss[0] else
+              "The loss did not fall: the objective is not (yet) being optimised; ") +
+             ("RankMe is far from 1: the embedding has not collapsed." if rank[1] >= COLLAPSED_RANK * rank_max else
+              f"RankMe is below {COLLAPSED_RANK:.0%} of its maximum: the embedding is collapsing."),
+             "Neither shows that the features are useful; a kNN against the same network untrained does: "
+             f"python3 eval_knn.py --ckpt {shlex.quote(str(ckpt_path))}, then the same with --random-init."]
+    if data == "fashion-mnist" and epochs < LEARNING_EPOCHS:
+        rate = sum(r["pairs_per_s"] for r in last) / n
+        hours = LEARNING_EPOCHS * images_per_epoch / rate / 3600
+        lines.append(f"A run this short is not expected to beat it (the quick start's 30 steps: kNN top-1 "
+                     f"{KNN_QUICK_START}%, untrained {KNN_UNTRAINED}%); {LEARNING_EPOCHS} epochs reach {KNN_LEARNT}%, "
+                     f"{LEARNING_TIME} or {hours:.0f} hours at this run's {rate:.0f} pairs/s: {LEARNING_COMMAND}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+# The sentence of every script's --img-size help that names the minimum.
+IMG_SIZE_MINIMUM = (f"At least {min_img_size(small_stem=True)} px ({min_img_size(small_stem=False)} with the ImageNet "
+                    "stem), the factor by which the network downsamples.")
+
+
+def crop_size(text):
+    """argparse type of --img-size: at least the small stem's minimum; the ImageNet stem's is checked
+    once the stem is known (require_img_size)."""
+    value, least = int(text), min_img_size(small_stem=True)
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} px is below {least}, the smallest crop a ResNet here can process: "
+                                         f"even with the small stem it downsamples {least}x")
+    return value
+
+
+def add_network_flags(parser, from_checkpoint=False, small_stem=True):
+    """--arch, --img-size and (with small_stem) --small-stem, as every script takes them; from_checkpoint:
+    they default to the checkpoint's (the downstream scripts), else to the pretraining defaults."""
+    a = parser.add_argument
+    a("--arch", default=None if from_checkpoint else "resnet50",
+      help="any torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2"
+           + ("; default: the checkpoint's, else resnet50" if from_checkpoint else ""))
+    a("--img-size", type=crop_size, default=None,
+      help="crop size; default: " + ("the checkpoint's, else " if from_checkpoint else "")
+           + "the data set's native size (224 for an ImageFolder). " + IMG_SIZE_MINIMUM)
+    if small_stem:
+        a("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+          help="3x3 stride-1 stem without max-pool; default: " + ("the checkpoint's, else " if from_checkpoint else "")
+               + "on for small data sets and images <= 64 px")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(
+        prog="mdra.py", formatter_class=runtime.HelpFormatter,
+        description="MDRA self-supervised pretraining. The defaults are the patent's ImageNet run once --data "
+                    "names ImageNet; without --data, Fashion-MNIST with the small-data preset (the quick start).")
+    a = p.add_argument
+    a("--epochs", type=int, default=200, help="length of the schedule")
+    a("--batch-size", type=int, default=None,
+      help="global micro-batch over all ranks; default 512 (ImageNet) or 256 (small data)")
+    a("--accum-steps", type=int, default=None,
+      help="micro-batches per optimizer step; default 8 (ImageNet: 512 x 8 = 4096) or 1 (small data)")
+    a("--lr", type=runtime.finite_float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
+    a("--weight-decay", type=runtime.finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
+    a("--warmup-epochs", type=runtime.finite_float, default=10, help="linear warm-up before the cosine decay")
+    a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
+    a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is an ablation: plain relation alignment (without spec section 4)")
+    a("--tau", type=runtime.finite_float, default=0.04, help="temperature of the online relation P")
+    a("--mu", type=runtime.finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
+    a("--momentum", type=runtime.finite_float, default=0.99, help="EMA momentum m of the offline encoder")
+    a("--sinkhorn-iters", type=int, default=3,
+      help="Sinkhorn-Knopp iterations; 0 is an ablation without the balance constraint (spec section 3): "
+           "R is a plain row softmax of K/mu, as in ReSSL")
+    a("--predictor", action=argparse.BooleanOptionalAction, default=True,
+      help="the online predictor h (spec sections 2-3); --no-predictor is an ablation: q = g(f(v))")
+    a("--cross", action=argparse.BooleanOptionalAction, default=True,
+      help="cross alignment (spec section 3): each view's online relation is pulled towards the other view's "
+           "offline one; --no-cross is an ablation that pulls it towards its own view's")
+    a("--solarize", type=runtime.finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
+    a("--gpu-aug", action="store_true",
+      help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+      help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
+    a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
+    a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
+    a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")
+    add_network_flags(p)
+    runtime.add_shared_flags(p, SMALL_DATASETS, out_dir="runs/mdra")
+    return p
+
+
+def resolve_args(args, info, env):
+    """Fill the data-dependent defaults (spec section 6) and check what cannot work."""
+    small = info.small
+    defaults = {"img_size": info.native_size, "batch_size": 256 if small else 512, "accum_steps": 1 if small else 8,
+                "queue_size": 4096 if small else 65536}
+    for name, value in defaults.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    if args.small_stem is None:
+        args.small_stem = small or args.img_size <= 64
+    cuda = env.device.type == "cuda"
+    runtime.resolve_speed_flags(args, env)
+    args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
+    require_img_size(args.img_size, args.small_stem)
+    runtime.require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
+                     "log_every", "save_every")
+    runtime.require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
+                     "lr", "weight_decay", "sinkhorn_iters")
+    for name in ("tau", "mu"):
+        if not getattr(args, name) > 0:
+            raise runtime.UsageError(f"--{name} {getattr(args, name)} must be positive.")
+    for name in ("momentum", "solarize"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise runtime.UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
+    if EMBED_DIM % args.groups:
+        raise runtime.UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
+    if args.batch_size % env.world_size:
+        raise runtime.UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
+    if args.queue_size % args.batch_size:
+        raise runtime.UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
+    if args.sync_bn and env.world_size > 1 and not cuda:
+        raise runtime.UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
+    return args
+
+
+os.register_at_fork(after_in_child=runtime._close_held_locks)  # a loader worker would keep a killed run's lock alive
+
+
+def require_img_size(img_size, small_stem):
+    """One clear error for a crop the backbone would shrink to padding (min_img_size)."""
+    least = min_img_size(small_stem)
+    if img_size < least:
+        raise runtime.UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
+                         f"{'small' if small_stem else 'ImageNet'} stem's network can process (it downsamples "
+                         f"{least}x){'' if small_stem else '; use the small stem or a larger crop'}.")
 
 
 def main(argv=None):

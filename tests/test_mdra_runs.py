@@ -309,6 +309,9 @@ def test_the_ablations_train_and_a_checkpoint_from_before_their_flags_resumes(tm
     assert any(k.startswith("predictor.") for k in ckpt["online"])
     del ckpt["args"]["predictor"], ckpt["args"]["cross"]  # as a checkpoint written before these flags
     torch.save(ckpt, path)
+    with pytest.raises(SystemExit):  # it ran with their defaults: another value is another run
+        run(tmp_path / "old", "--max-steps", "2", "--no-cross")
+    assert "--cross True -> False" in capsys.readouterr().err
     assert load(run(tmp_path / "old", "--max-steps", "2"))["step"] == 2
     assert "resumed from" in capsys.readouterr().out
 
