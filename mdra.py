@@ -160,8 +160,44 @@ def mlp(in_dim, hidden_dim=HIDDEN_DIM, out_dim=EMBED_DIM):
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+class PerView:
+    """A BatchNorm layer that, in train mode, normalises each half of its batch (view 1, then view 2) as its
+    own batch: the running statistics move once per view, view 1 first, as in two separate passes. Its
+    parameters, buffers and state-dict keys are its torch class's (it is mixed in first, below)."""
+
+    def forward(self, x):
+        if not self.training:  # running statistics: each image alone, the same in one pass or two
+            return super().forward(x)
+        normalise = super().forward
+        return torch.cat([normalise(view) for view in x.chunk(2)])
+
+
+class PerViewBatchNorm1d(PerView, nn.BatchNorm1d):
+    pass
+
+
+class PerViewBatchNorm2d(PerView, nn.BatchNorm2d):
+    pass
+
+
+class PerViewSyncBatchNorm(PerView, nn.SyncBatchNorm):  # each view's statistics over all ranks' halves
+    pass
+
+
+PER_VIEW = {nn.BatchNorm1d: PerViewBatchNorm1d, nn.BatchNorm2d: PerViewBatchNorm2d,
+            nn.SyncBatchNorm: PerViewSyncBatchNorm}
+
+
+def two_views(net, v1, v2, one_pass):
+    """(net(v1), net(v2)): two passes, or one of torch.cat([v1, v2]) whose output is split again."""
+    if one_pass:
+        return net(torch.cat([v1, v2])).chunk(2)
+    return net(v1), net(v2)
+
+
 class Encoder(nn.Module):
     """Backbone f and projector g; the offline encoder is a moving-average copy of this."""
+    one_pass = False  # both views as one batch (both_views_in_one_pass)
 
     def __init__(self, backbone, width):
         super().__init__()
@@ -171,9 +207,13 @@ class Encoder(nn.Module):
     def forward(self, x):
         return self.projector(self.backbone(x))
 
+    def both(self, v1, v2):
+        return two_views(self, v1, v2, self.one_pass)
+
 
 class Online(nn.Module):
-    """The online branch: q = h(g(f(v))) for both views. Each view is its own batch for BatchNorm.
+    """The online branch: q = h(g(f(v))) for both views. Each view is its own batch for BatchNorm, in two
+    passes or in one (both_views_in_one_pass).
     Without a predictor (an ablation), h is the identity and q = g(f(v)); its state dict then has no
     predictor keys."""
 
@@ -183,7 +223,20 @@ class Online(nn.Module):
         self.predictor = mlp(EMBED_DIM) if predictor else nn.Identity()
 
     def forward(self, v1, v2):
-        return self.predictor(self.encoder(v1)), self.predictor(self.encoder(v2))
+        return two_views(lambda v: self.predictor(self.encoder(v)), v1, v2, self.encoder.one_pass)
+
+
+def both_views_in_one_pass(net):
+    """--one-pass: the encoders in net (an Encoder, or Online) run views 1 and 2 as one batch of 2B through
+    their convolutions and linear layers, and each BatchNorm layer becomes its PerView twin in place (after
+    any SyncBatchNorm conversion), so that outputs, gradients and running statistics stay those of two
+    passes and the state dict keeps its keys."""
+    for module in net.modules():
+        if type(module) in PER_VIEW:
+            module.__class__ = PER_VIEW[type(module)]
+        if isinstance(module, Encoder):
+            module.one_pass = True
+    return net
 
 
 def build_model(arch, small_stem, predictor=True):
@@ -707,10 +760,10 @@ def epoch_batches(loader, device_views, epoch, start_batch):
 # Training
 # ------------------------------------------------------------------------------------------------
 
-# What a resumed run may change besides the shared runtime.RUN_FLAGS: how BatchNorm is synchronised, how
-# often it keeps copies and evaluates. The rest (the method, the data, the schedule, the seed) must be the
+# What a resumed run may change besides the shared runtime.RUN_FLAGS: how BatchNorm is synchronised, whether
+# both views share a pass, how often it keeps copies and evaluates. The rest (the method, the data, the schedule, the seed) must be the
 # interrupted run's.
-RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "keep_every", "knn_every", "knn_subset")
+RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "one_pass", "keep_every", "knn_every", "knn_subset")
 
 
 def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
@@ -721,7 +774,7 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
         with autocast:
             q1, q2 = online(v1, v2)
             with torch.no_grad():
-                k1, k2 = offline(v1), offline(v2)
+                k1, k2 = offline.both(v1, v2)
         loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
         scaler.scale(loss / args.accum_steps).backward()
     # The queue moves once per micro-batch, after the loss that used it.
@@ -749,6 +802,8 @@ class Pretraining:
         if args.sync_bn:
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
             offline = nn.SyncBatchNorm.convert_sync_batchnorm(offline)
+        if args.one_pass:
+            online, offline = both_views_in_one_pass(online), both_views_in_one_pass(offline)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.online, self.offline = online.to(device, memory_format=self.memory_format), offline.to(device, memory_format=self.memory_format)
         self.queue, self.queue_ptr = init_queue(args.queue_size, args.groups, args.seed).to(device), 0
@@ -1130,6 +1185,10 @@ def get_parser():
       help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
       help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
+    a("--one-pass", action=argparse.BooleanOptionalAction, default=False,
+      help="each encoder runs both views as one batch of 2B, its BatchNorm layers still normalising each view "
+           "alone: the same outputs, gradients and running statistics as two passes, to float rounding. Off "
+           "until a GPU measurement shows it faster")
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
     a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
     a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")

@@ -1,4 +1,5 @@
 """The method's pieces against independent references: loss, Sinkhorn, EMA, queue, LARS, schedule."""
+import copy
 import dataclasses
 import math
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 import mdra
 import runtime
@@ -143,6 +145,66 @@ def test_online_branch_without_predictor_is_the_encoder_and_saves_no_predictor_k
     assert not any(k.startswith("predictor.") for k in online.state_dict())
     default, _, _ = mdra.build_model("resnet18", small_stem=True)
     assert any(k.startswith("predictor.") for k in default.state_dict())
+
+
+def test_one_pass_over_both_views_computes_what_two_passes_compute_with_batchnorm_per_view():
+    torch.manual_seed(0)
+    two_online, two_offline, _ = mdra.build_model("resnet18", small_stem=True)
+    with torch.no_grad():  # BatchNorm scales and shifts away from 1 and 0, so that every gradient is exercised
+        for module in two_online.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5), module.bias.normal_()
+    two_online, two_offline = two_online.double(), two_offline.double()
+    one_online = mdra.both_views_in_one_pass(copy.deepcopy(two_online))
+    one_offline = mdra.both_views_in_one_pass(copy.deepcopy(two_offline))
+    v1, v2 = torch.randn(2, 6, 3, 16, 16, dtype=torch.float64).unbind(0)
+    v2 = 3 * v2 + 1  # views of different statistics: one BatchNorm batch of both would normalise them wrongly
+    queue = torch.randn(12, 256, dtype=torch.float64)
+    results = []
+    for online, offline in ((two_online, two_offline), (one_online, one_offline)):
+        q1, q2 = online(v1, v2)
+        with torch.no_grad():
+            k1, k2 = offline.both(v1, v2)
+        loss = mdra.mdra_loss(q1, q2, k1, k2, queue)
+        loss.backward()
+        results.append((q1, q2, k1, k2, loss))
+    for two, one in zip(*results):
+        torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+    for (name, two), one in zip(two_online.named_parameters(), one_online.parameters()):
+        torch.testing.assert_close(one.grad, two.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for two, one in ((two_online, one_online), (two_offline, one_offline)):
+        two_state, one_state = two.state_dict(), one.state_dict()
+        assert list(one_state) == list(two_state)
+        for name in two_state:  # running_mean and running_var moved once per view, num_batches_tracked counts both
+            torch.testing.assert_close(one_state[name], two_state[name], rtol=1e-12, atol=1e-12, msg=name)
+    assert one_offline.state_dict()["backbone.bn1.num_batches_tracked"] == 2
+    assert isinstance(one_offline.backbone.bn1, mdra.PerViewBatchNorm2d)
+
+
+def test_one_pass_keeps_torchvisions_state_dict_keys_and_loads_both_ways():
+    torch.manual_seed(0)
+    online, offline, _ = mdra.build_model("resnet18", small_stem=True)
+    plain = torchvision.models.resnet18().state_dict()
+    one_offline = mdra.both_views_in_one_pass(copy.deepcopy(offline))
+    assert [k for k in one_offline.state_dict() if k.startswith("backbone.")] == [
+        f"backbone.{k}" for k in plain if not k.startswith("fc.")]
+    one_online = mdra.both_views_in_one_pass(copy.deepcopy(online))
+    online.load_state_dict(one_online.state_dict())  # strict, both ways
+    one_online.load_state_dict(online.state_dict())
+
+
+def test_per_view_batchnorm_normalises_each_half_alone_in_training_and_by_running_statistics_in_eval():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 3, 3, dtype=torch.float64)
+    x[4:] = 2 * x[4:] + 3
+    for plain, per_view in ((torch.nn.BatchNorm2d(5), mdra.PerViewBatchNorm2d(5)),
+                            (torch.nn.SyncBatchNorm(5), mdra.PerViewSyncBatchNorm(5))):  # no process group: local
+        plain, per_view = plain.double(), per_view.double()
+        torch.testing.assert_close(per_view(x), torch.cat([plain(x[:4]), plain(x[4:])]))
+        torch.testing.assert_close(per_view.running_var, plain.running_var)
+        assert per_view.num_batches_tracked == plain.num_batches_tracked == 2
+        plain.eval(), per_view.eval()
+        torch.testing.assert_close(per_view(x[:3]), plain(x[:3]))  # eval: any batch size, odd included
 
 
 def run_under_torchrun(script, processes, *args):

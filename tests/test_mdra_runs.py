@@ -375,6 +375,23 @@ def test_compiled_step_computes_what_the_eager_step_computes(tmp_path):
     assert not any("_orig_mod" in k for k in list(ckpt["online"]) + list(ckpt["offline"]))
 
 
+def test_one_pass_trains_the_network_of_two_passes_and_resumes_exactly_and_across_the_flag(tmp_path):
+    two = load(run(tmp_path / "two", "--epochs", "2", "--max-steps", "3"))
+    one = load(run(tmp_path / "one", "--epochs", "2", "--max-steps", "3", "--one-pass"))
+    for part in ("online", "offline"):  # weights and BatchNorm statistics, to float rounding (its first step is exact)
+        assert one[part].keys() == two[part].keys()
+        for name, expected in two[part].items():
+            scale = max(expected.abs().max().item(), 1e-3) if expected.is_floating_point() else 0
+            torch.testing.assert_close(one[part][name], expected, rtol=0, atol=1e-4 * scale, msg=f"{part}.{name}")
+    torch.testing.assert_close(one["queue"], two["queue"], rtol=0, atol=1e-5)
+    run(tmp_path / "resumed", "--epochs", "2", "--max-steps", "1", "--one-pass")
+    resumed = load(run(tmp_path / "resumed", "--epochs", "2", "--max-steps", "3", "--one-pass"))
+    for key in ("online", "offline", "queue", "queue_ptr", "optimizer"):
+        assert_same_state(resumed[key], one[key], key)
+    # The checkpoint format is the same: a run of two passes goes on in one.
+    assert load(run(tmp_path / "two", "--epochs", "2", "--max-steps", "4", "--one-pass"))["step"] == 4
+
+
 def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_network(tmp_path, capsys):
     result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
                       "--synthetic-size", "128", "--queue-size", "256", "--epochs", "1", "--knn-every", "1",
