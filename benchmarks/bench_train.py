@@ -3,8 +3,9 @@
 One run prints one table (and writes it, a JSON line per row and the full log under --out):
 - step: mdra.py's training step (mdra.micro_step, then the LARS step and the EMA update) on synthetic
   device-resident images, for each architecture and configuration {eager, compiled} x {fp32, bf16} x
-  {nchw, cl (channels_last)}: image pairs/s, peak memory, model FLOPs per pair (counted with
-  FlopCounterMode) and, on CUDA, the achieved fraction of a bf16 matmul peak measured in the same run;
+  {nchw, cl (channels_last)}, optionally with both views in one pass (-1pass: mdra.py --one-pass): image
+  pairs/s, peak memory, model FLOPs per pair (counted with FlopCounterMode) and, on CUDA, the achieved
+  fraction of a bf16 matmul peak measured in the same run;
 - loss: mdra_loss forward and backward, and its Sinkhorn part, at --loss-batch x --loss-queue x --groups,
   as a fraction of a step;
 - data: mdra.py's loader (mdra.pretrain_loader: the real two-view augmentation and DataLoader settings)
@@ -60,7 +61,8 @@ PRESETS = {
                 configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
                 data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8),
     "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
-                 configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "compiled-bf16-cl"],
+                 configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "eager-bf16-cl-1pass",
+                          "compiled-bf16-cl"],
                  warmup=5, steps=10, repeats=3, data_images=16384, workers=16, gpu_aug=True,
                  loss_batch=512, loss_queue=65536, e2e_steps=60, time_limit=420),
 }
@@ -81,8 +83,9 @@ def get_parser():
     a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
     a("--queue-size", type=int, help="N of the step's loss")
     a("--groups", type=int, default=4)
-    a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT with MODE eager|compiled, DTYPE fp32|bf16, LAYOUT nchw|cl; "
-                                   "the first is the baseline of the speed-up column")
+    a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT[-1pass] with MODE eager|compiled, DTYPE fp32|bf16, LAYOUT "
+                                   "nchw|cl, and -1pass for mdra.py --one-pass (both views in one batch); the first "
+                                   "is the baseline of the speed-up column")
     a("--compile-backend", default="inductor")
     a("--warmup", type=int, help="untimed steps after the first (which compiles, and is never timed)")
     a("--steps", type=int, help="steps per timed repeat")
@@ -127,16 +130,17 @@ class StepConfig:
     compiled: bool
     bf16: bool
     channels_last: bool
+    one_pass: bool = False  # mdra.py --one-pass
 
 
 def parse_config(text):
     parts = text.split("-")
-    choices = (("eager", "compiled"), ("fp32", "bf16"), ("nchw", "cl"))
-    if len(parts) != 3 or any(part not in allowed for part, allowed in zip(parts, choices)):
-        raise SystemExit(f"bench_train.py: error: configuration {text!r} is not MODE-DTYPE-LAYOUT, "
-                         "e.g. eager-fp32-nchw or compiled-bf16-cl")
-    mode, dtype, layout = parts
-    return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl")
+    choices = (("eager", "compiled"), ("fp32", "bf16"), ("nchw", "cl"), ("1pass",))
+    if len(parts) not in (3, 4) or any(part not in allowed for part, allowed in zip(parts, choices)):
+        raise SystemExit(f"bench_train.py: error: configuration {text!r} is not MODE-DTYPE-LAYOUT[-1pass], "
+                         "e.g. eager-fp32-nchw or compiled-bf16-cl-1pass")
+    mode, dtype, layout = parts[:3]
+    return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl", len(parts) == 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +257,8 @@ class TrainStep:
     def __init__(self, arch, config, args, device):
         torch.manual_seed(0)
         self.online, self.offline, _ = mdra.build_model(arch, small_stem=args.img_size <= 64)
+        if config.one_pass:
+            mdra.both_views_in_one_pass(self.online), mdra.both_views_in_one_pass(self.offline)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.online.to(device, memory_format=self.memory_format)
         self.offline.to(device, memory_format=self.memory_format)

@@ -25,15 +25,16 @@ def bench_train():
 @pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, tmp_path):
     bench_train.main(["--archs", "resnet18", "--img-size", "16", "--batch-size", "8", "--queue-size", "32",
-                      "--configs", "eager-fp32-nchw", "--e2e-config", "eager-fp32-cl", "--warmup", "0", "--steps", "1",
+                      "--configs", "eager-fp32-nchw", "eager-fp32-nchw-1pass", "--e2e-config", "eager-fp32-cl", "--warmup", "0", "--steps", "1",
                       "--repeats", "2", "--data-images", "32", "--workers", "0", "--gpu-aug",
                       "--loss-batch", "16", "--loss-queue", "64", "--e2e-steps", "3", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     # The e2e rows' configuration is measured as their reference, although not among --configs.
-    assert [row["section"] for row in rows] == ["step"] * 2 + ["loss"] * 2 + ["data"] * 3 + ["e2e"] * 2
+    assert [row["section"] for row in rows] == ["step"] * 3 + ["loss"] * 2 + ["data"] * 3 + ["e2e"] * 2
     assert all(row["pairs_per_s"] > 0 for row in rows if "pairs_per_s" in row)
     assert all(row["vs"] for row in rows)
     assert rows[0]["vs"] == "1.00x eager-fp32-nchw" and rows[0]["gflop_per_pair"] > 0
+    assert rows[1]["config"] == "eager-fp32-nchw-1pass" and rows[1]["vs"].endswith("x eager-fp32-nchw")
     assert [row["host_ops"] > 100 for row in rows if "host_ops" in row] == [True]  # the device work of --gpu-aug
     assert "| step | resnet18 16px b8 eager-fp32-cl |" in (tmp_path / "table.md").read_text()
     for row in rows[-2:]:  # two windows of 3 steps after the 1 micro-batch a worker-less loader prefetches: 7 of 4
