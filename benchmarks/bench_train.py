@@ -258,7 +258,8 @@ class TrainStep:
         torch.manual_seed(0)
         self.online, self.offline, _ = mdra.build_model(arch, small_stem=args.img_size <= 64)
         if config.one_pass:
-            mdra.both_views_in_one_pass(self.online), mdra.both_views_in_one_pass(self.offline)
+            mdra.both_views_in_one_pass(self.online)
+            mdra.both_views_in_one_pass(self.offline)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.online.to(device, memory_format=self.memory_format)
         self.offline.to(device, memory_format=self.memory_format)
