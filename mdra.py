@@ -761,8 +761,8 @@ def epoch_batches(loader, device_views, epoch, start_batch):
 # ------------------------------------------------------------------------------------------------
 
 # What a resumed run may change besides the shared runtime.RUN_FLAGS: how BatchNorm is synchronised, whether
-# both views share a pass, how often it keeps copies and evaluates. The rest (the method, the data, the schedule, the seed) must be the
-# interrupted run's.
+# both views share a pass, how often it keeps copies and evaluates. The rest (the method, the data, the
+# schedule, the seed) must be the interrupted run's.
 RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "one_pass", "keep_every", "knn_every", "knn_subset")
 
 
@@ -805,7 +805,8 @@ class Pretraining:
         if args.one_pass:
             online, offline = both_views_in_one_pass(online), both_views_in_one_pass(offline)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.online, self.offline = online.to(device, memory_format=self.memory_format), offline.to(device, memory_format=self.memory_format)
+        self.online = online.to(device, memory_format=self.memory_format)
+        self.offline = offline.to(device, memory_format=self.memory_format)
         self.queue, self.queue_ptr = init_queue(args.queue_size, args.groups, args.seed).to(device), 0
         self.lr_schedule = warmup_cosine(args.lr * self.batch_images / 256, self.total_steps,
                                          int(args.warmup_epochs * self.steps_per_epoch))
@@ -814,7 +815,8 @@ class Pretraining:
         self.autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         self.data = runtime.data_fingerprint(images.names)
-        self.batchnorm_batch = args.batch_size if args.sync_bn or env.world_size == 1 else args.batch_size // env.world_size
+        # the images each BatchNorm layer normalises over (require_same_batchnorm_batch)
+        self.batchnorm_batch = args.batch_size // (1 if args.sync_bn else env.world_size)
         self.ckpt_path = Path(args.out_dir) / "checkpoint.pth"
         self.step = self.restore(self.ckpt_path) if self.ckpt_path.exists() else 0
         # Per-rank randomness from here on, a function of the step: a resumed run needs none of the saved
@@ -846,7 +848,8 @@ class Pretraining:
             self.optimizer, self.scaler, self.info, self.data, self.batchnorm_batch,
             online=self.online.state_dict(), offline=self.offline.state_dict(), queue=self.queue.cpu(),
             queue_ptr=self.queue_ptr,
-            rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.env.device)} if cuda else {})})
+            rng={"torch": torch.get_rng_state(),
+                 **({"cuda": torch.cuda.get_rng_state(self.env.device)} if cuda else {})})
 
     def restore(self, path):
         """Resume from the checkpoint at path; returns its step."""
@@ -956,7 +959,8 @@ def end_epoch(run, epoch, loss, seconds, control):
         if env.world_size > 1:
             runtime.broadcast_buffers(backbone)
         tic = time.perf_counter()
-        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # training's randomness untouched
+        cuda = env.device.type == "cuda"
+        with torch.random.fork_rng(devices=[env.device] if cuda else []):  # leaves training's randomness untouched
             record["knn"] = knn_monitor(backbone, args, env)
         run.tic += time.perf_counter() - tic  # the next log line's speed and eta leave the monitor out
         run.log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in record["knn"].items()))
