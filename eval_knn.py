@@ -30,6 +30,7 @@ from torch.utils.data import Subset
 import knn
 import mdra
 import runtime
+from runtime import UsageError
 from knn import weighted_knn  # noqa: F401  (spec section 9 names it eval_knn.weighted_knn)
 
 
@@ -78,7 +79,7 @@ def feature_network(args, ckpt, info):
         return nn.Flatten(), f"raw pixels ({3 * args.img_size ** 2}-d)"
     missing = [key for key in ("arch", "small_stem", "backbone") if ckpt and key not in ckpt]
     if missing:
-        raise runtime.UsageError(f"{args.ckpt} lacks {', '.join(missing)}; it was not written by mdra.py or finetune.py.")
+        raise UsageError(f"{args.ckpt} lacks {', '.join(missing)}; it was not written by mdra.py or finetune.py.")
     arch = args.arch or (ckpt["arch"] if ckpt else "resnet50")
     small_stem = ckpt["small_stem"] if ckpt else (info.small or args.img_size <= 64)
     mdra.require_img_size(args.img_size, small_stem)
@@ -93,7 +94,7 @@ def feature_network(args, ckpt, info):
 def features_from_images(args, env, bank_device):
     """(bank, bank labels, this rank's queries, all query labels, classes, description) from a network."""
     if not (args.ckpt or args.random_init or args.pixels):
-        raise runtime.UsageError("give --ckpt, or --random-init or --pixels for a baseline, or --load-features.")
+        raise UsageError("give --ckpt, or --random-init or --pixels for a baseline, or --load-features.")
     ckpt = runtime.load_checkpoint(args.ckpt, formats=("mdra", "mdra-classifier")) if args.ckpt else None
     saved = ckpt.get("args", {}) if ckpt else {}
     args.data = args.data or saved.get("data") or "fashion-mnist"
@@ -135,12 +136,12 @@ def load_features(directory, env, bank_device):
         except Exception as e:  # a missing, truncated or foreign file
             part = type(e).__name__
         if not (isinstance(part, dict) and {"features", "labels", "num_classes", "description"} <= part.keys()):
-            raise runtime.UsageError(f"{path} is not a feature file written by --save-features "
+            raise UsageError(f"{path} is not a feature file written by --save-features "
                                   f"({part if isinstance(part, str) else 'other contents'}).")
         parts.append(part)
     train, val = parts
     if train["description"] != val["description"] or train["num_classes"] != val["num_classes"]:
-        raise runtime.UsageError(f"{directory}'s train.pth and val.pth come from different features "
+        raise UsageError(f"{directory}'s train.pth and val.pth come from different features "
                               f"({train['description']}; {val['description']}).")
     queries = val["features"][knn.shard(len(val["labels"]), env)].to(env.device)
     return (train["features"].to(bank_device), train["labels"], queries, val["labels"], train["num_classes"],
@@ -152,12 +153,12 @@ def save_features(directory, bank, bank_labels, queries, query_labels, num_class
     directory.mkdir(parents=True, exist_ok=True)
     for name, features, labels in (("train", bank, bank_labels), ("val", queries, query_labels)):
         runtime.save_checkpoint({"features": features.cpu(), "labels": labels.cpu(), "num_classes": num_classes,
-                              "description": description}, directory / f"{name}.pth")
+                                 "description": description}, directory / f"{name}.pth")
 
 
 def check_k(ks, n_train):
     if max(ks) > n_train:
-        raise runtime.UsageError(f"--k {max(ks)} is more than the {n_train} train images in the bank.")
+        raise UsageError(f"--k {max(ks)} is more than the {n_train} train images in the bank.")
 
 
 def default_out(args):
@@ -172,11 +173,11 @@ def evaluate(args):
     cuda = env.device.type == "cuda"
     runtime.resolve_speed_flags(args, env)
     if args.bank_device == "cuda" and not cuda:
-        raise runtime.UsageError("--bank-device cuda needs the evaluation itself on a GPU (--device cuda).")
+        raise UsageError("--bank-device cuda needs the evaluation itself on a GPU (--device cuda).")
     bank_device = torch.device("cpu") if args.bank_device == "cpu" else env.device
     out = Path(args.out) if args.out else default_out(args)  # checked now: the results are written after all the work
     if args.out and out.is_dir():
-        raise runtime.UsageError(f"--out {args.out} is a folder; give a file name, e.g. {out / 'knn.json'}.")
+        raise UsageError(f"--out {args.out} is a folder; give a file name, e.g. {out / 'knn.json'}.")
     if args.out or out.parent.exists() or not (args.ckpt or args.load_features):  # not the folder of a mistyped input
         runtime.require_folder(out.parent, "--out's folder" if args.out else "the default --out's folder")
     if args.save_features:
@@ -185,10 +186,10 @@ def evaluate(args):
         given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size",
                                                              "knn_subset") if getattr(args, name)]
         if given:
-            raise runtime.UsageError(f"--load-features takes the features from its folder; {', '.join(given)} would "
+            raise UsageError(f"--load-features takes the features from its folder; {', '.join(given)} would "
                                   "not change them, so leave them out.")
     if args.temperature <= 0 or args.chunk_mb <= 0 or min(args.k) < 1:
-        raise runtime.UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
+        raise UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
     runtime.require_at_least(1, args, "batch_size")
     runtime.require_at_least(0, args, "workers", "knn_subset")
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import runtime
+from runtime import UsageError
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_CHUNK_MB = 1024.0
@@ -128,8 +129,8 @@ def extract_features(net, crops, env, batch_size, workers, amp, channels_last, o
     features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
     for i, (x, _, unreadable) in enumerate(loader):
         if any(unreadable):
-            raise runtime.UsageError(f"cannot read {next(why for why in unreadable if why)}; an evaluation "
-                                     "needs every image: remove or replace it.")
+            raise UsageError(f"cannot read {next(why for why in unreadable if why)}; an evaluation "
+                             "needs every image: remove or replace it.")
         x = x.to(env.device, non_blocking=True, memory_format=memory_format)
         with autocast:
             batch = net(x)

@@ -46,6 +46,7 @@ from torchvision.transforms import functional as TF
 
 import knn
 import runtime
+from runtime import UsageError
 
 EMBED_DIM = 256  # D, the output of projector and predictor
 HIDDEN_DIM = 4096
@@ -137,7 +138,7 @@ def resnet_names():
 def build_backbone(arch, small_stem):
     """A torchvision ResNet without its fc; returns (module, feature width)."""
     if arch not in resnet_names():
-        raise runtime.UsageError(f"--arch {arch} is not a torchvision ResNet; choose one of {', '.join(resnet_names())}.")
+        raise UsageError(f"--arch {arch} is not a torchvision ResNet; choose one of {', '.join(resnet_names())}.")
     net = torchvision.models.get_model(arch, weights=None)
     if small_stem:  # 3x3 stride-1 first conv and no max-pool keep small images from shrinking to 1 px
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
@@ -374,7 +375,7 @@ class ImageFiles(Dataset):
         label = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in folder.classes if name not in label]
         if unknown:
-            raise runtime.UsageError(f"{root} has {len(unknown)} classes that the training images lack, e.g. {unknown[0]}.")
+            raise UsageError(f"{root} has {len(unknown)} classes that the training images lack, e.g. {unknown[0]}.")
         self.paths = [path for path, _ in folder.samples]
         self.targets = [label[folder.classes[index]] for _, index in folder.samples]
         self.names = [Path(path).relative_to(root).as_posix() for path in self.paths]  # class/file
@@ -416,12 +417,12 @@ def read_idx(path):
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:  # a truncated .gz ends in EOFError
-        raise runtime.UsageError(f"{path} cannot be read ({type(e).__name__}: {e}).") from None
+        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {e}).") from None
     ndim = data[3] if data[:3] == b"\0\0\x08" and len(data) > 3 else 0  # magic: two zeros, 0x08 (bytes)
     header = 4 + 4 * ndim
     shape = struct.unpack(f">{ndim}I", data[4:header]) if ndim and len(data) >= header else None
     if shape is None or len(data) != header + math.prod(shape):
-        raise runtime.UsageError(f"{path} is not a whole IDX file of bytes.")
+        raise UsageError(f"{path} is not a whole IDX file of bytes.")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -456,7 +457,7 @@ def load_stl10(data_dir, split, **_):
 def load_synthetic(data_dir, split, synthetic_size, img_size):
     """synthetic_size training images, or a quarter as many (at least one per class) to evaluate on."""
     if synthetic_size < 1:
-        raise runtime.UsageError("--synthetic-size must be at least 1.")
+        raise UsageError("--synthetic-size must be at least 1.")
     train = split in TRAIN_SPLITS
     size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
     return SyntheticImages(size, img_size, offset=0 if train else 10**9)
@@ -513,7 +514,7 @@ def downloaded(data, data_dir, load):
     try:
         return load()
     except (OSError, RuntimeError) as e:
-        raise runtime.UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
+        raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
 
 
 def in_turns(load):
@@ -528,7 +529,7 @@ def in_turns(load):
         if t == turn:
             try:
                 result = load()
-            except runtime.UsageError as e:  # raised once no rank waits on this one in a barrier
+            except UsageError as e:  # raised once no rank waits on this one in a barrier
                 error = e
         dist.barrier()
     if error is not None:
@@ -540,20 +541,20 @@ def image_folder(data, train):
     """An ImageFolder root: its train/ (or itself) for training, its val/ for evaluation."""
     root = Path(data)
     if not root.is_dir():
-        raise runtime.UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
+        raise UsageError(f"--data {data} is neither a data set name ({', '.join(SMALL_DATASETS)}) "
                          "nor an existing ImageFolder directory.")
     has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
     if not train and not has_val:
-        raise runtime.UsageError(f"{data} has no val/ folder to evaluate on.")
+        raise UsageError(f"{data} has no val/ folder to evaluate on.")
     if has_val and not has_train:
-        raise runtime.UsageError(f"{data} has a val/ folder but no train/ folder: the training images would include "
+        raise UsageError(f"{data} has a val/ folder but no train/ folder: the training images would include "
                          "val/ as a class; put them in train/.")
     train_root = root / "train" if has_train else root
     folder = train_root if train else root / "val"
     try:
         images = ImageFiles(folder, None if train else find_classes(train_root)[0])
     except (FileNotFoundError, OSError) as e:
-        raise runtime.UsageError(f"{folder} is not an ImageFolder root with one folder of images per class ({e}).") from None
+        raise UsageError(f"{folder} is not an ImageFolder root with one folder of images per class ({e}).") from None
     return images, DataInfo(folder.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
 
 
@@ -792,8 +793,8 @@ class Pretraining:
         self.batch_images = args.batch_size * args.accum_steps  # per optimizer step
         self.steps_per_epoch = len(images) // self.batch_images
         if self.steps_per_epoch == 0:
-            raise runtime.UsageError(f"the data set has {len(images)} images, fewer than one optimizer step "
-                                     f"({args.batch_size} x {args.accum_steps}).")
+            raise UsageError(f"the data set has {len(images)} images, fewer than one optimizer step "
+                             f"({args.batch_size} x {args.accum_steps}).")
         self.total_steps = args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
 
@@ -1215,23 +1216,23 @@ def resolve_args(args, info, env):
     args.sync_bn = (cuda and env.world_size > 1) if args.sync_bn is None else args.sync_bn
     require_img_size(args.img_size, args.small_stem)
     runtime.require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups",
-                     "log_every", "save_every")
+                             "log_every", "save_every")
     runtime.require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
-                     "lr", "weight_decay", "sinkhorn_iters")
+                             "lr", "weight_decay", "sinkhorn_iters")
     for name in ("tau", "mu"):
         if not getattr(args, name) > 0:
-            raise runtime.UsageError(f"--{name} {getattr(args, name)} must be positive.")
+            raise UsageError(f"--{name} {getattr(args, name)} must be positive.")
     for name in ("momentum", "solarize"):
         if not 0 <= getattr(args, name) <= 1:
-            raise runtime.UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
+            raise UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
     if EMBED_DIM % args.groups:
-        raise runtime.UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
+        raise UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
     if args.batch_size % env.world_size:
-        raise runtime.UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {env.world_size}.")
     if args.queue_size % args.batch_size:
-        raise runtime.UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
+        raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
     if args.sync_bn and env.world_size > 1 and not cuda:
-        raise runtime.UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
+        raise UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
     return args
 
 
@@ -1242,7 +1243,7 @@ def require_img_size(img_size, small_stem):
     """One clear error for a crop the backbone would shrink to padding (min_img_size)."""
     least = min_img_size(small_stem)
     if img_size < least:
-        raise runtime.UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
+        raise UsageError(f"--img-size {img_size} is below {least}, the smallest crop the "
                          f"{'small' if small_stem else 'ImageNet'} stem's network can process (it downsamples "
                          f"{least}x){'' if small_stem else '; use the small stem or a larger crop'}.")
 
