@@ -1236,9 +1236,6 @@ def resolve_args(args, info, env):
     return args
 
 
-os.register_at_fork(after_in_child=runtime._close_held_locks)  # a loader worker would keep a killed run's lock alive
-
-
 def require_img_size(img_size, small_stem):
     """One clear error for a crop the backbone would shrink to padding (min_img_size)."""
     least = min_img_size(small_stem)

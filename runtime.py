@@ -438,6 +438,9 @@ def _close_held_locks():
         HELD_LOCKS.pop().close()
 
 
+os.register_at_fork(after_in_child=_close_held_locks)  # a loader worker would keep a killed run's lock alive
+
+
 def lock_folder(path, flag):
     """Refuse a second run on an output folder while one runs in it: an exclusive flock on <path>/run.lock,
     which the kernel releases when the process ends, by kill -9 too, or when run_main returns. The file
