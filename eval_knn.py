@@ -97,9 +97,8 @@ def features_from_images(args, env, bank_device):
         raise UsageError("give --ckpt, or --random-init or --pixels for a baseline, or --load-features.")
     ckpt = runtime.load_checkpoint(args.ckpt, formats=("mdra", "mdra-classifier")) if args.ckpt else None
     saved = ckpt.get("args", {}) if ckpt else {}
-    args.data = args.data or saved.get("data") or "fashion-mnist"
-    args.data_dir = args.data_dir or saved.get("data_dir") or "data"
-    args.synthetic_size = args.synthetic_size or saved.get("synthetic_size") or 1024
+    for name, default in runtime.DATA_DEFAULTS.items():
+        setattr(args, name, getattr(args, name) or saved.get(name) or default)
     args.img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or saved.get("img_size")
     bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
     query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
@@ -137,12 +136,12 @@ def load_features(directory, env, bank_device):
             part = type(e).__name__
         if not (isinstance(part, dict) and {"features", "labels", "num_classes", "description"} <= part.keys()):
             raise UsageError(f"{path} is not a feature file written by --save-features "
-                                  f"({part if isinstance(part, str) else 'other contents'}).")
+                             f"({part if isinstance(part, str) else 'other contents'}).")
         parts.append(part)
     train, val = parts
     if train["description"] != val["description"] or train["num_classes"] != val["num_classes"]:
         raise UsageError(f"{directory}'s train.pth and val.pth come from different features "
-                              f"({train['description']}; {val['description']}).")
+                         f"({train['description']}; {val['description']}).")
     queries = val["features"][knn.shard(len(val["labels"]), env)].to(env.device)
     return (train["features"].to(bank_device), train["labels"], queries, val["labels"], train["num_classes"],
             f"{train['description']}, loaded from {directory}")
@@ -187,7 +186,7 @@ def evaluate(args):
                                                              "knn_subset") if getattr(args, name)]
         if given:
             raise UsageError(f"--load-features takes the features from its folder; {', '.join(given)} would "
-                                  "not change them, so leave them out.")
+                             "not change them, so leave them out.")
     if args.temperature <= 0 or args.chunk_mb <= 0 or min(args.k) < 1:
         raise UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
     runtime.require_at_least(1, args, "batch_size")
@@ -211,8 +210,8 @@ def evaluate(args):
     check_k(args.k, bank.shape[0])
 
     tic = time.perf_counter()
-    results = knn.knn_accuracy(bank, bank_labels, queries, query_labels[knn.shard(len(query_labels), env)], num_classes,
-                           args.k, args.temperature, args.chunk_mb, env)
+    results = knn.knn_accuracy(bank, bank_labels, queries, query_labels[knn.shard(len(query_labels), env)],
+                               num_classes, args.k, args.temperature, args.chunk_mb, env)
     knn_s = time.perf_counter() - tic
     if env.is_main:
         report(args, env, description, bank.shape, len(query_labels), num_classes, results, extract_s, knn_s)

@@ -296,9 +296,10 @@ def resolve_sources(args, start, resumed):
     small data sets' or the patent's."""
     pretrained = {**start.get("args", {}), "img_size": start["img_size"]} if start is not None else {}
     if args.data is None:
-        args.data = resumed.get("data", pretrained.get("data", "fashion-mnist"))
+        args.data = resumed.get("data", pretrained.get("data", runtime.DATA_DEFAULTS["data"]))
     same_data = args.data == pretrained.get("data")
-    for name, default in (("data_dir", "data"), ("synthetic_size", 1024), ("img_size", None)):
+    for name, default in (("data_dir", runtime.DATA_DEFAULTS["data_dir"]),
+                          ("synthetic_size", runtime.DATA_DEFAULTS["synthetic_size"]), ("img_size", None)):
         if getattr(args, name) is None:
             fallback = pretrained.get(name, default) if same_data or name == "img_size" else default
             setattr(args, name, resumed.get(name, fallback))

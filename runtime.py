@@ -593,19 +593,30 @@ RUN_FLAGS = ("data_dir", "out_dir", "device", "workers", "compile", "compile_bac
              "max_steps", "save_every", "log_every")
 
 
+# The data flags' defaults, which the evaluations fall back to where the checkpoint names no data.
+DATA_DEFAULTS = {"data": "fashion-mnist", "data_dir": "data", "synthetic_size": 1024}
+
+
 def add_shared_flags(parser, data_names, out_dir=None, from_checkpoint=False):
     """The flags every script takes, defined once: the data, the device and its speed settings, the seed;
     with out_dir (the training scripts' default folder), compile, the run's folder, its length and how often
-    it logs and saves. from_checkpoint: the data flags default to the checkpoint's (the evaluations)."""
+    it logs and saves. from_checkpoint: the data flags default to the checkpoint's (the evaluations), else
+    to DATA_DEFAULTS."""
     a = parser.add_argument
-    own = "; default: the checkpoint's for its data, else " if from_checkpoint else None
-    a("--data", default=None if from_checkpoint else "fashion-mnist",
+
+    def default(name):
+        return None if from_checkpoint else DATA_DEFAULTS[name]
+
+    def help_default(name):
+        return f"; default: the checkpoint's for its data, else {DATA_DEFAULTS[name]}" if from_checkpoint else ""
+
+    a("--data", default=default("data"),
       help="ImageFolder root (its train/, and val/ to evaluate on) or one of: " + ", ".join(data_names)
-           + ("; default: the checkpoint's, else fashion-mnist" if from_checkpoint else ""))
-    a("--data-dir", default=None if from_checkpoint else "data",
-      help="where named data sets are read from or downloaded to" + (own + "data" if own else ""))
-    a("--synthetic-size", type=int, default=None if from_checkpoint else 1024,
-      help="number of training images of --data synthetic" + (own + "1024" if own else ""))
+           + (f"; default: the checkpoint's, else {DATA_DEFAULTS['data']}" if from_checkpoint else ""))
+    a("--data-dir", default=default("data_dir"),
+      help="where named data sets are read from or downloaded to" + help_default("data_dir"))
+    a("--synthetic-size", type=int, default=default("synthetic_size"),
+      help="number of training images of --data synthetic" + help_default("synthetic_size"))
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
