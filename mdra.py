@@ -837,6 +837,7 @@ class Pretraining:
         self.last_saved = self.step
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read only when logging or saving
         self.loss_sum = torch.zeros((), device=device)  # since the last log line
+        self.epoch_loss_sum = torch.zeros((), device=device)
         self.keys = None  # the last enqueued keys, whose RankMe the log shows
         self.skips = runtime.SkippedImages(log)
         self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, self.step
@@ -880,11 +881,10 @@ class Pretraining:
 
     def optimizer_step(self, batches):
         """One optimizer step over args.accum_steps micro-batches; the offline encoder moves once, after it.
-        Returns its loss, on the device."""
+        Its loss is added to loss_sum and epoch_loss_sum, on the device."""
         args, device = self.args, self.env.device
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr_schedule[self.step])
-        loss_sum = torch.zeros((), device=device)
         for micro in range(args.accum_steps):
             t0 = time.perf_counter()
             v1, v2, skipped, unread = next(batches)
@@ -896,13 +896,13 @@ class Pretraining:
                                                          args, self.autocast, self.scaler,
                                                          sync_grads=micro == args.accum_steps - 1)
             self.nonfinite |= ~torch.isfinite(loss)
-            loss_sum += loss / args.accum_steps
+            self.loss_sum += loss / args.accum_steps
+            self.epoch_loss_sum += loss / args.accum_steps
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.online, self.offline, args.momentum)
         self.step += 1
-        return loss_sum
 
     def log_step(self, epoch):
         """The log line and record of the steps since the last one (a host sync: only every --log-every)."""
@@ -927,14 +927,12 @@ class Pretraining:
 
 
 def train_one_epoch(run, batches, epoch, control):
-    """The epoch's optimizer steps from run.step on; returns its mean loss, or None if --max-steps (or an
-    earlier stop) ended the run inside it. A stop signal saves and exits after the current step."""
+    """The epoch's optimizer steps from run.step on; returns its mean loss, or None if --max-steps ended
+    the run inside it. A stop signal saves and exits after the current step."""
     args, first_step = run.args, run.step
-    epoch_loss_sum = torch.zeros((), device=run.env.device)
+    run.epoch_loss_sum.zero_()
     while run.step < min(run.last_step, (epoch + 1) * run.steps_per_epoch):
-        loss = run.optimizer_step(batches)
-        run.loss_sum += loss
-        epoch_loss_sum += loss
+        run.optimizer_step(batches)
         if run.step % args.log_every == 0 or run.step == run.last_step:
             run.log_step(epoch)
         runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
@@ -943,7 +941,7 @@ def train_one_epoch(run, batches, epoch, control):
     batches.close()
     if run.step < (epoch + 1) * run.steps_per_epoch:
         return None
-    return (runtime.all_reduce(epoch_loss_sum) / run.env.world_size / (run.step - first_step)).item()
+    return (runtime.all_reduce(run.epoch_loss_sum.clone()) / run.env.world_size / (run.step - first_step)).item()
 
 
 def end_epoch(run, epoch, loss, seconds, control):
@@ -1126,7 +1124,6 @@ def closing_lines(records, rank_max, ckpt_path, data, epochs, images_per_epoch):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-
 # The sentence of every script's --img-size help that names the minimum.
 IMG_SIZE_MINIMUM = (f"At least {min_img_size(small_stem=True)} px ({min_img_size(small_stem=False)} with the ImageNet "
                     "stem), the factor by which the network downsamples.")
@@ -1169,11 +1166,13 @@ def get_parser():
       help="global micro-batch over all ranks; default 512 (ImageNet) or 256 (small data)")
     a("--accum-steps", type=int, default=None,
       help="micro-batches per optimizer step; default 8 (ImageNet: 512 x 8 = 4096) or 1 (small data)")
-    a("--lr", type=runtime.finite_float, default=0.3, help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
+    a("--lr", type=runtime.finite_float, default=0.3,
+      help="LARS learning rate per 256 images; scaled by batch x accumulation / 256")
     a("--weight-decay", type=runtime.finite_float, default=1e-6, help="LARS weight decay (not on biases and BatchNorm)")
     a("--warmup-epochs", type=runtime.finite_float, default=10, help="linear warm-up before the cosine decay")
     a("--queue-size", type=int, default=None, help="N negatives; default 65536 (ImageNet) or 4096 (small data)")
-    a("--groups", type=int, default=4, help="G subspaces; must divide 256. 1 is an ablation: plain relation alignment (without spec section 4)")
+    a("--groups", type=int, default=4,
+      help="G subspaces; must divide 256. 1 is an ablation: plain relation alignment (without spec section 4)")
     a("--tau", type=runtime.finite_float, default=0.04, help="temperature of the online relation P")
     a("--mu", type=runtime.finite_float, default=0.05, help="temperature of the Sinkhorn (offline) relation R")
     a("--momentum", type=runtime.finite_float, default=0.99, help="EMA momentum m of the offline encoder")
@@ -1185,7 +1184,8 @@ def get_parser():
     a("--cross", action=argparse.BooleanOptionalAction, default=True,
       help="cross alignment (spec section 3): each view's online relation is pulled towards the other view's "
            "offline one; --no-cross is an ablation that pulls it towards its own view's")
-    a("--solarize", type=runtime.finite_float, default=0.0, help="probability of solarizing view 2 (off in the patent's recipe)")
+    a("--solarize", type=runtime.finite_float, default=0.0,
+      help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--gpu-aug", action="store_true",
       help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,

@@ -100,7 +100,7 @@ def main():
 
     def ours(bank):
         votes = knn.weighted_knn_votes(bank, bank_labels, queries, args.classes, ks, args.temperature,
-                                            args.chunk_mb)
+                                       args.chunk_mb)
         return [knn.count_correct(votes[k], query_labels)[1] for k in ks]
 
     def dino_style():  # DINO normalises once, when it extracts the features: not timed
