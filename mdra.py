@@ -713,11 +713,17 @@ class EpochSampler(Sampler):
         return (self.num_batches - self.start_batch) * self.local_batch
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for indices in self.batches():
+            for i in indices.tolist():
+                yield self.epoch, i
+
+    def batches(self, device="cpu"):
+        """This rank's indices of each micro-batch from start_batch on, as tensors on device (the
+        epoch's permutation is copied there once)."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).to(device)
         for b in range(self.start_batch, self.num_batches):
             first = b * self.global_batch + self.rank * self.local_batch
-            for i in order[first:first + self.local_batch].tolist():
-                yield self.epoch, i
+            yield order[first:first + self.local_batch]
 
 
 def pretrain_loader(images, info, args, env, num_batches):
