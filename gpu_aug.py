@@ -16,6 +16,11 @@ bilinearly with area averaging (roi_align) rather than with PIL's bicubic filter
 results are not rounded to 8 bits. A third comes with the GPU decoder: its pixels may differ from
 PIL's in the last bits, and in how it upsamples the colour planes of a JPEG that subsamples them.
 
+An in-memory data set (mdra.ArrayImages, mdra.SyntheticImages) has nothing to decode, so no loader
+either: it is copied to the device once as uint8 (grey images as one channel), and each micro-batch is
+gathered there with one indexing operation, the images mdra.EpochSampler names (ResidentImages); its
+views are bit for bit those made of the same images from the loader.
+
 The parameters of a micro-batch come from a generator seeded by (seed, epoch, batch index) and are
 drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
 number of ranks or workers nor on whether the run was resumed. The same code runs on CPU tensors.
@@ -46,7 +51,8 @@ JPEG_SIGNATURE = [0xFF, 0xD8, 0xFF]
 
 
 # ------------------------------------------------------------------------------------------------
-# Loader side: the workers read files; JPEGs stay encoded for the GPU decoder.
+# Loader side: the workers read files; JPEGs stay encoded for the GPU decoder. In-memory data sets
+# are held on the device instead, with no loader (ResidentImages).
 # ------------------------------------------------------------------------------------------------
 
 class UndecodedImages(Dataset):
@@ -88,6 +94,34 @@ def collate_undecoded(samples):
     else:
         images = list(images)
     return images, torch.tensor(skipped), list(unread)
+
+
+class ResidentImages:
+    """An in-memory data set held on the device as uint8, in place of the loader: each micro-batch is
+    gathered there by one indexing operation, as a collate_undecoded batch of the same images, of
+    which DeviceTwoViews makes exactly the views it makes of the loader's. Nothing is copied per
+    micro-batch and no worker runs, so the host's work per micro-batch does not grow with its size.
+
+    images: uint8 [n, C, H, W] on any device, C = 1 for grey images (expanded to their three equal RGB
+    channels when gathered) or 3. sampler: an mdra.EpochSampler, whose batches() are the images of this
+    rank's micro-batches for the epoch it was last set to, as for a DataLoader.
+    Yields (uint8 [b, 3, H, W] on device, [b] skipped counts, no unread lines): nothing in memory is unreadable.
+    """
+
+    def __init__(self, images, sampler, device):
+        self.images = images.to(device)  # a blocking copy: there before the prefetch thread's stream reads it
+        self.sampler = sampler
+        self.no_skips = torch.zeros(sampler.local_batch, dtype=torch.long)
+
+    def __iter__(self):
+        for indices in self.sampler.batches(self.images.device):
+            yield self.images.index_select(0, indices).expand(-1, 3, -1, -1), self.no_skips, ()
+
+    def summary(self):
+        """Where the images are held, for the run's log."""
+        megabytes = self.images.numel() * self.images.element_size() / 1e6
+        return (f"{len(self.images)} images held on {self.images.device} as uint8 ({megabytes:.1f} MB); "
+                "views made there in batches, no loader workers")
 
 
 def decode(images, device):

@@ -361,6 +361,12 @@ class ArrayImages(Dataset):
     def __getitem__(self, i):
         return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
 
+    def as_tensor(self):
+        """All images as one uint8 tensor [n, C, H, W] of the values __getitem__ gives, C = 1 for grey
+        images (whose RGB repeats that channel) and 3 for colour ones; for --gpu-aug to hold on the device."""
+        images = torch.from_numpy(np.array(self.images))  # a copy: an IDX file's array is read-only
+        return images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+
 
 class ImageFiles(Dataset):
     """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError.
@@ -404,10 +410,17 @@ class SyntheticImages(Dataset):
         return self.size
 
     def __getitem__(self, i):
+        return Image.fromarray(self.pixels(i).permute(1, 2, 0).numpy()), self.targets[i]
+
+    def pixels(self, i):
+        """Image i as uint8 [3, H, W]."""
         g = torch.Generator().manual_seed(self.offset + i)
         noise = 0.25 * torch.randn(3, self.img_size, self.img_size, generator=g)
-        image = (self.patterns[self.targets[i]] + noise).clamp(0, 1)
-        return Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()), self.targets[i]
+        return ((self.patterns[self.targets[i]] + noise).clamp(0, 1) * 255).byte()
+
+    def as_tensor(self):
+        """All images as one uint8 tensor [n, 3, H, W], for --gpu-aug to hold on the device."""
+        return torch.stack([self.pixels(i) for i in range(self.size)])
 
 
 def read_idx(path):
@@ -732,16 +745,19 @@ def pretrain_loader(images, info, args, env, num_batches):
     The loader yields (v1, v2, skipped, unread): per sample, the number of files read_image passed
     over and their "path: why" lines (SkippedImages). With --gpu-aug its workers only read the files:
     it yields (undecoded images, skipped, unread), and device_views(images, skipped, epoch, batch index)
-    decodes and augments them on the device into (v1, v2, skipped). epoch_batches gives either as
-    (v1, v2, skipped, unread).
+    decodes and augments them on the device into (v1, v2, skipped). An in-memory data set is then held
+    on the device instead, and the loader is a gpu_aug.ResidentImages, which gathers each micro-batch
+    there, without workers. epoch_batches gives any of them as (v1, v2, skipped, unread).
     """
     sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
     cuda = env.device.type == "cuda"
     if args.gpu_aug:
         import gpu_aug  # the optional device path lives in its own module
-        dataset, collate = gpu_aug.UndecodedImages(images, jpeg_bytes=cuda), gpu_aug.collate_undecoded
         views = view_augmentations(info, args.img_size, args.solarize)
         device_views = gpu_aug.DeviceTwoViews(*views, args.seed, env.rank, env.world_size, env.device)
+        if isinstance(images, (ArrayImages, SyntheticImages)):
+            return gpu_aug.ResidentImages(images.as_tensor(), sampler, env.device), sampler, device_views
+        dataset, collate = gpu_aug.UndecodedImages(images, jpeg_bytes=cuda), gpu_aug.collate_undecoded
     else:
         view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
         dataset, collate, device_views = TwoViews(images, view1, view2, args.seed), None, None
@@ -993,6 +1009,8 @@ def train(args):
     runtime.announce(log, "mdra.py", env, args, step=run.step)
     log.print(f"{len(images)} images, {run.steps_per_epoch} optimizer steps per epoch of {run.batch_images} images, "
               f"lr {args.lr * run.batch_images / 256:.4g} after {args.warmup_epochs:g} warm-up epochs")
+    if hasattr(loader, "summary"):  # a gpu_aug.ResidentImages says where it holds the images
+        log.print(loader.summary())
 
     runtime.defer_stop_signals()
     for epoch in range(run.step // run.steps_per_epoch, args.epochs):

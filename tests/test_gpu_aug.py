@@ -8,6 +8,7 @@ distance at the 0.1% level), so that they would catch a wrong distribution, not 
 import dataclasses
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from torchvision.ops import roi_align
 
 import gpu_aug
 import mdra
+import runtime
 
 # torchvision >= 0.29 announces that its decoders move to TorchCodec; they still work, and the GPU
 # machines run an older torchvision.
@@ -429,13 +431,85 @@ def test_the_loader_yields_jpeg_bytes_for_the_gpu_and_decodes_everything_else(tm
     assert isinstance(images, torch.Tensor) and images.shape == (2, 3, 20, 30)
 
 
+SMALL = mdra.DataInfo("small", 10, [], 12, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), True)
+
+
+def in_memory(n, channels, size=12):
+    """n random uint8 images in an mdra.ArrayImages: [n, H, W] if grey (channels 1), else [n, H, W, 3]."""
+    shape = (n, size, size) if channels == 1 else (n, size, size, 3)
+    return mdra.ArrayImages(np.random.default_rng(channels).integers(0, 256, shape, dtype=np.uint8), [0] * n, ["a"])
+
+
+def micro_batches(images, batch, num_batches, held, rank=0, world_size=1):
+    """--gpu-aug's (loader, sampler, device views) for images: held on the device (ResidentImages), or
+    read by its loader path (UndecodedImages in a DataLoader)."""
+    sampler = mdra.EpochSampler(len(images), batch, num_batches, world_size, rank, seed=3)
+    if held:
+        loader = gpu_aug.ResidentImages(images.as_tensor(), sampler, "cpu")
+    else:
+        loader = runtime.data_loader(gpu_aug.UndecodedImages(images, jpeg_bytes=False), batch // world_size, 0,
+                                     torch.device("cpu"), sampler=sampler, collate_fn=gpu_aug.collate_undecoded)
+    return loader, sampler, gpu_aug.DeviceTwoViews(*mdra.view_augmentations(SMALL, 12), 3, rank, world_size, "cpu")
+
+
+def epoch_views(micro, epoch, start_batch=0):
+    """An epoch's (v1, v2, skipped, unread) from micro-batch start_batch on, as mdra.train gets them."""
+    loader, sampler, device_views = micro
+    sampler.set_epoch(epoch, start_batch)
+    return list(mdra.epoch_batches(loader, device_views, epoch, start_batch))
+
+
+@pytest.mark.parametrize("channels", [1, 3])  # grey images stay one channel on the device
+def test_images_held_in_memory_give_the_loader_paths_views_bit_for_bit(channels):
+    images = in_memory(40, channels)
+    held, read = micro_batches(images, 8, 5, held=True), micro_batches(images, 8, 5, held=False)
+    assert held[0].images.shape == (40, channels, 12, 12) and held[0].images.dtype == torch.uint8
+    for epoch, start_batch in [(0, 0), (1, 2)]:  # a resumed epoch skips its first micro-batches
+        mine, theirs = epoch_views(held, epoch, start_batch), epoch_views(read, epoch, start_batch)
+        assert len(mine) == len(theirs) == 5 - start_batch
+        for (v1, v2, skipped, unread), (w1, w2, read_skipped, _) in zip(mine, theirs):
+            assert v1.shape == (8, 3, 12, 12) and torch.equal(v1, w1) and torch.equal(v2, w2)
+            assert torch.equal(skipped, read_skipped) and not skipped.any() and not unread
+
+
+def test_two_ranks_holding_the_images_make_the_rows_of_the_single_process_views():
+    images = in_memory(32, 3)
+    whole = epoch_views(micro_batches(images, 8, 4, held=True), 1, 1)
+    ranks = [epoch_views(micro_batches(images, 8, 4, held=True, rank=rank, world_size=2), 1, 1) for rank in range(2)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 3
+    for b, (v1, v2, _, _) in enumerate(whole):
+        for view, expected in enumerate((v1, v2)):
+            assert torch.equal(torch.cat([ranks[0][b][view], ranks[1][b][view]]), expected), (b, view)
+
+
+def host_ops_per_micro_batch(batch, held):
+    """The aten operations (as benchmarks/bench_train.host_ops counts them) that the second micro-batch
+    of an epoch dispatches, from its images to its views; the first also draws the epoch's order."""
+    loader, sampler, device_views = micro_batches(in_memory(4 * batch, 1), batch, 4, held)
+    sampler.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        images, skipped, _ = next(batches)
+        device_views(images, skipped, 0, 1)
+    return sum(event.count for event in profiler.key_averages() if event.key.startswith("aten::"))
+
+
+def test_host_operations_per_micro_batch_held_in_memory_do_not_grow_with_the_batch():
+    assert host_ops_per_micro_batch(64, held=True) == host_ops_per_micro_batch(256, held=True)
+    # The loader path, its collate included, dispatches a few per image: what holding them saves.
+    assert host_ops_per_micro_batch(256, held=False) > host_ops_per_micro_batch(64, held=False) + 3 * 192
+
+
 TINY = ["--img-size", "16", "--arch", "resnet18", "--batch-size", "16", "--queue-size", "32", "--workers", "0",
         "--log-every", "1", "--device", "cpu", "--gpu-aug"]
 
 
-def test_mdra_gpu_aug_trains_and_resumes_exactly_on_synthetic_data(tmp_path):
+def test_mdra_gpu_aug_holds_synthetic_data_on_the_device_and_resumes_exactly(tmp_path, capsys):
     synthetic = ["--data", "synthetic", "--synthetic-size", "32", "--epochs", "1", *TINY]
     straight = mdra.main([*synthetic, "--out-dir", str(tmp_path / "straight")])
+    held = "32 images held on cpu as uint8 (0.0 MB); views made there in batches, no loader workers"
+    assert held in capsys.readouterr().out
     mdra.main([*synthetic, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "1"])
     resumed = mdra.main([*synthetic, "--out-dir", str(tmp_path / "resumed")])  # from the middle of the epoch
     a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (straight, resumed))
@@ -445,7 +519,7 @@ def test_mdra_gpu_aug_trains_and_resumes_exactly_on_synthetic_data(tmp_path):
     assert torch.equal(a["queue"], b["queue"])
 
 
-def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path):
+def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path, capsys):
     rng = np.random.default_rng(7)
     for i in range(16):
         (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
@@ -454,6 +528,17 @@ def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path)
     args = ["--data", str(tmp_path / "data"), "--epochs", "1", "--accum-steps", "1", *TINY, "--workers", "1"]
     ckpt = torch.load(mdra.main([*args, "--out-dir", str(tmp_path / "run")]), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 1 and torch.isfinite(ckpt["queue"]).all()
+    assert "held on" not in capsys.readouterr().out  # files are read by the loader, not held
+
+
+def test_mdra_gpu_aug_takes_a_step_on_fashion_mnist_held_as_one_grey_channel(tmp_path, capsys):
+    if not Path(mdra.FASHION_MNIST_SYSTEM_DIR).is_dir():
+        pytest.skip("the dataset-fashion-mnist package is not installed")
+    ckpt = torch.load(mdra.main(["--data", "fashion-mnist", "--arch", "resnet18", "--batch-size", "16", "--queue-size",
+                                 "64", "--max-steps", "1", "--workers", "0", "--device", "cpu", "--gpu-aug",
+                                 "--out-dir", str(tmp_path)]), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["args"]["img_size"] == 28 and torch.isfinite(ckpt["queue"]).all()
+    assert "60000 images held on cpu as uint8 (47.0 MB)" in capsys.readouterr().out
 
 
 def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_cleanly():
