@@ -1210,8 +1210,10 @@ def get_parser():
            "offline one; --no-cross is an ablation that pulls it towards its own view's")
     a("--solarize", type=runtime.finite_float, default=0.0,
       help="probability of solarizing view 2 (off in the patent's recipe)")
-    a("--gpu-aug", action="store_true",
-      help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep up")
+    a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
+      help="decode JPEGs and augment on the device, in batches (gpu_aug.py): use when the CPU loader cannot keep "
+           "up. An in-memory data set (" + ", ".join(SMALL_DATASETS) + ") is then held on the device as uint8 and "
+           "each micro-batch gathered there, without loader workers. Off until a GPU measurement shows it faster")
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
       help="SyncBatchNorm across ranks; default: on with more than one CUDA rank")
     a("--one-pass", action=argparse.BooleanOptionalAction, default=False,

@@ -501,6 +501,12 @@ def test_host_operations_per_micro_batch_held_in_memory_do_not_grow_with_the_bat
     assert host_ops_per_micro_batch(256, held=False) > host_ops_per_micro_batch(64, held=False) + 3 * 192
 
 
+def test_gpu_aug_is_off_by_default_and_no_gpu_aug_names_the_cpu_loader():
+    parse = mdra.get_parser().parse_args
+    assert parse([]).gpu_aug is False and parse(["--no-gpu-aug"]).gpu_aug is False and parse(["--gpu-aug"]).gpu_aug
+    assert "gpu_aug" not in mdra.RESUME_MAY_CHANGE  # its views differ from the CPU loader's: a resumed run keeps it
+
+
 TINY = ["--img-size", "16", "--arch", "resnet18", "--batch-size", "16", "--queue-size", "32", "--workers", "0",
         "--log-every", "1", "--device", "cpu", "--gpu-aug"]
 
