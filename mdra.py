@@ -279,7 +279,9 @@ class LARS(torch.optim.Optimizer):
 
     Parameter groups with lars_exclude=True (biases and BatchNorm) get neither weight decay nor the
     trust ratio. The update of a group is a few multi-tensor (foreach) kernels, not a few per
-    parameter, and torch.where keeps the ratios on the device: no host sync.
+    parameter, and torch.where keeps the ratios on the device: no host sync. step(lr=) takes the learning
+    rate as a device tensor instead of the groups' (--cuda-graph), read on the device, so that a captured
+    step follows the schedule.
     """
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=1e-3):
@@ -288,7 +290,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, lr=None):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -307,7 +309,10 @@ class LARS(torch.optim.Optimizer):
             buffers = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, updates)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            if lr is not None:
+                torch._foreach_sub_(params, torch._foreach_mul(buffers, lr))
+            else:
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def lars_param_groups(model, weight_decay):
@@ -784,9 +789,9 @@ def epoch_batches(loader, device_views, epoch, start_batch):
 # ------------------------------------------------------------------------------------------------
 
 # What a resumed run may change besides the shared runtime.RUN_FLAGS: how BatchNorm is synchronised, whether
-# both views share a pass, how often it keeps copies and evaluates. The rest (the method, the data, the
+# both views share a pass, whether the step is captured, how often it keeps copies and evaluates. The rest (the method, the data, the
 # schedule, the seed) must be the interrupted run's.
-RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "one_pass", "keep_every", "knn_every", "knn_subset")
+RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "one_pass", "cuda_graph", "keep_every", "knn_every", "knn_subset")
 
 
 def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
@@ -863,6 +868,13 @@ class Pretraining:
         self.keys = None  # the last enqueued keys, whose RankMe the log shows
         self.skips = runtime.SkippedImages(log)
         self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, self.step
+        self.captured = None  # --cuda-graph: the CapturedStep that takes over optimizer_step
+        if args.cuda_graph:
+            why = capture_refusal(args, env)
+            if why:
+                log.print(f"--cuda-graph: {why}; this run goes on uncaptured.")
+            else:
+                self.captured = CapturedStep(self)
 
     def state(self):
         """The checkpoint (spec section 8)."""
@@ -871,7 +883,7 @@ class Pretraining:
             "mdra", self.args, self.step, self.steps_per_epoch, self.width, self.online.encoder.backbone,
             self.optimizer, self.scaler, self.info, self.data, self.batchnorm_batch,
             online=self.online.state_dict(), offline=self.offline.state_dict(), queue=self.queue.cpu(),
-            queue_ptr=self.queue_ptr,
+            queue_ptr=self.queue_ptr if self.captured is None else self.captured.queue_ptr(),
             rng={"torch": torch.get_rng_state(),
                  **({"cuda": torch.cuda.get_rng_state(self.env.device)} if cuda else {})})
 
@@ -904,6 +916,8 @@ class Pretraining:
     def optimizer_step(self, batches):
         """One optimizer step over args.accum_steps micro-batches; the offline encoder moves once, after it.
         Its loss is added to loss_sum and epoch_loss_sum, on the device."""
+        if self.captured is not None:
+            return self.captured.optimizer_step(batches)
         args, device = self.args, self.env.device
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr_schedule[self.step])
@@ -946,6 +960,132 @@ class Pretraining:
         self.log.json(record)
         self.loss_sum.zero_()
         self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, step
+
+
+def capture_refusal(args, env):
+    """Why --cuda-graph cannot capture this run's step, or None."""
+    if env.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if env.world_size > 1:
+        return "DDP's gradient all-reduce is not captured"
+    if args.amp == "fp16":
+        return "fp16's loss scaling decides on the host whether to step"
+    return None
+
+
+class CapturedStep:
+    """--cuda-graph: Pretraining's micro-step and optimizer step, each captured once as a CUDA graph after
+    a few eager steps and then replayed, one launch each instead of thousands of small kernels.
+
+    The step computes what Pretraining.optimizer_step computes, in the same order; what a graph needs is
+    that everything it reads or changes lives on the device at a fixed address, and that nothing in it
+    waits for the host:
+    - each micro-batch's views are copied into static input buffers;
+    - the learning rate is a device tensor that LARS reads, filled from the schedule before each step (the
+      groups' lr is set as well, for the checkpoint);
+    - the queue is written at a device slot (in global micro-batches) that the step advances;
+    - gradients are zeroed in place rather than freed, so that backward adds into the same tensors;
+    - BatchNorm counts its batches in place, and the loss sums and the non-finite flag are added to in place.
+    The eager steps run these same functions: they make LARS's momentum buffers and the gradients, let
+    cuDNN choose its algorithms (and torch.compile compile), on a side stream, as PyTorch's CUDA-graph
+    documentation recommends.
+    """
+
+    EAGER_STEPS = 3
+
+    def __init__(self, run, eager_steps=EAGER_STEPS):
+        self.run, args, device = run, run.args, run.env.device
+        self.eager_steps = self.eager_steps_left = eager_steps
+        self.lr = torch.zeros((), device=device)
+        self.slot = torch.tensor(run.queue_ptr // args.batch_size, device=device)
+        self.slots = args.queue_size // args.batch_size
+        amp_dtype = runtime.AMP_DTYPES[args.amp]  # a graph replays casts: autocast must not cache them
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+                                       cache_enabled=False)
+        self.v1 = self.v2 = None  # the static inputs, made at the first micro-batch
+        self.graphs = None        # (micro-step, optimizer step) once captured
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def queue_ptr(self):
+        """The queue pointer as Pretraining keeps it (a host sync: only when saving)."""
+        return int(self.slot) * self.run.args.batch_size
+
+    def micro_step(self):
+        """micro_step on the static inputs: both branches, the loss, its backward, the queue update."""
+        run, args = self.run, self.run.args
+        with self.autocast:
+            q1, q2 = run.online(self.v1, self.v2)
+            with torch.no_grad():
+                k1, k2 = run.offline.both(self.v1, self.v2)
+        loss = mdra_loss(q1, q2, k1, k2, run.queue, args.groups, args.tau, args.mu, args.sinkhorn_iters,
+                         cross=args.cross)
+        (loss / args.accum_steps).backward()
+        with torch.no_grad():
+            keys = normalize_subspaces(k1.float(), args.groups).flatten(1)
+            run.queue.view(self.slots, *keys.shape).index_copy_(0, self.slot.view(1), keys[None])
+            self.slot.add_(1).remainder_(self.slots)
+            loss = loss.detach()
+            run.nonfinite |= ~torch.isfinite(loss)
+            run.loss_sum += loss / args.accum_steps
+            run.epoch_loss_sum += loss / args.accum_steps
+        self.keys = keys
+
+    def update(self):
+        """The optimizer step after the micro-steps: LARS, gradients zeroed in place, the EMA."""
+        run = self.run
+        run.optimizer.step(lr=self.lr)
+        torch._foreach_zero_([p.grad for p in run.online.parameters() if p.grad is not None])
+        ema_update(run.online, run.offline, run.args.momentum)
+
+    def optimizer_step(self, batches):
+        """Pretraining.optimizer_step: eager for the first steps, then replayed."""
+        run, args = self.run, self.run.args
+        lr = float(run.lr_schedule[run.step])
+        self.lr.fill_(lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(args.accum_steps):
+            t0 = time.perf_counter()
+            v1, v2, skipped, unread = next(batches)
+            run.data_time += time.perf_counter() - t0
+            run.skips.add(skipped, unread)
+            if self.v1 is None:
+                self.v1 = torch.empty_like(v1, device=run.env.device, memory_format=run.memory_format)
+                self.v2 = torch.empty_like(v2, device=run.env.device, memory_format=run.memory_format)
+            self.v1.copy_(v1, non_blocking=True)
+            self.v2.copy_(v2, non_blocking=True)
+            self.run_part(0, self.micro_step)
+        self.run_part(1, self.update)
+        run.keys = self.keys
+        run.step += 1
+        if self.graphs is None:
+            self.eager_steps_left -= 1
+            if self.eager_steps_left == 0 and self.side is not None:
+                self.capture()
+
+    def run_part(self, index, eager):
+        """Replay graph index once captured; before, run eager() (on the side stream on CUDA)."""
+        if self.graphs is not None:
+            self.graphs[index].replay()
+        elif self.side is None:
+            eager()
+        else:
+            current = torch.cuda.current_stream(self.run.env.device)
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                eager()
+            current.wait_stream(self.side)  # before the static inputs are written again
+
+    def capture(self):
+        """Record the two graphs; nothing runs, so the state is that of the last eager step."""
+        micro, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(micro, stream=self.side):
+            self.micro_step()
+        with torch.cuda.graph(update, pool=micro.pool(), stream=self.side):
+            self.update()
+        self.graphs = micro, update
+        self.run.log.print(f"--cuda-graph: the micro-step and the optimizer step are captured after "
+                           f"{self.eager_steps} eager steps, and replayed from step {self.run.step + 1}")
 
 
 def train_one_epoch(run, batches, epoch, control):
@@ -1220,6 +1360,10 @@ def get_parser():
       help="each encoder runs both views as one batch of 2B, its BatchNorm layers still normalising each view "
            "alone: the same outputs, gradients and running statistics as two passes, to float rounding. Off "
            "until a GPU measurement shows it faster")
+    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+      help="capture the micro-step and the optimizer step as CUDA graphs after 3 eager steps and replay them: one "
+           "launch each instead of thousands of small kernels, the same arithmetic. CUDA only, one process, bf16 or "
+           "fp32; elsewhere the run says why and goes on uncaptured. Off until a GPU measurement shows it faster")
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
     a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
     a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")

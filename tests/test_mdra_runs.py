@@ -707,3 +707,40 @@ def test_the_logged_commit_says_when_tracked_files_differ_from_it():
         pytest.skip("not a git checkout")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     assert runtime.git_sha() == head + ("-dirty" if dirty else "")
+
+
+def test_cuda_graph_on_the_cpu_says_so_in_one_line_and_trains_the_uncaptured_run(tmp_path, capsys):
+    plain = load(run(tmp_path / "plain", "--max-steps", "2"))
+    capsys.readouterr()
+    flagged = load(run(tmp_path / "flagged", "--max-steps", "2", "--cuda-graph"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--cuda-graph" in line and "uncaptured" in line]
+    assert len(lines) == 1 and "CUDA graphs need a CUDA device" in lines[0]
+    for key in ("online", "offline", "queue", "queue_ptr", "optimizer"):
+        assert_same_state(flagged[key], plain[key], key)
+
+
+def test_the_step_a_cuda_graph_captures_computes_what_the_loop_computes_and_resumes_across_the_flag(
+        tmp_path, monkeypatch):
+    """mdra.CapturedStep's functions, run eagerly (on the CPU it never captures): the device learning rate,
+    the queue's device slot, gradients accumulated over two micro-batches into tensors zeroed in place."""
+    steps = ["--epochs", "2", "--accum-steps", "2"]  # 2 steps an epoch of 2 micro-batches; 4 fill the queue
+    plain = load(run(tmp_path / "plain", *steps, "--max-steps", "2"))
+    monkeypatch.setattr(mdra, "capture_refusal", lambda args, env: None)
+    graph_ready = load(run(tmp_path / "graph", *steps, "--max-steps", "2", "--cuda-graph"))
+    # The first step's lr is 0; the second's update is the same to float rounding (a*b+c fused or not in LARS).
+    for part in ("online", "offline"):
+        for name, expected in plain[part].items():
+            scale = max(expected.abs().max().item(), 1e-3) if expected.is_floating_point() else 0
+            torch.testing.assert_close(graph_ready[part][name], expected, rtol=0, atol=1e-6 * scale,
+                                       msg=f"{part}.{name}")
+    assert torch.equal(graph_ready["queue"], plain["queue"]) and graph_ready["queue_ptr"] == plain["queue_ptr"] == 0
+    # Each resumes the other's checkpoint (a plain float lr, the pointer an int) and goes on with it.
+    assert all(isinstance(group["lr"], float) for group in graph_ready["optimizer"]["param_groups"])
+    graph_ready = load(run(tmp_path / "graph", *steps, "--max-steps", "3", "--cuda-graph"))
+    monkeypatch.undo()
+    plain = load(run(tmp_path / "plain", *steps, "--max-steps", "3"))
+    assert graph_ready["queue_ptr"] == plain["queue_ptr"] == 32
+    torch.testing.assert_close(graph_ready["queue"], plain["queue"], rtol=0, atol=1e-5)
+    assert [r["loss"] for r in log_records(tmp_path / "graph") if "pairs_per_s" in r] == pytest.approx(
+        [r["loss"] for r in log_records(tmp_path / "plain") if "pairs_per_s" in r], rel=1e-5)
+    assert load(run(tmp_path / "graph", *steps, "--max-steps", "4"))["step"] == 4
