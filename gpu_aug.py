@@ -109,7 +109,9 @@ class ResidentImages:
     """
 
     def __init__(self, images, sampler, device):
-        self.images = images.to(device)  # a blocking copy: there before the prefetch thread's stream reads it
+        self.images = images.to(device)
+        if self.images.device.type == "cuda":  # the copy is done before the prefetch thread's own stream reads it
+            torch.cuda.synchronize(self.images.device)
         self.sampler = sampler
         self.no_skips = torch.zeros(sampler.local_batch, dtype=torch.long)
 
