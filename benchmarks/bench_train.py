@@ -11,7 +11,14 @@ One run prints one table (and writes it, a JSON line per row and the full log un
 - data: mdra.py's loader (mdra.pretrain_loader: the real two-view augmentation and DataLoader settings)
   on an ImageFolder of JPEGs at ImageNet-like sizes that it generates (or --data), with --workers; with
   --gpu-aug also the device path; against the step, to show which one is the bottleneck;
-- e2e: the step of the first architecture fed by each loader, against the same step on synthetic data.
+- e2e: the step of the first architecture fed by each loader, against the same step on synthetic data;
+- paths (only when named): mdra.py itself, run by its own command line (a process of its own per run
+  on CUDA), on each path of PATHS (issue 17: both views in one pass, the data on the device, a
+  captured step, compiled, all new together) against today's path, the reference: pairs/s and the
+  share of the time waited for data, read from its log.jsonl over the log windows after the first, on
+  synthetic images for each --path-cases and end to end on Fashion-MNIST (seconds per epoch too); and
+  the host operations per optimizer step (mdra.Pretraining built in this process, counted with the
+  PyTorch profiler over all threads).
 
 Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on the GPU); the data
 and end-to-end rates are taken in the steady state, after the workers' first round of batches (e2e:
@@ -24,6 +31,7 @@ A measurement that fails becomes a row saying why; --time-limit skips compilatio
     python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100; --time-limit skips compiled rows that would not fit
     python benchmarks/bench_train.py --device cuda --archs resnet50 --configs compiled-bf16-cl \\
         --batch-size 128 --sections step e2e --data /path/to/imagenet/train --gpu-aug
+    python benchmarks/bench_train.py --preset h100 --sections paths --time-limit 300   # the paths on one GPU
 """
 import argparse
 import contextlib
@@ -37,7 +45,9 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,21 +62,39 @@ import torchvision
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 import mdra  # noqa: E402  (the repository root is on the path only from here)
 import runtime  # noqa: E402
+
+# The paths of mdra.py that the paths section compares (issue 17), each as the mdra.py flags that select
+# it. The reference comes first: today's path, each view its own pass, the CPU loader, eager, uncaptured.
+# A "--no-X" that this mdra.py lacks is what it does anyway and is left out; a "--X" it lacks skips the path.
+PATHS = {
+    "reference": ["--no-one-pass", "--no-gpu-aug", "--no-cuda-graph", "--no-compile"],
+    "one-pass": ["--one-pass", "--no-gpu-aug", "--no-cuda-graph", "--no-compile"],       # both views as one batch
+    "device-data": ["--no-one-pass", "--gpu-aug", "--no-cuda-graph", "--no-compile"],    # the views made on the device
+    "captured": ["--no-one-pass", "--no-gpu-aug", "--cuda-graph", "--no-compile"],       # the step as CUDA graphs
+    "compiled": ["--no-one-pass", "--no-gpu-aug", "--no-cuda-graph", "--compile"],       # torch.compile
+    "all-new": ["--one-pass", "--gpu-aug", "--cuda-graph", "--no-compile"],
+}
 
 PRESETS = {
     "cpu": dict(device="cpu", archs=["resnet18", "resnet50"], img_size=96, batch_size=16, queue_size=4096,
                 configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
-                data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8),
+                data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8,
+                paths=[name for name in PATHS if name != "compiled"],  # inductor compiles for minutes here
+                path_cases=["resnet18:16:8:1", "resnet50:32:2:1", "resnet50:32:4:1"], path_windows=1,
+                fmnist_case="resnet18:16:4:1", fmnist_steps=2, host_ops_case="resnet18:16:8", host_ops_steps=1),
     "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
                  configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "eager-bf16-cl-1pass",
                           "compiled-bf16-cl"],
                  warmup=5, steps=10, repeats=3, data_images=16384, workers=16, gpu_aug=True,
-                 loss_batch=512, loss_queue=65536, e2e_steps=60, time_limit=420),
+                 loss_batch=512, loss_queue=65536, e2e_steps=60, time_limit=420,
+                 path_cases=["resnet18:28:256:40", "resnet50:224:64:20", "resnet50:224:512:4"], path_windows=3,
+                 fmnist_case="resnet18:28:256:39", fmnist_steps=312, host_ops_case="resnet18:28:256", host_ops_steps=5),
 }
-SECTIONS = ("step", "loss", "data", "e2e")
+SECTIONS = ("step", "loss", "data", "e2e", "paths")
 
 
 def get_parser():
@@ -74,7 +102,8 @@ def get_parser():
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the flags below; explicit flags win")
     a("--device", choices=["cpu", "cuda"])
-    a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:4]),
+      help="paths runs only when named: its runs of mdra.py take minutes on a GPU")
     a("--archs", nargs="+", help="torchvision ResNets; the first one is the reference of the data and e2e rows "
                                  "(the loss rows are related to each)")
     a("--img-size", type=mdra.crop_size,
@@ -104,6 +133,24 @@ def get_parser():
     a("--time-limit", type=float, default=0, help="seconds; later compiled configurations are skipped when "
                                                    "less than --compile-allowance would be left (0: no limit)")
     a("--compile-allowance", type=float, default=150)
+    a("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+      help="paths of the paths section (PATHS; the cpu preset leaves compiled out: inductor takes minutes there); "
+           "the reference is always measured, as the vs column's baseline")
+    a("--path-cases", nargs="*", help="ARCH:PX:PAIRS[:STEPS], each run on synthetic images: mdra.py --arch ARCH "
+                                      "--img-size PX (small stem at <= 64 px, queue 4096, else 65536) --batch-size "
+                                      "PAIRS, logged every STEPS optimizer steps (default --path-log-every)")
+    a("--path-log-every", type=int, default=20)
+    a("--path-windows", type=int, help="timed log windows of each run, after its first (the start: workers, "
+                                       "cuDNN's autotuning, a compilation or capture)")
+    a("--fmnist-case", help="ARCH:PX:PAIRS[:STEPS] of the Fashion-MNIST rows (mdra.py --data fashion-mnist), "
+                            "run on the reference and all-new paths")
+    a("--fmnist-steps", type=int, help="optimizer steps of each Fashion-MNIST run (0: no such rows); at 256 pairs "
+                                       "an epoch is 234")
+    a("--host-ops-case", help="ARCH:PX:PAIRS of the rows that count host operations per optimizer step")
+    a("--host-ops-steps", type=int, help="optimizer steps of the counted epoch, after one as long (0: no such rows)")
+    a("--isolate", action=argparse.BooleanOptionalAction, default=None,
+      help="run each mdra.py of the paths section as its own process, so that compile caches, GPU memory, a crash "
+           "and --time-limit stay with it; default: on for CUDA")
     a("--out", help="directory for table.md, results.jsonl and log.txt")
     return p
 
@@ -122,6 +169,11 @@ def parse_args(argv=None):
         parser.error(f"--queue-size {args.queue_size} is not a multiple of --batch-size {args.batch_size}")
     if {"data", "e2e"} & set(args.sections) and args.data is None and args.data_images < 2 * args.batch_size:
         parser.error(f"--data-images {args.data_images} is fewer than two batches of {args.batch_size}")
+    args.paths = list(dict.fromkeys(["reference", *args.paths]))
+    args.path_cases = [parse_case(text, args.path_log_every, parser) for text in args.path_cases]
+    args.fmnist_case = parse_case(args.fmnist_case, args.path_log_every, parser)
+    args.host_ops_case = parse_case(args.host_ops_case, args.path_log_every, parser)
+    args.isolate = args.device == "cuda" if args.isolate is None else args.isolate
     return args
 
 
@@ -141,6 +193,44 @@ def parse_config(text):
                          "e.g. eager-fp32-nchw or compiled-bf16-cl-1pass")
     mode, dtype, layout = parts[:3]
     return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl", len(parts) == 4)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A run of the paths section: mdra.py --arch arch --img-size img_size --batch-size batch_size,
+    logging (a timed window) every log_every optimizer steps."""
+    arch: str
+    img_size: int
+    batch_size: int
+    log_every: int
+
+    @property
+    def small_stem(self):
+        return self.img_size <= 64  # as mdra.py chooses it for small images
+
+    @property
+    def queue_size(self):
+        return 4096 if self.small_stem else 65536  # mdra.py's small-data and ImageNet recipes
+
+    def __str__(self):
+        return f"{self.arch} {self.img_size}px b{self.batch_size}"
+
+
+def parse_case(text, log_every, parser):
+    parts = text.split(":")
+    try:
+        arch, img_size, batch_size, *rest = parts
+        case = Case(arch, int(img_size), int(batch_size), int(rest[0]) if rest else log_every)
+    except ValueError:
+        parser.error(f"case {text!r} is not ARCH:PX:PAIRS[:STEPS], e.g. resnet18:28:256 or resnet50:224:64:30")
+    if len(parts) > 4 or min(case.batch_size, case.log_every) < 1:
+        parser.error(f"case {text!r} is not ARCH:PX:PAIRS[:STEPS] with PAIRS and STEPS at least 1")
+    if case.img_size < mdra.min_img_size(case.small_stem):
+        parser.error(f"case {text!r}: {case.img_size} px is below {mdra.min_img_size(case.small_stem)}, the smallest "
+                     "crop of its stem")
+    if case.queue_size % case.batch_size:
+        parser.error(f"case {text!r}: its queue of {case.queue_size} is not a multiple of {case.batch_size} pairs")
+    return case
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,9 +464,7 @@ class Loader:
     def stop(self):
         """Stop the workers, which mdra.py keeps between epochs (persistent) and which would otherwise
         go on filling their prefetch queues behind the rows measured next; batches() starts new ones."""
-        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        stop_workers(self.loader)
 
     @contextlib.contextmanager
     def running(self):
@@ -387,6 +475,13 @@ class Loader:
         finally:
             batches.close()
             self.stop()
+
+
+def stop_workers(loader):
+    """Stop a DataLoader's persistent workers now; its next epoch starts new ones."""
+    iterator, loader._iterator = getattr(loader, "_iterator", None), None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 def loader_rate(loader, batch_size, workers, device, max_batches=100):
@@ -414,10 +509,23 @@ def device_views_rate(loader, batch_size, device, rounds=5):
     return rate, host_ops(augment)
 
 
+def all_threads_profiler_config():
+    """The profiler's setting that counts every thread's operations, or None where this torch lacks it."""
+    try:
+        return torch.profiler._ExperimentalConfig(profile_all_threads=True)
+    except TypeError:
+        return None
+
+
+HOST_OPS_ALL_THREADS = all_threads_profiler_config() is not None
+
+
 def host_ops(fn):
-    """How many aten operations one call of fn dispatches (views and launches alike): the host work
-    that a GPU waits behind when each is a small kernel. The same count on any device."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    """How many aten operations one call of fn dispatches (views and launches alike), on every thread of
+    this process (a --gpu-aug prefetch thread's too) unless not HOST_OPS_ALL_THREADS: the host work that
+    a GPU waits behind when each is a small kernel. The same count on any device."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                experimental_config=all_threads_profiler_config()) as profiler:
         fn()
     return sum(event.count for event in profiler.key_averages() if event.key.startswith("aten::"))
 
@@ -535,19 +643,220 @@ def measure_e2e(report, step, loaders, args, device):
                        note=note)
 
 
+# ------------------------------------------------------------------------------------------------
+# The paths section: mdra.py itself, path against path
+# ------------------------------------------------------------------------------------------------
+
+def path_flags(name):
+    """PATHS[name] as this mdra.py takes it: (flags, None), or (None, the first flag it lacks) when the
+    path does not exist yet."""
+    parser = mdra.get_parser()
+    parser.allow_abbrev = False  # a flag is known by its whole name only
+    flags = []
+    for flag in PATHS[name]:
+        if not parser.parse_known_args([flag])[1]:
+            flags.append(flag)
+        elif not flag.startswith("--no-"):
+            return None, flag
+    return flags, None
+
+
+def mdra_argv(case, data, steps, flags, args, out_dir):
+    """mdra.py's command line for steps optimizer steps of case on data with a path's flags; everything
+    else is mdra.py's default (bf16 autocast and channels_last on CUDA, the learning-rate schedule). The
+    synthetic images are one epoch, so that no epoch boundary falls inside the timed windows."""
+    argv = ["--data", data, "--arch", case.arch, "--img-size", str(case.img_size),
+            "--small-stem" if case.small_stem else "--no-small-stem", "--batch-size", str(case.batch_size),
+            "--accum-steps", "1", "--queue-size", str(case.queue_size), "--device", args.device,
+            "--workers", str(args.workers), "--max-steps", str(steps), "--log-every", str(case.log_every),
+            "--save-every", str(steps), "--keep-every", "0", "--compile-backend", args.compile_backend,
+            "--data-dir", args.data_dir, "--out-dir", str(out_dir)]
+    if data == "synthetic":
+        argv += ["--synthetic-size", str(case.batch_size * steps)]
+    return argv + flags
+
+
+def run_mdra(argv, out_dir, isolate, timeout):
+    """mdra.py with argv, as its own process (isolate: stopped after timeout seconds, None: never) or in
+    this one, its console in out_dir/console.txt; returns the records of its log.jsonl."""
+    out_dir.mkdir(parents=True)
+    console = out_dir / "console.txt"
+    with open(console, "w") as output:
+        if isolate:
+            status = run_process([sys.executable, str(REPO / "mdra.py"), *argv], output, timeout)
+        else:
+            torch._dynamo.reset()  # nothing compiled by an earlier run is reused
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                try:
+                    mdra.main(argv)
+                    status = 0
+                except SystemExit as e:  # a usage error, or a stop signal, which stops this benchmark too
+                    if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                        raise
+                    status = e.code
+    if status:
+        last = (console.read_text().strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"mdra.py exited with status {status}: {last}")
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def run_process(command, output, timeout):
+    """The exit status of command; after timeout seconds it is killed, with the processes it started."""
+    with subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True) as process:
+        try:
+            return process.wait(timeout=timeout)
+        except BaseException as e:  # the time is up, or this benchmark is stopping: so does the run
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise RuntimeError(f"stopped after {timeout:.0f} s, the time left of --time-limit") from None
+            raise
+
+
+def steady_state(records, batch_size):
+    """Pairs/s, the share of the time waited for data and the steps timed, over the log windows after
+    the first (which holds the start: the workers, cuDNN's autotuning, a compilation or capture)."""
+    logged = [record for record in records if "pairs_per_s" in record]
+    windows = [(record["step"] - before["step"], record) for before, record in zip(logged, logged[1:])]
+    if not windows:
+        raise RuntimeError(f"mdra.py logged {len(logged)} window, too few to leave the first out")
+    seconds = [steps * batch_size / record["pairs_per_s"] for steps, record in windows]
+    steps = sum(steps for steps, _ in windows)
+    waited = sum(record["data_wait"] * t for (_, record), t in zip(windows, seconds))
+    return steps * batch_size / sum(seconds), waited / sum(seconds), steps
+
+
+def count_host_ops(case, flags, args, device, out_dir):
+    """Aten operations per optimizer step of mdra.Pretraining with a path's flags, built in this process
+    as mdra.train builds it: all threads' over a whole epoch of --host-ops-steps steps (so that a --gpu-aug
+    prefetch thread makes exactly that epoch's views inside the count), after an epoch as long that warms
+    up (the workers, LARS's momentum, a compilation or capture). Loader workers are processes of their
+    own and are not counted; with --workers 0 the CPU loader's operations are."""
+    argv = mdra_argv(case, "synthetic", args.host_ops_steps, flags, args, out_dir)
+    margs = mdra.get_parser().parse_args(argv)
+    env = runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+    images, info = mdra.build_dataset(margs.data, margs.data_dir, "pretrain", margs.synthetic_size, margs.img_size)
+    margs = mdra.resolve_args(margs, info, env)
+    torch._dynamo.reset()
+    run = mdra.Pretraining(margs, env, images, info, runtime.Logger(out_dir, False))
+    loader, sampler, device_views = mdra.pretrain_loader(images, info, margs, env, run.steps_per_epoch)
+
+    def epoch(index):
+        sampler.set_epoch(index)
+        batches = mdra.epoch_batches(loader, device_views, index, 0)
+        for _ in range(run.steps_per_epoch):
+            run.optimizer_step(batches)
+        batches.close()
+        synchronize(device)
+
+    try:
+        epoch(0)
+        return host_ops(lambda: epoch(1)) / run.steps_per_epoch
+    finally:
+        stop_workers(loader)
+
+
+def measure_paths(report, args, device, started):
+    """Each path of --paths against the reference, as mdra.py runs: end to end on Fashion-MNIST (the
+    reference and all-new paths), on synthetic images for each case, and the host operations per
+    optimizer step. Eager paths first, so that a time limit only ever cuts compilations, and of those
+    the quick host-op counts before the long runs on synthetic images."""
+    table = []  # (group, kind, case, path) in the order of the table
+    if args.fmnist_steps:
+        table += [(f"fashion-mnist {args.fmnist_case}", "fashion-mnist", args.fmnist_case, name)
+                  for name in args.paths if name in ("reference", "all-new")]
+    table += [(f"synthetic {case}", "synthetic", case, name) for case in args.path_cases for name in args.paths]
+    if args.host_ops_steps:
+        table += [(f"host ops {args.host_ops_case}", "host ops", args.host_ops_case, name) for name in args.paths]
+    flags = {name: path_flags(name) for name in args.paths}
+    fmnist_images = None
+
+    def run_order(entry):  # eager first, and the quick ones first
+        _, (_, kind, _, name) = entry
+        return "--compile" in PATHS[name], kind == "synthetic"
+
+    with tempfile.TemporaryDirectory(prefix="mdra_bench_paths_") as tmp:
+        for index, (group, kind, case, name) in sorted(enumerate(table), key=run_order):
+            what, ids = f"{group} {name}", dict(group=group, path=name)
+            path_args, missing = flags[name]
+            left = args.time_limit - (time.perf_counter() - started)
+            if missing:
+                report.add("paths", what, **ids, note=f"skipped: mdra.py has no {missing}")
+                continue
+            if args.time_limit and left < (args.compile_allowance if "--compile" in path_args else 0):
+                report.add("paths", what, **ids, note=f"skipped: {max(left, 0):.0f} s of --time-limit left")
+                continue
+            out_dir = Path(tmp) / f"run{index}"
+            with failure_reported(report, "paths", what, **ids):
+                if kind == "fashion-mnist" and fmnist_images is None:
+                    fmnist_images = len(mdra.build_dataset("fashion-mnist", args.data_dir, "pretrain")[0])
+                if kind == "host ops":
+                    measure_host_ops(report, what, ids, case, path_args, args, device, out_dir)
+                else:
+                    images = fmnist_images if kind == "fashion-mnist" else None
+                    measure_path_run(report, what, ids, case, kind, path_args, args, out_dir,
+                                     left if args.time_limit else None, images)
+            shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoint: hundreds of MB
+            if device.type == "cuda":  # (on the CPU the collector's pass costs more than it frees)
+                free_memory(device)
+    order = [(group, name) for group, _, _, name in table]
+    rows = sorted((row for row in report.rows if row["section"] == "paths"),
+                  key=lambda row: order.index((row["group"], row["path"])))
+    report.rows = [row for row in report.rows if row["section"] != "paths"] + rows
+
+
+def measure_path_run(report, what, ids, case, data, flags, args, out_dir, timeout, images):
+    """One mdra.py run on data (fashion-mnist or synthetic): its steady pairs/s and wait for data, and
+    with the data set's number of images, its seconds per epoch at that rate (and as measured for each
+    whole epoch after the first)."""
+    steps = args.fmnist_steps if data == "fashion-mnist" else case.log_every * (1 + args.path_windows)
+    records = run_mdra(mdra_argv(case, data, steps, flags, args, out_dir), out_dir, args.isolate, timeout)
+    if report.out:  # the run's own record
+        kept = report.out / "paths" / what.replace(" ", "_")
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in ("log.jsonl", "console.txt"):
+            shutil.copy(out_dir / name, kept / name)
+    rate, data_wait, timed = steady_state(records, case.batch_size)
+    note = f"{timed} of {steps} steps timed, after the first window; waited for data {100 * data_wait:.0f}%"
+    values = dict(pairs_per_s=rate, ms=case.batch_size / rate * 1e3, data_wait=data_wait, steps=steps)
+    if images:
+        images_per_epoch = images // case.batch_size * case.batch_size
+        epochs = [record["time_s"] for record in records if record.get("event") == "epoch"][1:]
+        values["s_per_epoch"] = images_per_epoch / rate
+        note += f"; {values['s_per_epoch']:.3g} s per epoch of {images_per_epoch} images at that rate"
+        if epochs:
+            note += ", measured " + " / ".join(f"{seconds:.3g}" for seconds in epochs) + " s (epochs after the first)"
+    report.add("paths", what, **ids, **values, note=note)
+
+
+def measure_host_ops(report, what, ids, case, flags, args, device, out_dir):
+    ops = count_host_ops(case, flags, args, device, out_dir)
+    threads = "all threads" if HOST_OPS_ALL_THREADS else "the loop's thread only (this torch profiles no other)"
+    report.add("paths", what, **ids, host_ops=ops,
+               note=f"per optimizer step: aten operations of {threads}, over an epoch of {args.host_ops_steps} "
+                    "steps after one as long")
+
+
 @contextlib.contextmanager
-def failure_reported(report, section, what):
+def failure_reported(report, section, what, **values):
     """A measurement that fails (out of memory, a compiler error) becomes a row saying why, with the
     traceback in the log, and the run goes on: one GPU session should bring back all that worked."""
     try:
         yield
     except Exception as e:
         report.log(traceback.format_exc())
-        report.add(section, what, note=f"failed: {type(e).__name__}: {str(e)[:200]}")
+        report.add(section, what, **values, note=f"failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 def compare(rows, args):
     """The vs column: each row against its baseline in this run."""
+    paths = [row for row in rows if row["section"] == "paths"]
+    for row in paths:  # against the reference path of its group
+        for key in ("pairs_per_s", "host_ops"):
+            reference = next((r for r in paths if (r["group"], r["path"]) == (row["group"], "reference") and key in r),
+                             None)
+            if key in row and reference:
+                row["vs"] = f"{row[key] / reference[key]:.2f}x reference"
     steps = [row for row in rows if row["section"] == "step" and "pairs_per_s" in row]
     peak = next((row["tflops"] for row in rows if row["section"] == "peak" and "tflops" in row), None)
 
@@ -627,7 +936,7 @@ class Report:
         return "\n".join(lines)
 
     def finish(self, header):
-        order = ("peak", "step", "loss", "data", "e2e")
+        order = ("peak", "step", "loss", "data", "e2e", "paths")
         self.rows.sort(key=lambda row: order.index(row["section"]))  # stable: measuring order within a section
         table = f"{header}\n\n{self.table()}\n"
         self.log("\n" + table)
@@ -654,7 +963,7 @@ def main(argv=None):
     report = Report(args.out)
     report.log("bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv))
     report.log(environment(device))
-    report.log("args " + json.dumps(vars(args)))
+    report.log("args " + json.dumps(vars(args), default=repr))  # a Case as Case(...)
 
     if device.type == "cuda":
         with failure_reported(report, "peak", "bf16 matmul 8192^3"):
@@ -687,6 +996,10 @@ def main(argv=None):
             measure_e2e(report, kept, loaders, args, device)
         elif "e2e" in args.sections:
             report.add("e2e", f"{args.archs[0]} {args.size} {args.e2e_config}", note="skipped with its step")
+        if "paths" in args.sections:
+            kept = None  # its memory is not the paths' to share
+            free_memory(device)
+            measure_paths(report, args, device, started)
     finally:
         if generated:
             shutil.rmtree(generated, ignore_errors=True)

@@ -132,3 +132,39 @@ def test_a_generated_folder_of_fewer_images_than_classes_is_still_an_image_folde
     bench_train.make_image_folder(tmp_path / "jpegs", 4, 1)
     images = mdra.ImageFiles(tmp_path / "jpegs")
     assert len(images) == 4 and len(images.classes) == 4  # no empty class folder for ImageFolder to refuse
+
+
+def test_host_ops_counts_the_operations_of_every_thread(bench_train):
+    import threading
+    x = bench_train.torch.ones(4)
+
+    def adds_in_a_thread():  # as a --gpu-aug prefetch thread makes views beside the loop
+        thread = threading.Thread(target=lambda: [x.add(x) for _ in range(7)])
+        thread.start()
+        thread.join()
+        x.add(x)
+
+    if not bench_train.HOST_OPS_ALL_THREADS:
+        pytest.skip("this torch's profiler counts the calling thread only")
+    assert bench_train.host_ops(adds_in_a_thread) == 8
+
+
+def test_a_path_that_mdra_lacks_a_flag_of_is_skipped_and_a_lacking_no_flag_left_out(bench_train, monkeypatch):
+    monkeypatch.setitem(bench_train.PATHS, "later", ["--one-pass", "--no-path-of-later"])
+    monkeypatch.setitem(bench_train.PATHS, "not yet", ["--no-one-pass", "--path-of-later"])
+    monkeypatch.setitem(bench_train.PATHS, "abbreviated", ["--compile-back"])  # not --compile-backend
+    assert bench_train.path_flags("later") == (["--one-pass"], None)  # what mdra.py does without the flag
+    assert bench_train.path_flags("not yet") == (None, "--path-of-later")
+    assert bench_train.path_flags("abbreviated") == (None, "--compile-back")
+    assert bench_train.path_flags("reference")[1] is None and bench_train.path_flags("one-pass")[1] is None
+
+
+def test_a_runs_steady_rate_leaves_out_its_first_window_and_weighs_the_wait_by_time(bench_train):
+    records = [{"event": "start", "step": 0},
+               {"step": 2, "pairs_per_s": 1.0, "data_wait": 0.9},  # the start: left out
+               {"step": 4, "pairs_per_s": 8.0, "data_wait": 0.5},  # 2 steps of 4 pairs in 1 s
+               {"event": "epoch", "epoch": 1, "step": 4, "time_s": 9.0},
+               {"step": 10, "pairs_per_s": 24.0, "data_wait": 0.0}]  # 6 steps in 1 s
+    assert bench_train.steady_state(records, 4) == (32 / 2, 0.5 / 2, 8)
+    with pytest.raises(RuntimeError, match="too few to leave the first out"):
+        bench_train.steady_state(records[:2], 4)
