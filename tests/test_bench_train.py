@@ -120,7 +120,10 @@ def test_a_loaders_workers_stop_when_its_row_is_measured(bench_train, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [(["--batch-size", "8", "--queue-size", "20"], "not a multiple"),
                                            (["--batch-size", "8", "--data-images", "12"], "fewer than two batches"),
-                                           (["--img-size", "4"], "4 px is below 8, the smallest crop")])
+                                           (["--img-size", "4"], "4 px is below 8, the smallest crop"),
+                                           (["--path-cases", "resnet18:28"], "is not ARCH:PX:PAIRS[:STEPS]"),
+                                           (["--host-ops-case", "resnet18:4:8"], "4 px is below 8"),
+                                           (["--path-cases", "resnet18:28:3000"], "is not a multiple of 3000 pairs")])
 def test_sizes_that_cannot_work_are_refused_before_anything_runs(bench_train, argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_train.parse_args(argv)
