@@ -171,3 +171,47 @@ def test_a_runs_steady_rate_leaves_out_its_first_window_and_weighs_the_wait_by_t
     assert bench_train.steady_state(records, 4) == (32 / 2, 0.5 / 2, 8)
     with pytest.raises(RuntimeError, match="too few to leave the first out"):
         bench_train.steady_state(records[:2], 4)
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_a_device_check_part_past_its_budget_is_stopped_with_the_processes_it_started(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import device_check
+    sleeper = "import subprocess; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); p.wait()"
+    log = tmp_path / "part.txt"
+    assert device_check.run_part([sys.executable, "-c", sleeper], 1, log) == "stopped at its budget of 1 s"
+    assert not alive(int(log.read_text()))
+    assert device_check.run_part([sys.executable, "-c", "raise SystemExit(3)"], 5, log).startswith("exit status 3 ")
+
+
+def test_the_device_check_writes_each_part_and_a_row_per_path_to_one_file(bench_train, tmp_path):
+    import gzip
+    import subprocess
+    data = tmp_path / "fashion-mnist"  # 8 images, as mdra.py reads the IDX files from --data-dir
+    data.mkdir()
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (8, 28, 28))
+    (data / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(range(256)) * 24 + bytes(128)))
+    labels = bytes([0, 0, 8, 1]) + (8).to_bytes(4, "big") + bytes(range(8))
+    (data / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    (tmp_path / "test_ok.py").write_text("def test_ok():\n    pass\n")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/device_check.py", "--toy", "--out", str(out), "--data-dir", str(data),
+                    "--tests", str(tmp_path / "test_ok.py")], cwd=REPO, check=True, timeout=240)
+    text = (out / "device_check.md").read_text()
+    assert " | GPU: " in text.splitlines()[2]  # the environment, then each part in its place
+    assert text.index("## Tests") < text.index("1 passed") < text.index("## Paths") < text.index("| paths | ")
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| paths | ")}
+    paths = bench_train.PRESETS["cpu"]["paths"]
+    groups = {"fashion-mnist resnet18 8px b2": ["reference", "all-new"], "synthetic resnet18 8px b2": paths,
+              "host ops resnet18 8px b2": paths}
+    assert list(rows) == [f"{group} {name}" for group, names in groups.items() for name in names]
+    for row in rows.values():  # a figure against the reference, or why there is none
+        assert ("x reference |" in row) != (" | skipped: " in row), row
+    assert "1.00x reference" in rows["synthetic resnet18 8px b2 reference"]
+    assert "s per epoch of 8 images at that rate" in rows["fashion-mnist resnet18 8px b2 reference"]

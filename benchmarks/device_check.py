@@ -1,0 +1,117 @@
+"""Everything one GPU session should bring back for issue 17, in one call and one file, within 8 minutes.
+
+On the GPU machine, from the repository root:
+
+    python benchmarks/device_check.py          # writes $OUT/device_check.md (without $OUT: runs/device_check/)
+
+runs, each part as its own process under its own time budget (stopped when it runs past it):
+- the tests that need CUDA to run (skipped on a CPU): tests/test_mdra.py, tests/test_gpu_aug.py and every
+  test whose name says cuda, in at most 120 s;
+- bench_train.py's paths section at the issue's sizes (each path against today's, on synthetic images
+  for resnet18 at 28 px x 256 pairs and resnet50 at 224 px x 64 and x 512 pairs, mdra.py end to end on
+  Fashion-MNIST, the host operations per optimizer step), in what is left of 450 s, its own --time-limit
+  (40 s less) skipping what would not fit: the compilations first.
+The file holds the environment, the tests' summary and the table, or how a part ended; the benchmark's
+full log and each mdra.py run's log.jsonl are kept beside it (bench/).
+
+    python benchmarks/device_check.py --toy    # the same on the CPU at toy sizes, in seconds
+
+is what tests/test_bench_train.py runs, so that the script still works when the GPU comes. Fashion-MNIST
+is read as mdra.py reads it: from --data-dir (default data/; copy its four .gz files there for a machine
+without them), else the system's copy; a machine without either gets a row saying so.
+"""
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = ["tests", "-k", "test_mdra.py or test_gpu_aug.py or cuda"]
+PATHS = ["--preset", "h100", "--sections", "paths"]
+TOTAL_S, TESTS_S, MARGIN_S = 450, 120, 40  # of the 480 s, the rest for starting and writing
+TOY_TESTS = ["tests/test_bench_train.py", "-k", "host_ops_counts"]
+TOY_TOTAL_S = 120
+TOY_PATHS = ["--preset", "cpu", "--sections", "paths", "--path-cases", "resnet18:8:2:1",
+             "--fmnist-case", "resnet18:8:2:1", "--host-ops-case", "resnet18:8:2", "--host-ops-steps", "1",
+             "--workers", "0"]
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--toy", action="store_true", help="on the CPU at toy sizes (what the test runs)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "runs/device_check",
+                   help="folder of device_check.md (default: $OUT, else runs/device_check)")
+    p.add_argument("--tests", type=shlex.split, help="pytest's arguments instead of the default selection")
+    p.add_argument("--data-dir", help="where mdra.py reads Fashion-MNIST from (bench_train.py --data-dir)")
+    return p
+
+
+def run_part(command, budget, log):
+    """Run command under budget seconds, its output in the file log; returns how it ended, in words."""
+    t0 = time.perf_counter()
+    with open(log, "w") as output, subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                                    start_new_session=True) as process:
+        try:
+            status = process.wait(timeout=budget)
+        except BaseException as e:  # past its budget, or this script is stopping: stop it with what it started
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if not isinstance(e, subprocess.TimeoutExpired):
+                raise
+            return f"stopped at its budget of {budget} s"
+    return f"exit status {status} after {time.perf_counter() - t0:.0f} s of {budget}"
+
+
+def tail(path, lines):
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def environment():
+    gpu = "no nvidia-smi"
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        gpu = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip() or "no GPU listed"
+    sha = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True,
+                         text=True, timeout=30).stdout.strip() or "unknown"
+    return (f"{datetime.datetime.now().isoformat(timespec='seconds')} | git {sha} | GPU: {gpu} | "
+            f"{os.cpu_count()} CPUs | python {platform.python_version()}")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    out = Path(args.out).resolve()  # the parts run in the repository root
+    out.mkdir(parents=True, exist_ok=True)
+    tests = args.tests or (TOY_TESTS if args.toy else TESTS)
+    bench = (TOY_PATHS if args.toy else PATHS) + ["--out", str(out / "bench")]
+    bench += ["--data-dir", args.data_dir] if args.data_dir else []
+    shutil.rmtree(out / "bench", ignore_errors=True)  # no table of an earlier call passes for this one's
+    started = time.perf_counter()
+    lines = ["# Device check (issue 17)", "", environment(), "",
+             f"command: python benchmarks/device_check.py {shlex.join(sys.argv[1:] if argv is None else argv)}"]
+
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests]
+    ended = run_part(command, TESTS_S, out / "tests.txt")
+    lines += ["", "## Tests", "", f"`{shlex.join(command[1:])}`: {ended}", "", "```", tail(out / "tests.txt", 40),
+              "```"]
+
+    budget = round((TOY_TOTAL_S if args.toy else TOTAL_S) - (time.perf_counter() - started))
+    command = [sys.executable, "benchmarks/bench_train.py", *bench, "--time-limit", str(budget - MARGIN_S)]
+    ended = run_part(command, budget, out / "paths.txt")
+    lines += ["", "## Paths", "", f"`{shlex.join(command[1:])}`: {ended}", ""]
+    table = out / "bench" / "table.md"
+    lines += [table.read_text().strip()] if table.exists() else ["no table; the end of its output:", "", "```",
+                                                                  tail(out / "paths.txt", 40), "```"]
+    lines += ["", f"total {time.perf_counter() - started:.0f} s"]
+    (out / "device_check.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'device_check.md'}")
+
+
+if __name__ == "__main__":
+    main()
