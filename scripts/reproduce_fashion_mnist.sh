@@ -27,7 +27,9 @@
 # PARALLEL=1 runs independent rows at once (one GPU has room for several), ABLATION=0 leaves mdra-g1 and
 # mdra-g1-knn out of the default rows (they cost as much as the main pretraining), DATA [fashion-mnist],
 # RESULTS a folder that keeps the records of the finished rows (no checkpoints), also when the run is
-# stopped, and the table of every row it holds: separate runs (each on its own machine) accumulate there.
+# stopped, and the table of every row it holds: separate runs (each on its own machine) accumulate there;
+# DRY_RUN=1 prints the command of every row that would run (a fine-tuning row's lr as <best of ...> while
+# its trials are unfinished) and runs nothing, to plan a GPU session.
 # (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
 #   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
 #   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \
@@ -70,7 +72,7 @@ for name in "${selected[@]}"; do
 done
 wanted() { [[ " ${selected[*]} " == *" $1 "* ]]; }
 
-mkdir -p "$OUT"
+[ "${DRY_RUN:-0}" = 1 ] || mkdir -p "$OUT"
 
 # The GPU if any, the CPU and its cores (all of them: nproc alone follows OMP_NUM_THREADS), and torch's
 # version (from its metadata: importing torch takes seconds).
@@ -91,6 +93,7 @@ row() {
     if [ -f "$OUT/$name/time_s" ]; then
         echo "[$(date +%T)] $name: finished in an earlier run, kept"; return 0
     fi
+    if [ "${DRY_RUN:-0}" = 1 ]; then echo "[dry run] $name: $*"; return 0; fi
     mkdir -p "$OUT/$name"
     rm -f "$OUT/$name/failed"
     echo "$*" > "$OUT/$name/command"
@@ -123,14 +126,23 @@ finetune_row() {
             row "lr-trials/$name-lr$lr" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" \
                 --holdout "$HOLDOUT" --eval-every "$epochs" --out-dir "$OUT/lr-trials/$name-lr$lr" || [ $? = 1 ]
         done
-        lr=$(python3 scripts/results_table.py --best-lr "$OUT" "$name" "${lrs[@]}")
+        if [ "${DRY_RUN:-0}" = 1 ] && ! all_finished "$name" "${lrs[@]}"; then
+            lr="<best of ${lrs[*]}>"
+        else
+            lr=$(python3 scripts/results_table.py --best-lr "$OUT" "$name" "${lrs[@]}")
+        fi
     fi
     row "$name" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" --out-dir "$OUT/$name"
 }
 
-# together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1.
+all_finished() {  # all_finished NAME LR...: every learning-rate trial of NAME has finished
+    local name=$1 lr; shift
+    for lr in "$@"; do [ -f "$OUT/lr-trials/$name-lr$lr/time_s" ] || return 1; done
+}
+
+# together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1 (not in a dry run).
 together() {
-    if [ "${PARALLEL:-0}" = 1 ]; then
+    if [ "${PARALLEL:-0}" = 1 ] && [ "${DRY_RUN:-0}" != 1 ]; then
         local pids=() status=0
         for cmd in "$@"; do eval "$cmd" & pids+=($!); done
         # A signal (a time limit) stops the rows, which save first: leave only once they have, so that a
@@ -193,7 +205,7 @@ keep_records() {
     done
     python3 scripts/results_table.py "$RESULTS" > "$RESULTS/results.md.tmp" && mv "$RESULTS/results.md.tmp" "$RESULTS/results.md"
 }
-[ -z "${RESULTS:-}" ] || trap keep_records EXIT  # also when a row fails or a time limit stops the run
+[ -z "${RESULTS:-}" ] || [ "${DRY_RUN:-0}" = 1 ] || trap keep_records EXIT  # also when a row fails or a time limit stops the run
 
 chains=()
 for p in "${PRETRAININGS[@]}"; do
@@ -203,6 +215,7 @@ for p in "${PRETRAININGS[@]}"; do
     [ "$p" != mdra ] || chains+=(baseline_chain)
 done
 together "${chains[@]}"
+[ "${DRY_RUN:-0}" != 1 ] || exit 0
 python3 scripts/results_table.py "$OUT" > "$OUT/results.md.tmp"
 mv "$OUT/results.md.tmp" "$OUT/results.md"
 cat "$OUT/results.md"

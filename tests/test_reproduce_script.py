@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_fashion_mnist.sh"
-FINE_TUNED = ["mdra-ft1", "mdra-ft10", "scratch1", "scratch10"]  # and mdra-linear, at one rate: no trials
+# The rows the resume test runs: a pretraining with a kNN, a fine-tuning and a linear-probe row, a baseline.
+FINE_TUNED = ["mdra-ft1", "scratch1"]  # and mdra-linear, at one rate: no trials
 LRS = ["0.1", "0.01"]
-ROWS = ["mdra", "mdra-knn", "mdra-g1", "mdra-g1-knn", "pixels-knn", "random-knn", "mdra-linear", *FINE_TUNED,
-        *(f"lr-trials/{row}-lr{lr}" for row in FINE_TUNED for lr in LRS)]
+CHOSEN = "mdra-knn mdra-ft1 mdra-linear scratch1"
+ROWS = ["mdra", "mdra-knn", "mdra-linear", *FINE_TUNED, *(f"lr-trials/{row}-lr{lr}" for row in FINE_TUNED for lr in LRS)]
 
 
 def tiny_env(epochs=3):
     return {**os.environ, "DATA": "synthetic", "EPOCHS": str(epochs), "FT_EPOCHS": "1", "LINEAR_EPOCHS": "1",
             "WORKERS": "0", "DEVICE": "cpu", "PARALLEL": "1", "OMP_NUM_THREADS": "1", "FLAGS": "--synthetic-size 64",
             "PRETRAIN_FLAGS": "--queue-size 32 --img-size 16 --batch-size 16 --save-every 2",
-            "FT_FLAGS": "--batch-size 8", "FT_LRS": " ".join(LRS), "LINEAR_LRS": "0.1", "HOLDOUT": "16", "KNN_FLAGS": "--k 10 20"}
+            "FT_FLAGS": "--batch-size 8", "FT_LRS": " ".join(LRS), "LINEAR_LRS": "0.1", "HOLDOUT": "16", "KNN_FLAGS": "--k 10 20",
+            "ROWS": CHOSEN}
 
 
 def processes_naming(path):
@@ -71,16 +73,18 @@ def test_an_interrupted_table_resumes_and_finished_rows_are_kept(tmp_path):
         command = (out / row / "command").read_text()
         assert f"--lr {best} --out-dir" in command and "--holdout" not in command
     table = (out / "results.md").read_text()
-    results = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| row", "| ---"))]
-    assert len(results) == 9 and "not run" not in table  # the two pretrainings are notes under the table
+    for row in ("MDRA (G = 4) kNN |", "MDRA (G = 4), fine-tuned | 1% |", "MDRA (G = 4), linear probe",
+                "supervised from scratch (baseline) | 1% |"):
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row}"))
+        assert "not run" not in line, line
 
     third = subprocess.run(["bash", str(SCRIPT), str(out)], env=tiny_env(), capture_output=True, text=True,
                            timeout=120)
     assert third.returncode == 0 and third.stdout.count("finished in an earlier run, kept") == len(ROWS)
-    without_ablation = subprocess.run(["bash", str(SCRIPT), str(out)], env={**tiny_env(), "ABLATION": "0"},
-                                      capture_output=True, text=True, timeout=120)
-    assert without_ablation.returncode == 0 and "] mdra-g1" not in without_ablation.stdout  # no row line
-    assert without_ablation.stdout.count("finished in an earlier run, kept") == len(ROWS) - 2
+    planned = subprocess.run(["bash", str(SCRIPT), str(out)], env={**tiny_env(), "DRY_RUN": "1", "ROWS": "default"},
+                             capture_output=True, text=True, timeout=120)
+    assert planned.stdout.count("finished in an earlier run, kept") == len(ROWS)
+    assert "[dry run] scratch10: " in planned.stdout and not (out / "scratch10").exists()
 
     other = subprocess.run(["bash", str(SCRIPT), str(out)], env=tiny_env(epochs=4), capture_output=True,
                            text=True, timeout=120)
@@ -168,3 +172,20 @@ def test_a_failed_learning_rate_trial_drops_out_of_the_choice_and_shows_in_the_t
     (tmp_path / "scratch1" / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"lr": 0.01}}) + "\n")
     assert results_table.learning_rate(tmp_path, "scratch1") == \
         "0.01 (held-out top-1 0.3: failed, 0.1: 61.50, 0.01: 62.00; trials 13 s)"
+
+
+def test_a_dry_run_prints_the_commands_of_the_chosen_rows_and_runs_nothing(tmp_path):
+    def planned(**env):
+        done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "plan")], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "DATA": "synthetic", "DRY_RUN": "1", **env})
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {line.split(": ")[0].removeprefix("[dry run] "): line.split(": ", 1)[1]
+                for line in done.stdout.splitlines() if line.startswith("[dry run] ")}
+
+    rows = planned()
+    assert {"mdra", "mdra-knn", "mdra-g1", "mdra-g1-knn", "scratch10", "lr-trials/scratch10-lr0.3"} <= rows.keys()
+    assert "--groups 1 --epochs 200" in rows["mdra-g1"] and "--lr <best of 0.3 0.1 0.03 0.01>" in rows["mdra-ft1"]
+    assert not {"mdra-g1", "mdra-g1-knn"} & planned(ABLATION="0").keys()
+    assert set(planned(ROWS="seeds", FT_LRS="0.1")) == {"mdra-seed1", "mdra-seed1-knn", "mdra-seed1-linear",
+                                                        "mdra-g1-seed1", "mdra-g1-seed1-knn"}
+    assert not (tmp_path / "plan").exists()
