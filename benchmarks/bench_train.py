@@ -495,10 +495,14 @@ def loader_rate(loader, batch_size, workers, device, max_batches=100):
 
 def device_views_rate(loader, batch_size, device, rounds=5):
     """Pairs/s of the --gpu-aug device work alone (decode, crops, colour, blur) on batches in memory."""
-    # Read in this process, so that no worker is left prefetching behind the measurements that follow.
-    dataset, collate = loader.loader.dataset, loader.loader.collate_fn
-    undecoded = [collate([dataset[0, i] for i in range(b * batch_size, (b + 1) * batch_size)])
-                 for b in range(min(4, len(dataset) // batch_size))]
+    if isinstance(loader.loader, torch.utils.data.DataLoader):
+        # Read in this process, so that no worker is left prefetching behind the measurements that follow.
+        dataset, collate = loader.loader.dataset, loader.loader.collate_fn
+        undecoded = [collate([dataset[0, i] for i in range(b * batch_size, (b + 1) * batch_size)])
+                     for b in range(min(4, len(dataset) // batch_size))]
+    else:  # an in-memory data set held on the device (gpu_aug.ResidentImages): its gathered micro-batches
+        loader.sampler.set_epoch(0)
+        undecoded = list(itertools.islice(iter(loader.loader), 4))
     batches = itertools.cycle(undecoded)
 
     def augment():
@@ -628,7 +632,8 @@ def measure_e2e(report, step, loaders, args, device):
         what = f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}"
         with failure_reported(report, "e2e", what):
             pairs = args.batch_size * args.accum_steps
-            prefetched = args.workers * (loader.loader.prefetch_factor or 1)
+            # what the loader makes ahead: its workers' prefetch, or the --gpu-aug prefetch thread's 2
+            prefetched = args.workers * (getattr(loader.loader, "prefetch_factor", None) or 1)
             skip = max(1, math.ceil(prefetched / args.accum_steps))
             with loader.running() as batches:
                 rates, data_wait = fed_rates(step, batches, args.e2e_steps, pairs, skip, device, args.repeats)
