@@ -102,18 +102,17 @@ def test_chosen_rows_run_with_the_pretraining_they_use_and_separate_runs_accumul
     assert refused.returncode == 2 and "ROWS: no row mdra-nothing;" in refused.stdout
     assert not (tmp_path / "none").exists()
     for out, rows, ran in (("a", "mdra-nocross-knn", {"mdra-nocross", "mdra-nocross-knn"}),
-                           ("b", "mdra-nobalance", {"mdra-nobalance"})):
+                           ("b", "pixels-knn", {"pixels-knn"})):
         done = script(out, rows)
         assert done.returncode == 0, done.stdout + done.stderr
         assert {p.parent.name for p in (tmp_path / out).glob("*/time_s")} == ran
-    for row, flags in (("a/mdra-nocross", "--no-cross"), ("b/mdra-nobalance", "--sinkhorn-iters 0")):
-        assert f"--arch resnet18 {flags} --epochs 1" in (tmp_path / row / "command").read_text()
+    assert "--arch resnet18 --no-cross --epochs 1" in (tmp_path / "a" / "mdra-nocross" / "command").read_text()
     # results/ holds both runs' records and their table, and no checkpoint.
-    assert {p.parent.name for p in results.glob("*/time_s")} == {"mdra-nocross", "mdra-nocross-knn", "mdra-nobalance"}
+    assert {p.parent.name for p in results.glob("*/time_s")} == {"mdra-nocross", "mdra-nocross-knn", "pixels-knn"}
     assert (results / "mdra-nocross" / "log.jsonl").exists() and not list(results.rglob("*.pth"))
     table = (results / "results.md").read_text()
     assert "| ablation: no cross alignment, each view with its own relation (--no-cross) kNN | all, kNN | " in table
-    assert "Pretraining `mdra-nobalance` (1 epochs" in table
+    assert "| raw-pixel kNN (baseline) | all, kNN | " in table and "Pretraining `mdra-nocross` (1 epochs" in table
 
 
 def test_the_table_reports_both_seeds_and_their_mean(tmp_path):
@@ -186,6 +185,10 @@ def test_a_dry_run_prints_the_commands_of_the_chosen_rows_and_runs_nothing(tmp_p
     assert {"mdra", "mdra-knn", "mdra-g1", "mdra-g1-knn", "scratch10", "lr-trials/scratch10-lr0.3"} <= rows.keys()
     assert "--groups 1 --epochs 200" in rows["mdra-g1"] and "--lr <best of 0.3 0.1 0.03 0.01>" in rows["mdra-ft1"]
     assert not {"mdra-g1", "mdra-g1-knn"} & planned(ABLATION="0").keys()
+    ablations = planned(ROWS="ablations")  # each ablation is its one mdra.py flag
+    for row, flags in (("mdra-g1", "--groups 1"), ("mdra-nobalance", "--sinkhorn-iters 0"),
+                       ("mdra-nopredictor", "--no-predictor"), ("mdra-nocross", "--no-cross")):
+        assert f"--arch resnet18 {flags} --epochs 200" in ablations[row] and f"{row}-knn" in ablations
     assert set(planned(ROWS="seeds", FT_LRS="0.1")) == {"mdra-seed1", "mdra-seed1-knn", "mdra-seed1-linear",
                                                         "mdra-g1-seed1", "mdra-g1-seed1-knn"}
     assert not (tmp_path / "plan").exists()
