@@ -977,7 +977,8 @@ class CapturedStep:
     """--cuda-graph: Pretraining's micro-step and optimizer step, each captured once as a CUDA graph after
     a few eager steps and then replayed, one launch each instead of thousands of small kernels.
 
-    The step computes what Pretraining.optimizer_step computes, in the same order; what a graph needs is
+    The step computes what Pretraining.optimizer_step computes, in the same order (to float rounding: LARS
+    multiplies by the lr tensor, then subtracts, where the plain step adds with alpha); what a graph needs is
     that everything it reads or changes lives on the device at a fixed address, and that nothing in it
     waits for the host:
     - each micro-batch's views are copied into static input buffers;
@@ -1079,9 +1080,10 @@ class CapturedStep:
     def capture(self):
         """Record the two graphs; nothing runs, so the state is that of the last eager step."""
         micro, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(micro, stream=self.side):
+        # thread_local: the loader's pin-memory thread and the --gpu-aug prefetch thread go on using CUDA meanwhile
+        with torch.cuda.graph(micro, stream=self.side, capture_error_mode="thread_local"):
             self.micro_step()
-        with torch.cuda.graph(update, pool=micro.pool(), stream=self.side):
+        with torch.cuda.graph(update, pool=micro.pool(), stream=self.side, capture_error_mode="thread_local"):
             self.update()
         self.graphs = micro, update
         self.run.log.print(f"--cuda-graph: the micro-step and the optimizer step are captured after "
@@ -1362,8 +1364,9 @@ def get_parser():
            "until a GPU measurement shows it faster")
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
       help="capture the micro-step and the optimizer step as CUDA graphs after 3 eager steps and replay them: one "
-           "launch each instead of thousands of small kernels, the same arithmetic. CUDA only, one process, bf16 or "
-           "fp32; elsewhere the run says why and goes on uncaptured. Off until a GPU measurement shows it faster")
+           "launch each instead of thousands of small kernels, the same computation to float rounding. CUDA only, one "
+           "process, bf16 or fp32; elsewhere the run says why and goes on uncaptured. Off until a GPU measurement "
+           "shows it faster")
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
     a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
     a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")
