@@ -611,7 +611,8 @@ def measure_loss(report, batch, queue_size, args, device):
 
 def measure_data(report, loaders, args, device):
     for name, loader in loaders.items():
-        what = f"loader {name}, {args.workers} workers, {args.size}"
+        held = not isinstance(loader.loader, torch.utils.data.DataLoader)  # gpu_aug.ResidentImages: no workers
+        what = f"loader {name}, {'held on the device' if held else f'{args.workers} workers'}, {args.size}"
         with failure_reported(report, "data", what):
             rate = loader_rate(loader, args.batch_size, args.workers, device)
             report.add("data", what, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
