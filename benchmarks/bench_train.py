@@ -76,6 +76,7 @@ PATHS = {
     "device-data": ["--no-one-pass", "--gpu-aug", "--no-cuda-graph", "--no-compile"],    # the views made on the device
     "captured": ["--no-one-pass", "--no-gpu-aug", "--cuda-graph", "--no-compile"],       # the step as CUDA graphs
     "compiled": ["--no-one-pass", "--no-gpu-aug", "--no-cuda-graph", "--compile"],       # torch.compile
+    "captured-compiled": ["--no-one-pass", "--no-gpu-aug", "--cuda-graph", "--compile"],  # compiled, then captured
     "all-new": ["--one-pass", "--gpu-aug", "--cuda-graph", "--no-compile"],
 }
 
@@ -83,7 +84,7 @@ PRESETS = {
     "cpu": dict(device="cpu", archs=["resnet18", "resnet50"], img_size=96, batch_size=16, queue_size=4096,
                 configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
                 data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8,
-                paths=[name for name in PATHS if name != "compiled"],  # inductor compiles for minutes here
+                paths=[name for name in PATHS if "--compile" not in PATHS[name]],  # inductor compiles for minutes here
                 path_cases=["resnet18:16:8:1", "resnet50:32:2:1", "resnet50:32:4:1"], path_windows=1,
                 fmnist_case="resnet18:16:4:1", fmnist_steps=2, host_ops_case="resnet18:16:8", host_ops_steps=1),
     "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
