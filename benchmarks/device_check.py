@@ -11,7 +11,8 @@ runs, each part as its own process under its own time budget (stopped when it ru
   for resnet18 at 28 px x 256 pairs and resnet50 at 224 px x 64 and x 512 pairs, mdra.py end to end on
   Fashion-MNIST, the host operations per optimizer step), in what is left of 450 s, its own --time-limit
   (40 s less) skipping what would not fit: the compilations first.
-The file holds the environment, the tests' summary and the table, or how a part ended; the benchmark's
+The file holds the environment, the tests' summary and the table, or how a part ended, and a verdict:
+each group's fastest path and the issue's targets, met or missed; the benchmark's
 full log and each mdra.py run's log.jsonl are kept beside it (bench/).
 
     python benchmarks/device_check.py --toy    # the same on the CPU at toy sizes, in seconds
@@ -22,6 +23,7 @@ without them), else the system's copy; a machine without either gets a row sayin
 """
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -69,6 +71,52 @@ def run_part(command, budget, log):
     return f"exit status {status} after {time.perf_counter() - t0:.0f} s of {budget}"
 
 
+def verdict(rows):
+    """Issue 17's targets against the paths rows of this call (bench_train.py's results.jsonl), and the
+    fastest path of each group: what the CUDA defaults are chosen from (issue 17 item 4)."""
+    rows = [row for row in rows if row.get("section") == "paths"]
+    lines, groups = [], dict.fromkeys(row["group"] for row in rows)
+
+    def ratio(group, path, key):  # path against the reference of group, or None where either is missing
+        found = {row["path"]: row for row in rows if row["group"] == group and key in row}
+        return found[path][key] / found["reference"][key] if {path, "reference"} <= found.keys() else None
+
+    for group in groups:
+        key = "host_ops" if group.startswith("host ops") else "pairs_per_s"
+        measured = [row for row in rows if row["group"] == group and key in row]
+        if measured:
+            best = (min if key == "host_ops" else max)(measured, key=lambda row: row[key])
+            against = ratio(group, best["path"], key)
+            lines.append(f"- {group}: {'fewest operations' if key == 'host_ops' else 'fastest'}: {best['path']}, "
+                         f"{best[key]:.4g} {'per step' if key == 'host_ops' else 'pairs/s'}, "
+                         + (f"{against:.2f}x the reference" if against else "no reference measured"))
+
+    def target(text, value, met, detail=""):
+        lines.append(f"- target: {text}: " + ("not measured" if value is None else
+                                             f"{value} ({'met' if met else 'missed'}){detail}"))
+
+    fmnist = next((group for group in groups if group.startswith("fashion-mnist")), None)
+    fast = ratio(fmnist, "all-new", "pairs_per_s")
+    epoch = next((row.get("s_per_epoch") for row in rows if row["group"] == fmnist and row["path"] == "all-new"), None)
+    target("Fashion-MNIST end to end, all-new against the reference, at least 3x", None if fast is None else f"{fast:.2f}x",
+           fast is not None and fast >= 3,
+           f"; {epoch:.2f} s per epoch, 200 epochs in {200 * epoch / 60:.1f} min" if fast and epoch else "")
+    r50 = next((group for group in groups if group.startswith("synthetic resnet50") and group.endswith(" b64")), None)
+    new = [(ratio(r50, row["path"], "pairs_per_s"), row["path"]) for row in rows
+           if row["group"] == r50 and row["path"] != "reference" and "pairs_per_s" in row]
+    best = max((pair for pair in new if pair[0] is not None), default=None)
+    target("resnet50 at 224 px x 64 pairs, the best new path against the reference, at least 1.5x",
+           None if best is None else f"{best[1]} {best[0]:.2f}x", best is not None and best[0] >= 1.5)
+    waits = [row["data_wait"] for row in rows if row["path"] == "all-new" and "data_wait" in row]
+    target("wait for data under 5% of the step on the all-new path", f"at most {100 * max(waits):.1f}%" if waits else None,
+           bool(waits) and max(waits) < 0.05)
+    host = next((group for group in groups if group.startswith("host ops")), None)
+    ops = ratio(host, "all-new", "host_ops")
+    target("host operations per optimizer step of all-new, at most 0.5x the reference", None if ops is None else f"{ops:.2f}x",
+           ops is not None and ops <= 0.5)
+    return lines
+
+
 def tail(path, lines):
     return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
@@ -108,6 +156,9 @@ def main(argv=None):
     table = out / "bench" / "table.md"
     lines += [table.read_text().strip()] if table.exists() else ["no table; the end of its output:", "", "```",
                                                                   tail(out / "paths.txt", 40), "```"]
+    results = out / "bench" / "results.jsonl"
+    if results.exists():
+        lines += ["", "## Verdict", ""] + verdict([json.loads(line) for line in results.read_text().splitlines()])
     lines += ["", f"total {time.perf_counter() - started:.0f} s"]
     (out / "device_check.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'device_check.md'}")
