@@ -12,8 +12,10 @@ runs, each part as its own process under its own time budget (stopped when it ru
   Fashion-MNIST, the host operations per optimizer step), in what is left of 450 s, its own --time-limit
   (40 s less) skipping what would not fit: the compilations first.
 The file holds the environment, the tests' summary and the table, or how a part ended, and a verdict:
-each group's fastest path and the issue's targets, met or missed; the benchmark's
-full log and each mdra.py run's log.jsonl are kept beside it (bench/).
+each group's fastest path and the issue's targets, met or missed. Beside it: each part's output
+(tests.txt, paths.txt) and one archive, bench.tar.gz, of the benchmark's folder (its full log, results.jsonl,
+each mdra.py run's log.jsonl): four files in all, as the GPU machine gives back at most 8 files, none more
+than 2 folders down.
 
     python benchmarks/device_check.py --toy    # the same on the CPU at toy sizes, in seconds
 
@@ -31,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -121,6 +124,14 @@ def tail(path, lines):
     return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
 
+def pack(folder):
+    """folder as folder.tar.gz beside it, then removed: one file instead of one per run."""
+    if folder.exists():
+        with tarfile.open(folder.with_name(folder.name + ".tar.gz"), "w:gz") as archive:
+            archive.add(folder, arcname=folder.name)
+        shutil.rmtree(folder)
+
+
 def environment():
     gpu = "no nvidia-smi"
     if shutil.which("nvidia-smi"):
@@ -140,6 +151,7 @@ def main(argv=None):
     bench = (TOY_PATHS if args.toy else PATHS) + ["--out", str(out / "bench")]
     bench += ["--data-dir", args.data_dir] if args.data_dir else []
     shutil.rmtree(out / "bench", ignore_errors=True)  # no table of an earlier call passes for this one's
+    (out / "bench.tar.gz").unlink(missing_ok=True)
     started = time.perf_counter()
     lines = ["# Device check (issue 17)", "", environment(), "",
              f"command: python benchmarks/device_check.py {shlex.join(sys.argv[1:] if argv is None else argv)}"]
@@ -161,6 +173,7 @@ def main(argv=None):
         lines += ["", "## Verdict", ""] + verdict([json.loads(line) for line in results.read_text().splitlines()])
     lines += ["", f"total {time.perf_counter() - started:.0f} s"]
     (out / "device_check.md").write_text("\n".join(lines) + "\n")
+    pack(out / "bench")
     print(f"wrote {out / 'device_check.md'}")
 
 

@@ -197,6 +197,7 @@ def test_a_device_check_part_past_its_budget_is_stopped_with_the_processes_it_st
 def test_the_device_check_writes_each_part_and_a_row_per_path_to_one_file(bench_train, tmp_path):
     import gzip
     import subprocess
+    import tarfile
     data = tmp_path / "fashion-mnist"  # 8 images, as mdra.py reads the IDX files from --data-dir
     data.mkdir()
     header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (8, 28, 28))
@@ -220,6 +221,13 @@ def test_the_device_check_writes_each_part_and_a_row_per_path_to_one_file(bench_
     assert "1.00x reference" in rows["synthetic resnet18 8px b2 reference"]
     assert "s per epoch of 8 images at that rate" in rows["fashion-mnist resnet18 8px b2 reference"]
     assert text.index("| paths | ") < text.index("## Verdict") < text.index("- target: Fashion-MNIST end to end")
+    # What the GPU machine gives back: at most 8 files, none more than 2 folders down.
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert files == ["bench.tar.gz", "device_check.md", "paths.txt", "tests.txt"]
+    with tarfile.open(out / "bench.tar.gz") as archive:
+        names = archive.getnames()
+    assert {"bench/results.jsonl", "bench/table.md", "bench/log.txt"} <= set(names)
+    assert sum(name.endswith("/log.jsonl") for name in names) == len(rows) - len(paths)  # each mdra.py run's
 
 
 def test_the_device_checks_verdict_names_each_groups_fastest_path_and_each_target_met_or_missed():
