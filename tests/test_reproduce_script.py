@@ -192,3 +192,39 @@ def test_a_dry_run_prints_the_commands_of_the_chosen_rows_and_runs_nothing(tmp_p
     assert set(planned(ROWS="seeds", FT_LRS="0.1")) == {"mdra-seed1", "mdra-seed1-knn", "mdra-seed1-linear",
                                                         "mdra-g1-seed1", "mdra-g1-seed1-knn"}
     assert not (tmp_path / "plan").exists()
+
+
+def test_one_gpu_calls_rows_come_back_as_one_archive_that_adds_to_the_earlier_calls_records(tmp_path):
+    import shutil
+    import tarfile
+    gpu_rows = SCRIPT.parent / "gpu_rows.sh"
+    root = tmp_path / "results"  # the repository's results/, as the earlier calls left it
+
+    def call(rows, limit, out):
+        return subprocess.run(["bash", str(gpu_rows), str(limit), str(tmp_path / out)], capture_output=True, text=True,
+                              timeout=300, env={**tiny_env(epochs=1), "ROWS": rows, "RESULTS_ROOT": str(root),
+                                                "NAME": "fm", "RUN_DIR": str(tmp_path / "run")})
+
+    first = call("pixels-knn", 120, "first")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # What the GPU machine gives back: three files, the records in one archive, no checkpoint.
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["console.txt", "fm.tar.gz", "results.md"]
+    with tarfile.open(tmp_path / "first" / "fm.tar.gz") as archive:
+        archive.extractall(root)
+    assert (root / "fm" / "pixels-knn" / "knn.json").exists()
+
+    # The next call, on a fresh machine, carries results/fm with the tree; a limit that stops its pretraining
+    # keeps what finished.
+    shutil.rmtree(tmp_path / "run")
+    second = call("pixels-knn mdra-knn", 3, "second")
+    assert second.returncode == 124 and "stopped after the limit of 3 s" in second.stdout
+    with tarfile.open(tmp_path / "second" / "fm.tar.gz") as archive:
+        names = archive.getnames()
+    assert "fm/pixels-knn/knn.json" in names and "fm/results.md" in names
+    assert not any(name.startswith("fm/mdra") for name in names) and not any(name.endswith(".pth") for name in names)
+    # pixels-knn ran again in a fresh folder, as on a fresh GPU machine: the same command, so its record is kept
+    assert "holds another command's row" not in second.stdout
+
+    refused = subprocess.run(["bash", str(gpu_rows), "soon", str(tmp_path / "x")], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "LIMIT must be a whole number of seconds, not soon." in refused.stdout
