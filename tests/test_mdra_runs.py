@@ -410,6 +410,26 @@ def test_one_pass_trains_the_network_of_two_passes_and_resumes_exactly_and_acros
     assert load(run(tmp_path / "two", "--epochs", "2", "--max-steps", "4", "--one-pass"))["step"] == 4
 
 
+def test_one_pass_under_two_gloo_ranks_trains_what_two_passes_train_there(tmp_path):
+    # DDP reduces the gradients of the one-pass forward as it does those of two passes (float64, as above).
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys, torch, mdra\ntorch.set_default_dtype(torch.float64)\nmdra.main(sys.argv[1:])\n")
+    states = {}
+    for name, extra in (("two", []), ("one", ["--one-pass"])):
+        result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), *TINY,
+                          "--epochs", "2", "--max-steps", "2", "--out-dir", str(tmp_path / name), *extra],
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        states[name] = load(tmp_path / name / "checkpoint.pth")
+    one, two = states["one"], states["two"]
+    assert one["queue"].dtype == torch.float64 and one["args"]["one_pass"] and not two["args"]["one_pass"]
+    for part in ("online", "offline"):
+        for name, expected in two[part].items():
+            scale = max(expected.abs().max().item(), 1e-3) if expected.is_floating_point() else 0
+            torch.testing.assert_close(one[part][name], expected, rtol=0, atol=1e-12 * scale, msg=f"{part}.{name}")
+    torch.testing.assert_close(one["queue"], two["queue"], rtol=0, atol=1e-12)
+
+
 def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_network(tmp_path, capsys):
     result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdra.py", *TINY,
                       "--synthetic-size", "128", "--queue-size", "256", "--epochs", "1", "--knn-every", "1",
