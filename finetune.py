@@ -176,11 +176,27 @@ def read_subset_file(path, names):
 # Data: uint8 crops; the device turns them into [0, 1] floats (a quarter of the bytes to copy)
 # ------------------------------------------------------------------------------------------------
 
+def train_augmentation(info, img_size):
+    """The training transform, one definition for the CPU loader (train_transform) and --gpu-aug
+    (gpu_aug.HeldCrops): a random resized crop with the crop scales of mdra.py's pretraining, and a flip."""
+    return mdra.ViewAugmentation(size=(img_size, img_size), scale=(0.2, 1.0) if info.small else (0.08, 1.0),
+                                 flip_p=0.5)
+
+
 def train_transform(info, img_size):
-    """RandomResizedCrop and flip, with the crop scales of mdra.py's pretraining."""
-    scale = (0.2, 1.0) if info.small else (0.08, 1.0)
-    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.PILToTensor()])
+    """train_augmentation as torchvision transforms of a PIL image, to uint8."""
+    recipe = train_augmentation(info, img_size)
+    return T.Compose([T.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio,
+                                          interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(recipe.flip_p), T.PILToTensor()])
+
+
+def held(images, indices):
+    """images[indices] of an in-memory data set (or a Subset of one) as uint8 [n, C, H, W] (C = 1 for grey
+    images) and their labels, for --gpu-aug to hold on the device."""
+    while isinstance(images, Subset):
+        indices, images = [images.indices[i] for i in indices], images.dataset
+    return images.as_tensor()[torch.as_tensor(indices, dtype=torch.long)], [images.targets[i] for i in indices]
 
 
 def eval_transform(img_size, resize):
@@ -344,6 +360,9 @@ def finetune(args, env, start):
     drawn_size = args.img_size or 32  # synthetic images are drawn at the size they will be used at
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
     runtime.require_two_classes(info.num_classes, args.data, "fine-tuning")
+    if args.gpu_aug and not hasattr(train_images, "as_tensor"):
+        raise UsageError(f"--gpu-aug holds an in-memory data set on the device ({', '.join(mdra.SMALL_DATASETS)}); "
+                         f"the image folder {args.data} is read by the CPU loader: leave --gpu-aug out.")
     args = resolve_args(args, info, env, start)
     device, cuda = env.device, env.device.type == "cuda"
     log = runtime.Logger(out_dir, env.is_main)
@@ -416,13 +435,22 @@ def finetune(args, env, start):
     # Augmentation is keyed by (seed, epoch, position), so no random state needs saving for resume.
     labelled = Subset(train_images, subset)
     runtime.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one clear error
-    train_set = AugmentedSubset(labelled, train_transform(info, args.img_size), args.seed)
     sampler = mdra.EpochSampler(len(subset), args.batch_size, steps_per_epoch, env.world_size, env.rank, args.seed)
-    loader = runtime.data_loader(train_set, args.batch_size // env.world_size, args.workers, device, sampler=sampler)
     resize = eval_resize(info, args.img_size)
     val_set = Subset(mdra.CentreCrops(eval_images, eval_transform(args.img_size, resize)),
                      range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
-    val_loader = runtime.data_loader(val_set, args.batch_size // env.world_size, args.workers, device)
+    if args.gpu_aug:
+        import gpu_aug  # the optional device path lives in its own module
+        loader = gpu_aug.HeldCrops(*held(train_images, subset), train_augmentation(info, args.img_size), sampler,
+                                   args.seed, env.rank, env.world_size, device)
+    else:
+        train_set = AugmentedSubset(labelled, train_transform(info, args.img_size), args.seed)
+        loader = runtime.data_loader(train_set, args.batch_size // env.world_size, args.workers, device, sampler=sampler)
+    eval_tensor, eval_labels = held(eval_images, val_set.indices) if args.gpu_aug else (None, None)
+    if eval_tensor is not None and eval_tensor.shape[-2:] == (args.img_size, args.img_size):  # centre crop = image
+        val_loader = gpu_aug.HeldImages(eval_tensor, eval_labels, args.batch_size // env.world_size, device)
+    else:
+        val_loader = runtime.data_loader(val_set, args.batch_size // env.world_size, args.workers, device)
 
     last_saved = step
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
@@ -449,6 +477,9 @@ def finetune(args, env, start):
               f"({100 * len(subset) / len(train_images):.3g}%), {steps_per_epoch} steps per epoch of "
               f"{args.batch_size}, {len(eval_images)} " + ("held-out training" if args.holdout else "validation")
               + " images evaluated " + ("after every epoch" if args.eval_every == 1 else f"every {args.eval_every} epochs"))
+    if args.gpu_aug:
+        log.print(loader.summary() + ("; evaluation images too" if isinstance(val_loader, gpu_aug.HeldImages) else
+                                      "; evaluation images by the loader, as their centre crops resize them"))
     unreadable = unopenable(eval_images, val_set.indices, args.workers)  # before the first epoch, not after it
     unreadable_total = torch.tensor(len(unreadable), device=device)
     if dist.is_initialized():
@@ -724,6 +755,11 @@ def get_parser():
     a("--lr-backbone", type=runtime.finite_float, default=None,
       help="a separate learning rate for the backbone when fine-tuning (e.g. 10x lower than --lr)")
     a("--weight-decay", type=runtime.finite_float, default=0.0, help="SGD weight decay")
+    a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
+      help="hold an in-memory data set (" + ", ".join(mdra.SMALL_DATASETS) + ") on the device as uint8 and make "
+           "each batch's crops and flips there, in batches, without loader workers (gpu_aug.HeldCrops; crops resized "
+           "bilinearly with area averaging, not bicubically); evaluation images too where their centre crop is the "
+           "whole image. Off until a GPU measurement shows it faster")
     a("--export", default=None, metavar="PATH",
       help="write the classifier for use without this code: .pt (TorchScript) or .pt2 (torch.export)")
     a("--predict", nargs="+", default=None, metavar="PATH",

@@ -581,6 +581,67 @@ class DeviceTwoViews:
         return v1, v2, skipped
 
 
+class HeldCrops:
+    """finetune.py --gpu-aug: a labelled in-memory data set held on the device as uint8 (grey images as
+    one channel), in place of the loader of its training transform (a random resized crop and a
+    horizontal flip, mdra.ViewAugmentation): each micro-batch is gathered there by the indices of
+    sampler (an mdra.EpochSampler) and cropped and flipped in one batch. The parameters are drawn as
+    DeviceTwoViews draws a view's: from a generator seeded by (seed, epoch, micro-batch index), for the
+    global micro-batch, of which this rank takes its rows.
+
+    Yields what finetune.py's loader yields: (float crops [b, 3, *size] on the 0-255 scale, labels,
+    [b] skipped counts, no unread lines); nothing in memory is unreadable.
+    """
+
+    def __init__(self, images, labels, recipe, sampler, seed, rank, world_size, device):
+        self.images = images.to(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+        self.recipe, self.sampler, self.seed, self.rank, self.world_size = recipe, sampler, seed, rank, world_size
+        self.no_skips = torch.zeros(sampler.local_batch, dtype=torch.long)
+
+    def crops(self, images, epoch, batch_index):
+        """The crops of this rank's images of global micro-batch batch_index, flipped where drawn."""
+        n, (height, width) = len(images), images.shape[-2:]
+        generator = torch.Generator().manual_seed(runtime.sample_seed(self.seed, epoch, batch_index))
+        params = sample_params(self.recipe, n * self.world_size, generator)
+        params = {k: v[self.rank * n:(self.rank + 1) * n] for k, v in params.items()}
+        boxes = crop_boxes(params, torch.full((n,), height), torch.full((n,), width), self.recipe.ratio)
+        boxes, flip = to_device((boxes, params["flip"]), images.device)
+        crops = resized_crops(images, boxes[None], self.recipe.size)  # each channel alone: grey stays one
+        crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+        return crops if crops.shape[1] == 3 else crops.repeat(1, 3, 1, 1)  # a tensor of its own, written in place next
+
+    def __len__(self):
+        return len(self.sampler) // self.sampler.local_batch
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for batch_index, indices in enumerate(self.sampler.batches(self.images.device), self.sampler.start_batch):
+            crops = self.crops(self.images.index_select(0, indices), epoch, batch_index)
+            yield crops, self.labels.index_select(0, indices), self.no_skips, ()
+
+    def summary(self):
+        megabytes = self.images.numel() * self.images.element_size() / 1e6
+        return (f"--gpu-aug: {len(self.images)} labelled images held on {self.images.device} as uint8 "
+                f"({megabytes:.1f} MB), cropped and flipped there in batches, no loader workers")
+
+
+class HeldImages:
+    """finetune.py --gpu-aug: evaluation images held on the device as uint8, when their centre crop is the
+    whole image (a small data set at its own size): batches of this rank's share, as its loader gives them,
+    (uint8 [b, 3, H, W], labels, no unread names)."""
+
+    def __init__(self, images, labels, batch_size, device):
+        self.images = images.to(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for first in range(0, len(self.images), self.batch_size):
+            rows = slice(first, first + self.batch_size)
+            yield self.images[rows].expand(-1, 3, -1, -1), self.labels[rows], ()
+
+
 def with_index(device):
     """A CUDA device with its index (cuda -> cuda:<current device>): a thread must name its device, as
     the current device is per thread."""

@@ -310,6 +310,29 @@ def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(p
     assert not torch.equal(whole["head"]["weight"], interrupted["head"]["weight"])
 
 
+def test_gpu_aug_fine_tunes_on_images_held_in_memory_resumes_exactly_and_refuses_an_image_folder(
+        pretrained, tmp_path, capsys):
+    run = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "2", "--gpu-aug"]
+    whole = load(finetune.main(run + ["--out-dir", str(tmp_path / "whole")]))
+    out = capsys.readouterr().out
+    assert "labelled images held on cpu as uint8" in out and "evaluation images too" in out
+    interrupted = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts"), "--max-steps", "3"]))
+    resumed = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts")]))
+    assert interrupted["step"] == 3 and resumed["step"] == whole["step"] == 4
+    for part in ("backbone", "head"):
+        assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
+    assert resumed["metrics"] == whole["metrics"] and whole["args"]["gpu_aug"]
+    # The crops are not the CPU loader's (bilinear, drawn per micro-batch): a run resumed across the flag is refused.
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(run[:-1] + ["--no-gpu-aug", "--out-dir", str(tmp_path / "parts"), "--epochs", "3"])
+    assert exc.value.code == 2 and "--gpu-aug True -> False" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        finetune.main([*image_folder(tmp_path / "folder"), "--workers", "0", "--gpu-aug", "--out-dir", str(tmp_path / "f")])
+    assert exc.value.code == 2
+    assert f"the image folder {tmp_path / 'folder'} is read by the CPU loader: leave --gpu-aug out." in \
+        capsys.readouterr().err
+
+
 def test_resuming_with_another_start_subset_or_learning_rate_is_refused_and_leaves_the_run_alone(
         pretrained, classifier, capsys):
     finished = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "1",

@@ -580,3 +580,70 @@ def test_the_prefetch_thread_names_the_cuda_device_of_the_loop(monkeypatch):
     assert gpu_aug.with_index("cuda") == torch.device("cuda", 3)
     assert gpu_aug.with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert gpu_aug.with_index("cpu") == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune.py --gpu-aug: the training crops and the evaluation images of a data set held on the device
+# ------------------------------------------------------------------------------------------------
+
+def held_crops(images, labels, batch, num_batches, rank=0, world_size=1, size=12):
+    import finetune
+    sampler = mdra.EpochSampler(len(images), batch, num_batches, world_size, rank, seed=5)
+    recipe = finetune.train_augmentation(SMALL, size)
+    return gpu_aug.HeldCrops(images, labels, recipe, sampler, 5, rank, world_size, "cpu"), sampler
+
+
+def test_held_crops_match_finetunes_cpu_transform_in_per_image_mean_and_std():
+    import finetune
+    n = 600
+    pattern = torch.rand(1, 4, 5, generator=torch.Generator().manual_seed(6))
+    image = (F.interpolate(pattern[None], size=(28, 28), mode="bicubic", align_corners=False)[0].clamp(0, 1) * 255)
+    image = image.round().to(torch.uint8)  # one grey image, as Fashion-MNIST's
+    torch.manual_seed(6)
+    pil = TF.to_pil_image(image).convert("RGB")
+    cpu = torch.stack([finetune.train_transform(SMALL, 20)(pil) for _ in range(n)]).float()
+    crops = gpu_aug.HeldCrops(image.expand(n, 1, 28, 28), [0] * n, finetune.train_augmentation(SMALL, 20),
+                              mdra.EpochSampler(n, n, 1, 1, 0, seed=6), 6, 0, 1, "cpu")
+    mine, labels, skipped, unread = next(iter(crops))
+    assert mine.shape == cpu.shape == (n, 3, 20, 20) and mine.dtype == torch.float32 and mine.is_contiguous()
+    assert torch.equal(mine[:, 0], mine[:, 2]) and not skipped.any() and not unread
+    assert 0 <= mine.min() and mine.max() <= 255 + 1e-3  # the 0-255 scale, to float rounding
+    left_minus_right = lambda v: v[..., :10].mean(dim=(1, 2, 3)) - v[..., 10:].mean(dim=(1, 2, 3))  # the flip
+    for statistic in (lambda v: v.mean(dim=(1, 2, 3)), lambda v: v.std(dim=(1, 2, 3)), left_minus_right):
+        assert ks_distance(statistic(mine), statistic(cpu)) < ks_limit(n, n)
+
+
+def test_held_crops_are_a_function_of_seed_epoch_and_batch_and_each_rank_makes_its_rows():
+    images = torch.randint(0, 256, (16, 1, 14, 14), dtype=torch.uint8)
+    labels = list(range(16))
+    whole, sampler = held_crops(images, labels, 8, 2)
+    sampler.set_epoch(1)
+    first = list(whole)
+    sampler.set_epoch(1, start_batch=1)  # a resumed epoch: its second micro-batch is the same
+    again = list(whole)
+    assert len(first) == 2 and len(again) == 1 and torch.equal(first[1][0], again[0][0])
+    sampler.set_epoch(2)
+    assert not torch.equal(next(iter(whole))[0], first[0][0])
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(5 + 1))  # the sampler's epoch 1
+    assert first[0][1].tolist() == order[:8].tolist()  # each crop with its image's label
+    for b, (crops, batch_labels, _, _) in enumerate(first):
+        parts = []
+        for rank in range(2):
+            ranked, rank_sampler = held_crops(images, labels, 8, 2, rank=rank, world_size=2)
+            rank_sampler.set_epoch(1)
+            parts.append(list(ranked)[b])
+        assert torch.equal(torch.cat([p[0] for p in parts]), crops)
+        assert torch.equal(torch.cat([p[1] for p in parts]), batch_labels)
+
+
+def test_held_evaluation_images_are_the_loaders_centre_crops_bit_for_bit():
+    import finetune
+    images = in_memory(10, 1, size=12)
+    images.targets = list(range(10))
+    loader = runtime.data_loader(mdra.CentreCrops(images, finetune.eval_transform(12, 12)), 4, 0, torch.device("cpu"))
+    held = gpu_aug.HeldImages(*finetune.held(images, range(10)), 4, "cpu")
+    pairs = list(zip(loader, held))
+    assert len(pairs) == 3
+    for (theirs, their_labels, _), (mine, labels, unread) in zip(loader, held):
+        assert mine.dtype == torch.uint8 and torch.equal(mine, theirs) and torch.equal(labels, their_labels)
+        assert not unread
