@@ -21,6 +21,9 @@ either: it is copied to the device once as uint8 (grey images as one channel), a
 gathered there with one indexing operation, the images mdra.EpochSampler names (ResidentImages); its
 views are bit for bit those made of the same images from the loader.
 
+finetune.py --gpu-aug holds its labelled images the same way and makes their training crops and flips
+in batches (HeldCrops), and its evaluation images where their centre crop is the whole image (HeldImages).
+
 The parameters of a micro-batch come from a generator seeded by (seed, epoch, batch index) and are
 drawn for the global micro-batch, of which each rank takes its rows: the views depend neither on the
 number of ranks or workers nor on whether the run was resumed. The same code runs on CPU tensors.

@@ -720,14 +720,15 @@ def run_process(command, output, timeout):
             raise
 
 
-def steady_state(records, batch_size):
-    """Pairs/s, the share of the time waited for data and the steps timed, over the log windows after
-    the first (which holds the start: the workers, cuDNN's autotuning, a compilation or capture)."""
-    logged = [record for record in records if "pairs_per_s" in record]
+def steady_state(records, batch_size, rate="pairs_per_s", prog="mdra.py"):
+    """Pairs/s (or the rate named), the share of the time waited for data and the steps timed, over the
+    log windows after the first (which holds the start: the workers, cuDNN's autotuning, a compilation or
+    capture)."""
+    logged = [record for record in records if rate in record]
     windows = [(record["step"] - before["step"], record) for before, record in zip(logged, logged[1:])]
     if not windows:
-        raise RuntimeError(f"mdra.py logged {len(logged)} window, too few to leave the first out")
-    seconds = [steps * batch_size / record["pairs_per_s"] for steps, record in windows]
+        raise RuntimeError(f"{prog} logged {len(logged)} window, too few to leave the first out")
+    seconds = [steps * batch_size / record[rate] for steps, record in windows]
     steps = sum(steps for steps, _ in windows)
     waited = sum(record["data_wait"] * t for (_, record), t in zip(windows, seconds))
     return steps * batch_size / sum(seconds), waited / sum(seconds), steps

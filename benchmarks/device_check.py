@@ -9,13 +9,15 @@ runs, each part as its own process under its own time budget (stopped when it ru
   test whose name says cuda (tests/test_cuda.py: the captured step), in at most 180 s;
 - bench_train.py's paths section at the issue's sizes (each path against today's, on synthetic images
   for resnet18 at 28 px x 256 pairs and resnet50 at 224 px x 64 and x 512 pairs, mdra.py end to end on
-  Fashion-MNIST, the host operations per optimizer step), in what is left of 450 s, its own --time-limit
-  (40 s less) skipping what would not fit: the compilations first.
+  Fashion-MNIST, the host operations per optimizer step), in what is left of 450 s but the last part's,
+  its own --time-limit (40 s less) skipping what would not fit: the compilations first;
+- bench_finetune.py: finetune.py's linear probe and fine-tuning on Fashion-MNIST fed by the CPU loader
+  and by --gpu-aug, in at most 80 s.
 The file holds the environment, the tests' summary and the table, or how a part ended, and a verdict:
 each group's fastest path and the issue's targets, met or missed. Beside it: each part's output
-(tests.txt, paths.txt) and one archive, bench.tar.gz, of the benchmark's folder (its full log, results.jsonl,
-each mdra.py run's log.jsonl): four files in all, as the GPU machine gives back at most 8 files, none more
-than 2 folders down.
+(tests.txt, paths.txt, finetune.txt) and one archive, bench.tar.gz, of the benchmarks' folder (their full
+logs, results.jsonl, each run's log.jsonl): five files in all, as the GPU machine gives back at most 8
+files, none more than 2 folders down.
 
     python benchmarks/device_check.py --toy    # the same on the CPU at toy sizes, in seconds
 
@@ -40,9 +42,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests", "-k", "test_mdra.py or test_gpu_aug.py or cuda"]
 PATHS = ["--preset", "h100", "--sections", "paths"]
-TOTAL_S, TESTS_S, MARGIN_S = 450, 180, 40  # of the 480 s, the rest for starting and writing
+TOTAL_S, TESTS_S, FINETUNE_S, MARGIN_S = 450, 180, 80, 40  # of the 480 s, the rest for starting and writing
 TOY_TESTS = ["tests/test_bench_train.py", "-k", "host_ops_counts"]
-TOY_TOTAL_S = 120
+TOY_TOTAL_S, TOY_FINETUNE_S = 120, 60
+FINETUNE = ["--preset", "h100"]
+TOY_FINETUNE = ["--preset", "cpu", "--steps", "4", "--workers", "0"]
 TOY_PATHS = ["--preset", "cpu", "--sections", "paths", "--path-cases", "resnet18:8:2:1",
              "--fmnist-case", "resnet18:8:2:1", "--host-ops-case", "resnet18:8:2", "--host-ops-steps", "1",
              "--workers", "0"]
@@ -161,7 +165,8 @@ def main(argv=None):
     lines += ["", "## Tests", "", f"`{shlex.join(command[1:])}`: {ended}", "", "```", tail(out / "tests.txt", 40),
               "```"]
 
-    budget = round((TOY_TOTAL_S if args.toy else TOTAL_S) - (time.perf_counter() - started))
+    finetune_s = TOY_FINETUNE_S if args.toy else FINETUNE_S
+    budget = round((TOY_TOTAL_S if args.toy else TOTAL_S) - finetune_s - (time.perf_counter() - started))
     command = [sys.executable, "benchmarks/bench_train.py", *bench, "--time-limit", str(budget - MARGIN_S)]
     ended = run_part(command, budget, out / "paths.txt")
     lines += ["", "## Paths", "", f"`{shlex.join(command[1:])}`: {ended}", ""]
@@ -171,6 +176,14 @@ def main(argv=None):
     results = out / "bench" / "results.jsonl"
     if results.exists():
         lines += ["", "## Verdict", ""] + verdict([json.loads(line) for line in results.read_text().splitlines()])
+    command = [sys.executable, "benchmarks/bench_finetune.py", *(TOY_FINETUNE if args.toy else FINETUNE),
+               "--out", str(out / "bench" / "finetune"), "--time-limit", str(finetune_s - 10)]
+    command += ["--data-dir", args.data_dir] if args.data_dir and not args.toy else []
+    ended = run_part(command, finetune_s, out / "finetune.txt")
+    finetune_table = out / "bench" / "finetune" / "table.md"
+    lines += ["", "## Fine-tuning: the CPU loader against --gpu-aug", "", f"`{shlex.join(command[1:])}`: {ended}", ""]
+    lines += [finetune_table.read_text().strip()] if finetune_table.exists() else [
+        "no table; the end of its output:", "", "```", tail(out / "finetune.txt", 40), "```"]
     lines += ["", f"total {time.perf_counter() - started:.0f} s"]
     (out / "device_check.md").write_text("\n".join(lines) + "\n")
     pack(out / "bench")

@@ -223,11 +223,14 @@ def test_the_device_check_writes_each_part_and_a_row_per_path_to_one_file(bench_
     assert text.index("| paths | ") < text.index("## Verdict") < text.index("- target: Fashion-MNIST end to end")
     # What the GPU machine gives back: at most 8 files, none more than 2 folders down.
     files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
-    assert files == ["bench.tar.gz", "device_check.md", "paths.txt", "tests.txt"]
+    assert files == ["bench.tar.gz", "device_check.md", "finetune.txt", "paths.txt", "tests.txt"]
+    assert text.index("## Verdict") < text.index("## Fine-tuning: the CPU loader against --gpu-aug")
+    finetune_rows = [line for line in text.splitlines() if line.startswith(("| linear probe |", "| fine-tuning |"))]
+    assert len(finetune_rows) == 4 and all("x loader |" in row for row in finetune_rows), finetune_rows
     with tarfile.open(out / "bench.tar.gz") as archive:
         names = archive.getnames()
     assert {"bench/results.jsonl", "bench/table.md", "bench/log.txt"} <= set(names)
-    assert sum(name.endswith("/log.jsonl") for name in names) == len(rows) - len(paths)  # each mdra.py run's
+    assert sum(name.endswith("/log.jsonl") for name in names) == len(rows) - len(paths) + 4  # each run's
 
 
 def test_the_device_checks_verdict_names_each_groups_fastest_path_and_each_target_met_or_missed():
