@@ -1023,7 +1023,7 @@ class CapturedStep:
         (loss / args.accum_steps).backward()
         with torch.no_grad():
             keys = normalize_subspaces(k1.float(), args.groups).flatten(1)
-            run.queue.view(self.slots, *keys.shape).index_copy_(0, self.slot.view(1), keys[None])
+            run.queue.view(self.slots, *keys.shape).index_copy_(0, self.slot.view(1), keys[None].to(run.queue.dtype))
             self.slot.add_(1).remainder_(self.slots)
             loss = loss.detach()
             run.nonfinite |= ~torch.isfinite(loss)

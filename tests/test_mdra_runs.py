@@ -757,6 +757,23 @@ def test_cuda_graph_on_the_cpu_says_so_in_one_line_and_trains_the_uncaptured_run
         assert_same_state(flagged[key], plain[key], key)
 
 
+def test_the_captured_steps_functions_in_float64_compute_what_the_loop_computes(tmp_path, monkeypatch):
+    """As tests/test_cuda.py compares the replayed step with the eager one on a GPU: in float64, where
+    the two differ by rounding alone (the keys enter the queue in its own dtype)."""
+    steps = ["--epochs", "2", "--max-steps", "3"]
+    with default_dtype(torch.float64):
+        plain = load(run(tmp_path / "plain", *steps))
+        monkeypatch.setattr(mdra, "capture_refusal", lambda args, env: None)
+        graph_ready = load(run(tmp_path / "graph", *steps, "--cuda-graph"))
+    assert graph_ready["queue"].dtype == torch.float64 and graph_ready["queue_ptr"] == plain["queue_ptr"] == 48
+    for part in ("online", "offline"):
+        for name, expected in plain[part].items():
+            scale = max(expected.abs().max().item(), 1e-3) if expected.is_floating_point() else 0
+            torch.testing.assert_close(graph_ready[part][name], expected, rtol=0, atol=1e-12 * scale,
+                                       msg=f"{part}.{name}")
+    torch.testing.assert_close(graph_ready["queue"], plain["queue"], rtol=0, atol=1e-12)
+
+
 def test_the_step_a_cuda_graph_captures_computes_what_the_loop_computes_and_resumes_across_the_flag(
         tmp_path, monkeypatch):
     """mdra.CapturedStep's functions, run eagerly (on the CPU it never captures): the device learning rate,
