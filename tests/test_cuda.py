@@ -7,29 +7,17 @@ step grew to 6e-4 of their largest value by the next on a CPU (one pass against 
 autotuned kernels need not sum in the same order twice. So the weights are compared in float64 (networks,
 images and queue; amp off), where the captured step must equal the eager one to 1e-8; a bf16 run and the
 --gpu-aug views (float32 by construction) are compared by their losses."""
-import contextlib
-
 import pytest
 import torch
 
 import mdra
-from test_mdra_runs import TINY, load, log_records
+from test_mdra_runs import TINY, default_dtype, load, log_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ON_CUDA = [*TINY, "--device", "cuda", "--no-compile", "--amp", "off", "--no-channels-last"]
 FLOAT32_CASES = {"bf16": ["--amp", "bf16", "--channels-last"],
                  "gpu-aug": ["--gpu-aug"]}  # the prefetch thread makes the views on its own stream during capture
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def run(out_dir, *extra, dtype=torch.float64):
