@@ -806,7 +806,7 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
         loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
         scaler.scale(loss / args.accum_steps).backward()
     # The queue moves once per micro-batch, after the loss that used it.
-    keys = runtime.all_gather_rows(normalize_subspaces(k1.float(), args.groups).flatten(1))
+    keys = runtime.all_gather_rows(normalize_subspaces(k1.to(queue.dtype), args.groups).flatten(1))
     return loss.detach(), keys, enqueue(queue, queue_ptr, keys)
 
 
@@ -1022,8 +1022,8 @@ class CapturedStep:
                          cross=args.cross)
         (loss / args.accum_steps).backward()
         with torch.no_grad():
-            keys = normalize_subspaces(k1.float(), args.groups).flatten(1)
-            run.queue.view(self.slots, *keys.shape).index_copy_(0, self.slot.view(1), keys[None].to(run.queue.dtype))
+            keys = normalize_subspaces(k1.to(run.queue.dtype), args.groups).flatten(1)
+            run.queue.view(self.slots, *keys.shape).index_copy_(0, self.slot.view(1), keys[None])
             self.slot.add_(1).remainder_(self.slots)
             loss = loss.detach()
             run.nonfinite |= ~torch.isfinite(loss)
