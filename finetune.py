@@ -439,17 +439,18 @@ def finetune(args, env, start):
     resize = eval_resize(info, args.img_size)
     val_set = Subset(mdra.CentreCrops(eval_images, eval_transform(args.img_size, resize)),
                      range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
+    val_loader = None
     if args.gpu_aug:
         import gpu_aug  # the optional device path lives in its own module
         loader = gpu_aug.HeldCrops(*held(train_images, subset), train_augmentation(info, args.img_size), sampler,
                                    args.seed, env.rank, env.world_size, device)
+        eval_tensor, eval_labels = held(eval_images, val_set.indices)
+        if eval_tensor.shape[-2:] == (args.img_size, args.img_size):  # the centre crop is the whole image
+            val_loader = gpu_aug.HeldImages(eval_tensor, eval_labels, args.batch_size // env.world_size, device)
     else:
         train_set = AugmentedSubset(labelled, train_transform(info, args.img_size), args.seed)
         loader = runtime.data_loader(train_set, args.batch_size // env.world_size, args.workers, device, sampler=sampler)
-    eval_tensor, eval_labels = held(eval_images, val_set.indices) if args.gpu_aug else (None, None)
-    if eval_tensor is not None and eval_tensor.shape[-2:] == (args.img_size, args.img_size):  # centre crop = image
-        val_loader = gpu_aug.HeldImages(eval_tensor, eval_labels, args.batch_size // env.world_size, device)
-    else:
+    if val_loader is None:
         val_loader = runtime.data_loader(val_set, args.batch_size // env.world_size, args.workers, device)
 
     last_saved = step

@@ -614,9 +614,6 @@ class HeldCrops:
         crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
         return crops if crops.shape[1] == 3 else crops.repeat(1, 3, 1, 1)  # a tensor of its own, written in place next
 
-    def __len__(self):
-        return len(self.sampler) // self.sampler.local_batch
-
     def __iter__(self):
         epoch = self.sampler.epoch
         for batch_index, indices in enumerate(self.sampler.batches(self.images.device), self.sampler.start_batch):

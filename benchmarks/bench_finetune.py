@@ -13,6 +13,7 @@ against the loader in the same mode and call. --out keeps table.md, results.json
 """
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -87,7 +88,7 @@ def measure(args):
                     kept.mkdir(parents=True, exist_ok=True)
                     for name in ("log.jsonl", "console.txt"):
                         if (out_dir / name).exists():
-                            (kept / name).write_text((out_dir / name).read_text())
+                            shutil.copy(out_dir / name, kept / name)
     for row in rows:
         loader = next(r for r in rows if (r["mode"], r["path"]) == (row["mode"], "loader"))
         if "images_per_s" in row and "images_per_s" in loader:
