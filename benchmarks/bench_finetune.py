@@ -4,11 +4,12 @@ device, their crops and flips made there in batches), for the linear probe and f
     python benchmarks/bench_finetune.py --preset h100        # on one GPU: Fashion-MNIST, all labels, 256 a batch
     python benchmarks/bench_finetune.py                      # the CPU preset: synthetic images, toy sizes
 
-Each run is finetune.py itself, as its own process (the loader's workers, the device's memory and a
-crash stay with it), from random weights (the rate does not depend on them), uncompiled (the data path
-is what is compared, and a compilation would eat the run), for --steps steps inside its first epoch (no
-evaluation). Its rate and its wait for data are read from its log.jsonl over the log windows after the
-first, which holds the start. Rows: images/s and the share of the time waited for data, and each path
+Each run is finetune.py itself, on CUDA as its own process (the loader's workers, the device's memory,
+a crash and --time-limit stay with it; --isolate), on the CPU in this one (it spares each run seconds of
+imports), from random weights (the rate does not depend on them), uncompiled (the data path is what is
+compared, and a compilation would eat the run), for --steps steps inside its first epoch (no evaluation).
+Its rate and its wait for data are read from its log.jsonl over the log windows after the first, which
+holds the start. Rows: images/s and the share of the time waited for data, and each path
 against the loader in the same mode and call. --out keeps table.md, results.jsonl and each run's log.
 """
 import argparse
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, run_process, steady_state  # noqa: E402  (its own folder, then the repository)
+from bench_train import run_script, steady_state  # noqa: E402  (its own folder, then the repository)
+import finetune  # noqa: E402  (the repository root is on the path from bench_train on)
 
 PATHS = {"loader": ["--no-gpu-aug"], "gpu-aug": ["--gpu-aug"]}
 MODES = {"linear probe": ["--linear"], "fine-tuning": []}
@@ -44,20 +46,11 @@ def get_parser():
     a("--log-every", type=int, help="its log windows; the first is left out")
     a("--workers", type=int, help="the CPU loader's workers")
     a("--time-limit", type=float, default=0, help="seconds for all runs (0: none); a run left without time is a row saying so")
+    a("--isolate", action=argparse.BooleanOptionalAction, default=None,
+      help="run each finetune.py as its own process, so that its workers, GPU memory, a crash and --time-limit "
+           "stay with it; default: on for CUDA")
     a("--out", help="a folder for table.md, results.jsonl and each run's log")
     return p
-
-
-def run_finetune(argv, out_dir, timeout):
-    """finetune.py with argv as its own process, its console in out_dir; returns its log.jsonl's records."""
-    out_dir.mkdir(parents=True)
-    with open(out_dir / "console.txt", "w") as output:
-        status = run_process([sys.executable, str(REPO / "finetune.py"), *argv, "--out-dir", str(out_dir)], output,
-                             timeout)
-    if status:
-        last = ((out_dir / "console.txt").read_text().strip().splitlines() or [""])[-1]
-        raise RuntimeError(f"finetune.py exited with status {status}: {last}")
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
 def measure(args):
@@ -78,7 +71,8 @@ def measure(args):
                     continue
                 out_dir = Path(tmp) / f"{mode.replace(' ', '-')}_{path}"
                 try:
-                    records = run_finetune([*common, *mode_flags, *path_flags], out_dir, left)
+                    records = run_script(finetune, [*common, *mode_flags, *path_flags, "--out-dir", str(out_dir)], out_dir,
+                                         args.isolate, left)
                     rate, wait, timed = steady_state(records, args.batch_size, "images_per_s", "finetune.py")
                     row.update(images_per_s=rate, data_wait=wait, note=f"{timed} of {args.steps} steps timed")
                 except Exception as e:  # a crash, or past the time limit: the row says so and the rest go on
@@ -113,6 +107,7 @@ def main(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    args.isolate = args.device == "cuda" if args.isolate is None else args.isolate
     rows = measure(args)
     text = table(rows, args)
     print(text)

@@ -683,19 +683,20 @@ def mdra_argv(case, data, steps, flags, args, out_dir):
     return argv + flags
 
 
-def run_mdra(argv, out_dir, isolate, timeout):
-    """mdra.py with argv, as its own process (isolate: stopped after timeout seconds, None: never) or in
-    this one, its console in out_dir/console.txt; returns the records of its log.jsonl."""
+def run_script(script, argv, out_dir, isolate, timeout):
+    """script (the module mdra or finetune) with argv, as its own process (isolate: stopped after timeout
+    seconds, None: never) or in this one, its console in out_dir/console.txt; returns the records of its
+    log.jsonl."""
     out_dir.mkdir(parents=True)
-    console = out_dir / "console.txt"
+    console, name = out_dir / "console.txt", Path(script.__file__).name
     with open(console, "w") as output:
         if isolate:
-            status = run_process([sys.executable, str(REPO / "mdra.py"), *argv], output, timeout)
+            status = run_process([sys.executable, script.__file__, *argv], output, timeout)
         else:
             torch._dynamo.reset()  # nothing compiled by an earlier run is reused
             with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
                 try:
-                    mdra.main(argv)
+                    script.main(argv)
                     status = 0
                 except SystemExit as e:  # a usage error, or a stop signal, which stops this benchmark too
                     if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
@@ -703,7 +704,7 @@ def run_mdra(argv, out_dir, isolate, timeout):
                     status = e.code
     if status:
         last = (console.read_text().strip().splitlines() or [""])[-1]
-        raise RuntimeError(f"mdra.py exited with status {status}: {last}")
+        raise RuntimeError(f"{name} exited with status {status}: {last}")
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
@@ -818,7 +819,7 @@ def measure_path_run(report, what, ids, case, data, flags, args, out_dir, timeou
     with the data set's number of images, its seconds per epoch at that rate (and as measured for each
     whole epoch after the first)."""
     steps = args.fmnist_steps if data == "fashion-mnist" else case.log_every * (1 + args.path_windows)
-    records = run_mdra(mdra_argv(case, data, steps, flags, args, out_dir), out_dir, args.isolate, timeout)
+    records = run_script(mdra, mdra_argv(case, data, steps, flags, args, out_dir), out_dir, args.isolate, timeout)
     if report.out:  # the run's own record
         kept = report.out / "paths" / what.replace(" ", "_")
         kept.mkdir(parents=True, exist_ok=True)
