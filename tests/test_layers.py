@@ -36,12 +36,28 @@ def test_a_module_imports_only_modules_below_it_even_inside_functions(module):
 
 
 def test_importing_each_module_in_a_fresh_interpreter_loads_none_above_it():
-    code = "import importlib, json, sys; importlib.import_module(sys.argv[1]); print(json.dumps(sorted(sys.modules)))"
-    runs = {module: subprocess.Popen([sys.executable, "-c", code, module], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                                     env={"PYTHONPATH": str(REPO), "PATH": ""})
-            for module in LAYERS}  # at once: each spends its time importing torch
-    for module, run in runs.items():
+    # Two interpreters, each importing its modules one layer up at a time and recording the project modules
+    # each import adds: as no two of a sequence share a layer, a module above the one imported cannot have
+    # been loaded by an earlier import without that import failing its own check. Each of a layer's
+    # modules sits in its own sequence, so that neither hides the other from it.
+    code = ("import importlib, json, sys\n"
+            "for module in sys.argv[1:]:\n"
+            "    before = set(sys.modules)\n"
+            "    importlib.import_module(module)\n"
+            "    print(json.dumps([module, sorted(set(sys.modules) - before - {module})]))\n")
+    sequences = [[], []]
+    for module in sorted(LAYERS, key=LAYERS.get):
+        next(seq for seq in sequences if LAYERS[module] not in {LAYERS[m] for m in seq}).append(module)
+    assert sorted(m for seq in sequences for m in seq) == sorted(LAYERS)
+    runs = [subprocess.Popen([sys.executable, "-c", code, *seq], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             env={"PYTHONPATH": str(REPO), "PATH": ""})
+            for seq in sequences]  # at once: each spends its time importing torch
+    imported = {}
+    for seq, run in zip(sequences, runs):
         out, _ = run.communicate(timeout=300)
-        assert run.returncode == 0, module
-        loaded = set(json.loads(out.splitlines()[-1])) & LAYERS.keys() - {module}
+        assert run.returncode == 0, seq
+        imported.update(json.loads(line) for line in out.splitlines() if line.startswith("["))
+    assert imported.keys() == LAYERS.keys()
+    for module, added in imported.items():
+        loaded = set(added) & LAYERS.keys()
         assert all(LAYERS[name] < LAYERS[module] for name in loaded), f"{module} loads {sorted(loaded)}"
