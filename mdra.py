@@ -521,7 +521,7 @@ def build_dataset(data, data_dir, split, synthetic_size=1024, img_size=32):
         return image_folder(data, split in TRAIN_SPLITS)
     load = functools.partial(entry.load, data_dir, split, synthetic_size=synthetic_size, img_size=img_size)
     # A download writes into --data-dir, which ranks writing at once would corrupt: they take turns.
-    images = in_turns(lambda: downloaded(data, data_dir, load)) if entry.downloads else load()
+    images = runtime.in_turns(lambda: downloaded(data, data_dir, load)) if entry.downloads else load()
     return images, DataInfo(data, len(images.classes), images.classes, entry.native_size or img_size,
                             entry.mean, entry.std, entry.small)
 
@@ -533,26 +533,6 @@ def downloaded(data, data_dir, load):
         return load()
     except (OSError, RuntimeError) as e:
         raise UsageError(f"could not load {data} from {data_dir} or download it ({e}).") from None
-
-
-def in_turns(load):
-    """load() in one process; under torchrun first on rank 0, then on the first rank of every other
-    node, then on the other ranks, so that a download is made once whether the nodes share the folder
-    it writes to or not, and the others read what it left. An error is raised after the last turn."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return load()
-    turn = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
-    result = error = None
-    for t in range(3):
-        if t == turn:
-            try:
-                result = load()
-            except UsageError as e:  # raised once no rank waits on this one in a barrier
-                error = e
-        dist.barrier()
-    if error is not None:
-        raise error
-    return result
 
 
 def image_folder(data, train):

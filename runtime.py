@@ -152,6 +152,26 @@ def all_gather_rows(x):
     return torch.cat(parts)
 
 
+def in_turns(load):
+    """load() in one process; under torchrun first on rank 0, then on the first rank of every other
+    node, then on the other ranks, so that a download is made once whether the nodes share the folder
+    it writes to or not, and the others read what it left. An error is raised after the last turn."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return load()
+    turn = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    result = error = None
+    for t in range(3):
+        if t == turn:
+            try:
+                result = load()
+            except UsageError as e:  # raised once no rank waits on this one in a barrier
+                error = e
+        dist.barrier()
+    if error is not None:
+        raise error
+    return result
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 

@@ -208,7 +208,7 @@ def test_per_view_batchnorm_normalises_each_half_alone_in_training_and_by_runnin
 
 
 def run_under_torchrun(script, processes, *args):
-    """script as `processes` gloo ranks on this machine, importing mdra from the repository."""
+    """script as `processes` gloo ranks on this machine, importing the modules of the repository."""
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                     str(script), *map(str, args)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
                    capture_output=True, timeout=120)
@@ -248,14 +248,14 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
 def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(
-        "import os, sys, time, torch.distributed as dist, mdra\n"
+        "import os, sys, time, torch.distributed as dist, runtime\n"
         "dist.init_process_group('gloo')\n"
         "r = dist.get_rank()\n"
         "os.environ['LOCAL_RANK'] = str(r % 2)  # as if on two nodes: ranks 0 and 2 lead theirs\n"
         "def load():\n"
         "    start = time.monotonic(); time.sleep(0.2)\n"
         "    return start, time.monotonic()\n"
-        "start, end = mdra.in_turns(load)\n"
+        "start, end = runtime.in_turns(load)\n"
         "open(f'{sys.argv[1]}/rank{r}', 'w').write(f'{start} {end}')\n"
         "dist.destroy_process_group()\n")
     run_under_torchrun(worker, 3, tmp_path)
