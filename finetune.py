@@ -196,7 +196,8 @@ def held(images, indices):
     images) and their labels, for --gpu-aug to hold on the device."""
     while isinstance(images, Subset):
         indices, images = [images.indices[i] for i in indices], images.dataset
-    return images.as_tensor()[torch.as_tensor(indices, dtype=torch.long)], [images.targets[i] for i in indices]
+    indices = list(indices)
+    return images.as_tensor(indices), [images.targets[i] for i in indices]
 
 
 def eval_transform(img_size, resize):

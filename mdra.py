@@ -366,10 +366,13 @@ class ArrayImages(Dataset):
     def __getitem__(self, i):
         return Image.fromarray(self.images[i]).convert("RGB"), self.targets[i]
 
-    def as_tensor(self):
-        """All images as one uint8 tensor [n, C, H, W] of the values __getitem__ gives, C = 1 for grey
-        images (whose RGB repeats that channel) and 3 for colour ones; for --gpu-aug to hold on the device."""
-        images = torch.from_numpy(np.array(self.images))  # a copy: an IDX file's array is read-only
+    def as_tensor(self, indices=None):
+        """The images (those at indices, default all) as one uint8 tensor [n, C, H, W] of the values
+        __getitem__ gives, C = 1 for grey images (whose RGB repeats that channel) and 3 for colour ones; for
+        --gpu-aug to hold on the device."""
+        images = np.asarray(self.images)
+        # a copy either way: an IDX file's array is read-only
+        images = torch.from_numpy(images.copy() if indices is None else images[np.asarray(indices, dtype=np.int64)])
         return images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
 
 
@@ -423,9 +426,10 @@ class SyntheticImages(Dataset):
         noise = 0.25 * torch.randn(3, self.img_size, self.img_size, generator=g)
         return ((self.patterns[self.targets[i]] + noise).clamp(0, 1) * 255).byte()
 
-    def as_tensor(self):
-        """All images as one uint8 tensor [n, 3, H, W], for --gpu-aug to hold on the device."""
-        return torch.stack([self.pixels(i) for i in range(self.size)])
+    def as_tensor(self, indices=None):
+        """The images (those at indices, default all) as one uint8 tensor [n, 3, H, W], for --gpu-aug to
+        hold on the device."""
+        return torch.stack([self.pixels(i) for i in (range(self.size) if indices is None else indices)])
 
 
 def read_idx(path):

@@ -647,3 +647,17 @@ def test_held_evaluation_images_are_the_loaders_centre_crops_bit_for_bit():
     for (theirs, their_labels, _), (mine, labels, unread) in zip(loader, held):
         assert mine.dtype == torch.uint8 and torch.equal(mine, theirs) and torch.equal(labels, their_labels)
         assert not unread
+
+
+def test_the_held_images_of_a_subset_are_the_pixels_and_labels_its_items_give():
+    import finetune
+    for images in (in_memory(12, 1, size=6), in_memory(12, 3, size=6), mdra.SyntheticImages(12, 6)):
+        images.targets = [(3 * i) % 10 for i in range(12)]
+        subset = torch.utils.data.Subset(torch.utils.data.Subset(images, [11, 3, 5, 7, 0, 2]), [4, 1, 2])
+        tensor, labels = finetune.held(subset, [2, 0])  # images 5 and 0
+        channels = 1 if isinstance(images, mdra.ArrayImages) and images.images.ndim == 3 else 3
+        assert tensor.dtype == torch.uint8 and tensor.shape == (2, channels, 6, 6)
+        expected = torch.stack([TF.pil_to_tensor(subset[i][0]) for i in (2, 0)])  # the RGB images the loader reads
+        assert torch.equal(tensor.expand(-1, 3, -1, -1), expected)
+        assert labels == [subset[i][1] for i in (2, 0)] == [images.targets[5], images.targets[0]]
+        assert torch.equal(images.as_tensor()[[5, 0]], tensor)  # the rows of all of them
