@@ -257,3 +257,20 @@ def test_the_device_checks_verdict_names_each_groups_fastest_path_and_each_targe
         "- target: wait for data under 5% of the step on the all-new path: at most 6.0% (missed)",
         "- target: host operations per optimizer step of all-new, at most 0.5x the reference: 0.01x (met)"]
     assert all(line.endswith("not measured") for line in device_check.verdict([])) and len(device_check.verdict([])) == 4
+
+
+def test_a_run_in_its_own_process_as_on_cuda_gives_the_records_of_one_in_this_process(bench_train, tmp_path):
+    import finetune
+    import mdra
+    argv = ["--random-init", "--arch", "resnet18", "--data", "synthetic", "--synthetic-size", "32", "--img-size", "16",
+            "--label-fraction", "1.0", "--epochs", "1", "--max-steps", "3", "--log-every", "1", "--batch-size", "8",
+            "--workers", "0", "--device", "cpu", "--no-compile"]
+    losses = {}
+    for isolate in (True, False):
+        out_dir = tmp_path / f"isolate{isolate}"
+        records = bench_train.run_script(finetune, [*argv, "--out-dir", str(out_dir)], out_dir, isolate, 120)
+        losses[isolate] = [record["loss"] for record in records if "images_per_s" in record]
+        assert "console.txt" in {path.name for path in out_dir.iterdir()}
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+    with pytest.raises(RuntimeError, match=r"^mdra.py exited with status 2: .*--epochs"):
+        bench_train.run_script(mdra, ["--epochs", "0", "--out-dir", str(tmp_path / "bad")], tmp_path / "bad", False, 60)
