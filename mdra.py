@@ -1079,14 +1079,16 @@ def train_one_epoch(run, batches, epoch, control):
     the run inside it. A stop signal saves and exits after the current step."""
     args, first_step = run.args, run.step
     run.epoch_loss_sum.zero_()
-    while run.step < min(run.last_step, (epoch + 1) * run.steps_per_epoch):
-        run.optimizer_step(batches)
-        if run.step % args.log_every == 0 or run.step == run.last_step:
-            run.log_step(epoch)
-        runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
-        if run.step % args.save_every == 0:
-            run.save()
-    batches.close()
+    try:
+        while run.step < min(run.last_step, (epoch + 1) * run.steps_per_epoch):
+            run.optimizer_step(batches)
+            if run.step % args.log_every == 0 or run.step == run.last_step:
+                run.log_step(epoch)
+            runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
+            if run.step % args.save_every == 0:
+                run.save()
+    finally:  # --gpu-aug's prefetch thread stops also when an error or a stop signal ends the epoch
+        batches.close()
     if run.step < (epoch + 1) * run.steps_per_epoch:
         return None
     return (runtime.all_reduce(run.epoch_loss_sum.clone()) / run.env.world_size / (run.step - first_step)).item()
