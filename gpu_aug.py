@@ -162,7 +162,7 @@ def decode_jpegs(data, device):
     hands out again only once the training stream is done with them (record_stream)."""
     if device.type != "cuda":
         return torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    current, side = torch.cuda.current_stream(device), decode_stream(device)
+    current, side = torch.cuda.current_stream(device), side_stream(with_index(device), "decode")
     with torch.cuda.stream(side):
         images = torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     current.wait_stream(side)
@@ -172,9 +172,14 @@ def decode_jpegs(data, device):
 
 
 @functools.lru_cache
-def decode_stream(device):
-    """One side stream per device, so that decoded images reuse one pool of cached blocks."""
-    return torch.cuda.Stream(device)
+def side_stream(device, purpose):
+    """This module's stream for purpose ("decode", "prefetch") on device, one for the whole process (decoded
+    images reuse one pool of cached blocks), and never another's: PyTorch hands out pooled streams
+    round-robin, 32 per priority (c10/cuda/CUDAStream.h), so a stream drawn anew each epoch, or from the
+    default-priority pool that torch.cuda.Stream() draws from (the captured step's, torchvision's decoder's),
+    would sooner or later be one of the others, and the ordering that the streams keep apart would be lost.
+    These two are the only ones drawn from the high-priority pool."""
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def _decode_one(data, device):
@@ -681,7 +686,7 @@ class Prefetcher:
         try:
             if self.cuda:
                 torch.cuda.set_device(self.device)  # the current device is per thread
-                stream = torch.cuda.Stream(self.device)
+                stream = side_stream(self.device, "prefetch")
             with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
                 for index, (images, skipped, unread) in enumerate(batches, start=first_index):
                     views = (*device_views(images, skipped, epoch, index), unread)

@@ -5,9 +5,10 @@ On the GPU machine, from the repository root:
     python benchmarks/device_check.py          # writes $OUT/device_check.md (without $OUT: runs/device_check/)
 
 runs, each part as its own process under its own time budget (stopped when it runs past it):
-- the tests that need CUDA (tests/test_cuda.py, skipped on a CPU: the captured step and one pass against
-  the eager step and two passes) and the device augmentation's tests on this machine's torch and
-  torchvision (tests/test_gpu_aug.py), in at most 180 s;
+- the device augmentation's tests on this machine's torch and torchvision (tests/test_gpu_aug.py), then
+  the tests that need CUDA (tests/test_cuda.py, skipped on a CPU: the captured step and one pass against
+  the eager step and two passes, JPEGs decoded on the GPU against the CPU loader's, the device path's
+  streams), in at most 180 s;
 - bench_train.py's paths section at the issue's sizes (each path against today's, on synthetic images
   for resnet18 at 28 px x 256 pairs and resnet50 at 224 px x 64 and x 512 pairs, mdra.py end to end on
   Fashion-MNIST, the host operations per optimizer step), in what is left of 450 s but the last part's,
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_cuda.py", "tests/test_gpu_aug.py"]
+TESTS = ["tests/test_gpu_aug.py", "tests/test_cuda.py"]  # the quick ones first: a run past its budget keeps them
 PATHS = ["--preset", "h100", "--sections", "paths"]
 TOTAL_S, TESTS_S, FINETUNE_S, MARGIN_S = 450, 180, 80, 40  # of the 480 s, the rest for starting and writing
 TOY_TESTS = ["tests/test_bench_train.py", "-k", "host_ops_counts"]

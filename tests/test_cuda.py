@@ -7,10 +7,17 @@ step grew to 6e-4 of their largest value by the next on a CPU (one pass against 
 autotuned kernels need not sum in the same order twice. So the weights are compared in float64 (networks,
 images and queue; amp off), where the captured step must equal the eager one to 1e-8; a bf16 run and the
 --gpu-aug views (float32 by construction) are compared by their losses."""
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
+import gpu_aug
 import mdra
+import runtime
 from test_mdra_runs import TINY, default_dtype, load, log_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -86,3 +93,52 @@ def test_one_pass_on_the_gpu_trains_the_network_of_two_passes(tmp_path):
     run(tmp_path / "two16", *bf16, dtype=torch.float32)
     run(tmp_path / "one16", *bf16, "--one-pass", dtype=torch.float32)
     assert losses(tmp_path / "one16") == pytest.approx(losses(tmp_path / "two16"), rel=1e-2)
+
+
+def test_the_device_paths_streams_are_their_own_however_many_streams_are_drawn():
+    # PyTorch's pooled streams come round again after 32 of a priority: a prefetch stream drawn anew each
+    # epoch became the decode stream every 32nd epoch, and then nothing kept nvJPEG's writes in order.
+    device = torch.device("cuda", torch.cuda.current_device())
+    decode, prefetch = gpu_aug.side_stream(device, "decode"), gpu_aug.side_stream(device, "prefetch")
+    drawn = {torch.cuda.Stream(device).cuda_stream for _ in range(40)}  # every default-priority stream of the pool
+    assert len({decode.cuda_stream, prefetch.cuda_stream} | drawn) == len(drawn) + 2
+    assert gpu_aug.side_stream(device, "prefetch") is prefetch  # the same for every epoch
+
+
+def jpeg(image, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def smooth(mode, width=40, height=32):
+    """Gradients in each channel, as mode: what two JPEG decoders' IDCTs and upsampling agree on closely."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1).astype(np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+def test_jpegs_decoded_on_the_gpu_are_the_images_the_cpu_loader_reads():
+    files = {"rgb 4:2:0": jpeg(smooth("RGB")), "rgb 4:4:4": jpeg(smooth("RGB"), subsampling=0),
+             "grey": jpeg(smooth("L")), "progressive": jpeg(smooth("RGB"), progressive=True),
+             "cmyk": jpeg(smooth("CMYK"))}
+    decoded, failed = gpu_aug.decode(list(files.values()), torch.device("cuda"))
+    assert failed.tolist() == [0] * len(files)
+    for (name, data), image in zip(files.items(), decoded):
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as pil:
+            expected = pil_to_tensor(runtime.rgb(pil))  # as runtime.read_image reads it
+        assert image.is_cuda and image.dtype == torch.uint8 and image.shape == expected.shape == (3, 32, 40), name
+        assert (image.cpu().float() - expected.float()).abs().mean() < 2, name  # torchvision's bound for its decoders
+
+
+def test_gpu_aug_trains_on_a_folder_of_jpegs_decoded_on_the_gpu_over_two_epochs(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    for i in range(32):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+        smooth("RGB", *size).rotate(int(rng.integers(0, 360))).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.jpg")
+    ckpt = load(mdra.main([*TINY, "--data", str(tmp_path / "data"), "--img-size", "16", "--epochs", "2",
+                           "--accum-steps", "1", "--workers", "1", "--device", "cuda", "--gpu-aug",
+                           "--out-dir", str(tmp_path / "run")]))
+    assert ckpt["step"] == 4 and torch.isfinite(ckpt["queue"]).all()
+    assert "held on" not in capsys.readouterr().out  # read by the loader and decoded on the GPU
