@@ -131,7 +131,8 @@ def setup_distributed(device_name):
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
-    if dist.is_available() and dist.is_initialized():
+    """tensor reduced over all ranks, in place; nothing to do for one (torchrun's single rank included)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op)
     return tensor
 

@@ -761,6 +761,21 @@ def test_cuda_graph_on_the_cpu_says_so_in_one_line_and_trains_the_uncaptured_run
         assert_same_state(flagged[key], plain[key], key)
 
 
+def test_one_rank_under_torchrun_reduces_nothing(tmp_path, monkeypatch):
+    # torchrun --nproc_per_node=1 starts a process group of one: no collective is issued (none inside a
+    # captured step), and the values are those of a plain process.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: pytest.fail("a collective of one rank"))
+        x = torch.tensor([1.0, 2.0])
+        assert runtime.all_reduce(x) is x and x.tolist() == [1.0, 2.0]
+        scores = torch.randn(2, 8, 32, dtype=torch.float64)
+        reduced = mdra.sinkhorn(scores)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.testing.assert_close(reduced, mdra.sinkhorn(scores), rtol=0, atol=0)
+
+
 def test_the_captured_steps_functions_in_float64_compute_what_the_loop_computes(tmp_path, monkeypatch):
     """As tests/test_cuda.py compares the replayed step with the eager one on a GPU: in float64, where
     the two differ by rounding alone (the keys enter the queue in its own dtype)."""
