@@ -954,6 +954,8 @@ def capture_refusal(args, env):
         return "DDP's gradient all-reduce is not captured"
     if args.amp == "fp16":
         return "fp16's loss scaling decides on the host whether to step"
+    if args.compile and args.compile_backend == "cudagraphs":
+        return "the cudagraphs compile backend captures graphs of its own"
     return None
 
 

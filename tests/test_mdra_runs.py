@@ -761,6 +761,17 @@ def test_cuda_graph_on_the_cpu_says_so_in_one_line_and_trains_the_uncaptured_run
         assert_same_state(flagged[key], plain[key], key)
 
 
+def test_a_step_that_cannot_be_captured_on_a_gpu_is_refused_with_its_reason():
+    args = mdra.get_parser().parse_args(["--device", "cuda"])
+    one, two = (SimpleNamespace(device=torch.device("cuda", 0), world_size=n) for n in (1, 2))
+    assert mdra.capture_refusal(args, one) is None
+    assert "all-reduce" in mdra.capture_refusal(args, two)
+    assert "fp16" in mdra.capture_refusal(mdra.get_parser().parse_args(["--amp", "fp16"]), one)
+    compiled = mdra.get_parser().parse_args(["--compile", "--compile-backend", "cudagraphs"])
+    assert "graphs of its own" in mdra.capture_refusal(compiled, one)
+    assert mdra.capture_refusal(mdra.get_parser().parse_args(["--compile"]), one) is None
+
+
 def test_one_rank_under_torchrun_reduces_nothing(tmp_path, monkeypatch):
     # torchrun --nproc_per_node=1 starts a process group of one: no collective is issued (none inside a
     # captured step), and the values are those of a plain process.
