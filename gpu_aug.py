@@ -35,6 +35,7 @@ and each micro-batch's parameters reach the device in one copy (to_device).
 import contextlib
 import functools
 import io
+import itertools
 import queue
 import threading
 from dataclasses import replace
@@ -687,13 +688,19 @@ class Prefetcher:
             if self.cuda:
                 torch.cuda.set_device(self.device)  # the current device is per thread
                 stream = side_stream(self.device, "prefetch")
+            batches = iter(batches)
             with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
-                for index, (images, skipped, unread) in enumerate(batches, start=first_index):
-                    views = (*device_views(images, skipped, epoch, index), unread)
-                    done = None
-                    if self.cuda:
-                        done = torch.cuda.Event()
-                        done.record(stream)
+                for index in itertools.count(first_index):
+                    with runtime.DEVICE_WORK_LOCK:  # no device work while a CUDA graph is captured
+                        batch = next(batches, None)  # held images are gathered on the device here
+                        if batch is None:
+                            break
+                        images, skipped, unread = batch
+                        views = (*device_views(images, skipped, epoch, index), unread)
+                        done = None
+                        if self.cuda:
+                            done = torch.cuda.Event()
+                            done.record(stream)
                     if not self._put((views, done)):
                         return
             self._put(self._END)

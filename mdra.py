@@ -1066,11 +1066,13 @@ class CapturedStep:
     def capture(self):
         """Record the two graphs; nothing runs, so the state is that of the last eager step."""
         micro, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        # thread_local: the loader's pin-memory thread and the --gpu-aug prefetch thread go on using CUDA meanwhile
-        with torch.cuda.graph(micro, stream=self.side, capture_error_mode="thread_local"):
-            self.micro_step()
-        with torch.cuda.graph(update, pool=micro.pool(), stream=self.side, capture_error_mode="thread_local"):
-            self.update()
+        # thread_local: the loader's pin-memory thread may call CUDA meanwhile (it launches no device work);
+        # the --gpu-aug prefetch thread, which does, waits for the lock until both graphs are captured.
+        with runtime.DEVICE_WORK_LOCK:
+            with torch.cuda.graph(micro, stream=self.side, capture_error_mode="thread_local"):
+                self.micro_step()
+            with torch.cuda.graph(update, pool=micro.pool(), stream=self.side, capture_error_mode="thread_local"):
+                self.update()
         self.graphs = micro, update
         self.run.log.print(f"--cuda-graph: the micro-step and the optimizer step are captured after "
                            f"{self.eager_steps} eager steps, and replayed from step {self.run.step + 1}")

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,11 @@ def in_turns(load):
         raise error
     return result
 
+
+# PyTorch's CUDA graphs allow no other CUDA work in the process, on any thread, while a capture is underway:
+# a thread that launches device work beside the training loop (gpu_aug's prefetch thread) holds this lock
+# while it does, and a capture holds it throughout (once a run: the pause costs nothing).
+DEVICE_WORK_LOCK = threading.Lock()
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 

@@ -8,6 +8,7 @@ distance at the 0.1% level), so that they would catch a wrong distribution, not 
 import dataclasses
 import io
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -563,6 +564,31 @@ def test_the_prefetcher_yields_exactly_the_views_made_in_the_loop_and_stops_clea
     next(prefetcher)
     prefetcher.close()
     assert not prefetcher.thread.is_alive()
+
+
+def test_the_prefetch_thread_takes_no_batch_and_makes_no_views_while_a_capture_holds_the_device_lock():
+    # A CUDA graph's capture allows no other device work in the process: the thread waits, then goes on.
+    done = []
+
+    class Views:  # DeviceTwoViews's call, recording when it runs
+        device = torch.device("cpu")
+
+        def __call__(self, images, skipped, epoch, index):
+            done.append(f"views {index}")
+            return images, images, skipped
+
+    def batches():  # a loader whose next batch is gathered on the device (ResidentImages)
+        for k in range(3):
+            done.append(f"batch {k}")
+            yield torch.full((1,), k), torch.zeros(1, dtype=torch.long), ()
+
+    with runtime.DEVICE_WORK_LOCK:
+        prefetcher = gpu_aug.Prefetcher(Views(), batches(), 0, 5)
+        time.sleep(0.3)
+        assert done == [] and prefetcher.thread.is_alive()
+    assert [v1.item() for v1, _, _, _ in prefetcher] == [0, 1, 2]
+    assert done == ["batch 0", "views 5", "batch 1", "views 6", "batch 2", "views 7"]
+    prefetcher.close()
 
 
 def test_an_error_in_the_prefetch_thread_is_raised_in_the_training_loop():
