@@ -57,15 +57,20 @@ def run_main(train_fn, argv, parser):
         message, status = f"error: {e}", 2
     except KeyboardInterrupt:
         message, status = "interrupted", 128 + signal.SIGINT
-    finally:  # a crash still ends with its traceback and status 1: the workers it left would hang the exit
+    except Exception as e:  # a crash ends with its traceback and status 1, after the teardown below
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            message = f"rank {dist.get_rank()} stopped by {type(e).__name__}: {e} (its traceback follows)"
+        raise
+    finally:  # the workers a crash left would hang the exit
+        if message:  # first: under NCCL the teardown may wait for ranks still inside a collective
+            print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
         kill_loader_workers()
         _close_held_locks()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if message:
-        print(f"{parser.prog}: {message}", file=sys.stderr)
+    if status:
         sys.exit(status)
     if STOP_SIGNALS:  # received after the loop's last look, e.g. while finetune.py exported
         sys.exit(128 + STOP_SIGNALS[0])
