@@ -127,10 +127,11 @@ def extract_features(net, crops, env, batch_size, workers, amp, channels_last, o
     autocast = torch.autocast(env.device.type, dtype=runtime.AMP_DTYPES[amp], enabled=runtime.AMP_DTYPES[amp] is not None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
-    for i, (x, _, unreadable) in enumerate(loader):
-        if any(unreadable):
-            raise UsageError(f"cannot read {next(why for why in unreadable if why)}; an evaluation "
-                             "needs every image: remove or replace it.")
+    unreadable = None
+    for i, (x, _, failed) in enumerate(loader):
+        unreadable = next((why for why in failed if why), None)
+        if unreadable:  # the other ranks hear of it once through their shares (raise_together, below)
+            break
         x = x.to(env.device, non_blocking=True, memory_format=memory_format)
         with autocast:
             batch = net(x)
@@ -143,6 +144,10 @@ def extract_features(net, crops, env, batch_size, workers, amp, channels_last, o
             eta = datetime.timedelta(seconds=round(elapsed / done * (len(crops) - done + then)))
             print(f"{progress}: {done}/{len(crops)} images of rank 0 in {elapsed:.0f} s, eta {eta}"
                   + (f" (with {then} more images to come)" if then else ""), flush=True)
+    error = UsageError(f"cannot read {unreadable}; an evaluation needs every image: remove or replace it.") \
+        if unreadable else None
+    runtime.raise_together(error, env, "another rank cannot read an image (its error names it); an evaluation "
+                                       "needs every image.")
     return features if features is not None else torch.zeros(0, 0, device=out_device)
 
 

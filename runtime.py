@@ -159,6 +159,30 @@ def all_gather_rows(x):
     return torch.cat(parts)
 
 
+def raise_together(error, env, elsewhere):
+    """Raise error (this rank's UsageError, or None) on every rank once any rank has one; a rank without
+    one raises UsageError(elsewhere). A rank that raised alone would leave the others waiting in their
+    next collective (under NCCL until its watchdog ends them, 10 minutes later) and its sentence unread."""
+    if env.world_size > 1:
+        failed = all_reduce(torch.tensor(int(error is not None), device=env.device)).item()
+        if failed and error is None:
+            error = UsageError(elsewhere)
+    if error is not None:
+        raise error
+
+
+def on_main_rank(env, elsewhere, fn, *args):
+    """fn(*args) on rank 0 alone (writing a file, taking a lock); a UsageError it raises is raised on every
+    rank (raise_together), the others' saying elsewhere."""
+    error = None
+    if env.is_main:
+        try:
+            fn(*args)
+        except UsageError as e:
+            error = e
+    raise_together(error, env, elsewhere)
+
+
 def in_turns(load):
     """load() in one process; under torchrun first on rank 0, then on the first rank of every other
     node, then on the other ranks, so that a download is made once whether the nodes share the folder

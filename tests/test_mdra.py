@@ -264,6 +264,40 @@ def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest
     assert spans[2][1] <= spans[1][0]  # then the rest
 
 
+def test_an_error_of_one_rank_is_raised_on_every_rank_and_leaves_none_waiting(tmp_path):
+    # Rank 0 alone writes the checkpoint and takes the --out-dir lock; each rank reads its own share of a
+    # kNN evaluation. A UsageError of one rank is raised by all, so that none waits in a collective for it.
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys, torch, torch.distributed as dist, knn, runtime\n"
+        "env = runtime.setup_distributed('cpu')\n"
+        "def attempt(fn):\n"
+        "    try:\n"
+        "        fn()\n"
+        "        return 'ok'\n"
+        "    except runtime.UsageError as e:\n"
+        "        return str(e)\n"
+        "def full():\n"
+        "    raise runtime.UsageError('the disk is full')\n"
+        "class Crops(torch.utils.data.Dataset):  # as mdra.CentreCrops yields: image, label, 'path: why' or ''\n"
+        "    def __len__(self):\n"
+        "        return 4\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3, 2, 2), 0, 'x.jpg: corrupt' if env.rank == 1 and i == 2 else ''\n"
+        "results = [attempt(lambda: runtime.on_main_rank(env, 'rank 0 failed', full)),\n"
+        "           attempt(lambda: runtime.on_main_rank(env, 'rank 0 failed', lambda: None)),\n"
+        "           attempt(lambda: knn.extract_features(torch.nn.Flatten(), Crops(), env, 2, 0, 'off', False, 'cpu')),\n"
+        "           str(runtime.all_reduce(torch.ones(())).item())]  # and both still meet in a collective\n"
+        "open(f'{sys.argv[1]}/rank{env.rank}', 'w').write('\\n'.join(results))\n"
+        "dist.destroy_process_group()\n")
+    run_under_torchrun(worker, 2, tmp_path)
+    rank0, rank1 = ((tmp_path / f"rank{r}").read_text().splitlines() for r in range(2))
+    assert rank0[:2] == ["the disk is full", "ok"] and rank1[:2] == ["rank 0 failed", "ok"]
+    assert rank1[2].startswith("cannot read x.jpg: corrupt; an evaluation needs every image")
+    assert rank0[2].startswith("another rank cannot read an image")
+    assert rank0[3] == rank1[3] == "2.0"
+
+
 def tiny_model():
     online, offline, width = mdra.build_model("resnet18", small_stem=True)
     return online, offline
