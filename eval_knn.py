@@ -202,10 +202,7 @@ def evaluate(args):
     else:
         found = features_from_images(args, env, bank_device)
     bank, bank_labels, queries, query_labels, num_classes, description = found
-    if args.save_features:
-        all_queries = knn.gather_rows(queries, env, args.chunk_mb)
-        if env.is_main:
-            save_features(args.save_features, bank, bank_labels, all_queries, query_labels, num_classes, description)
+    all_queries = knn.gather_rows(queries, env, args.chunk_mb) if args.save_features else None
     extract_s = time.perf_counter() - tic
     check_k(args.k, bank.shape[0])
 
@@ -215,6 +212,8 @@ def evaluate(args):
     knn_s = time.perf_counter() - tic
     if env.is_main:
         report(args, env, description, bank.shape, len(query_labels), num_classes, results, extract_s, knn_s)
+        if args.save_features:  # last: no rank waits in a collective while rank 0 writes (gigabytes for ImageNet)
+            save_features(args.save_features, bank, bank_labels, all_queries, query_labels, num_classes, description)
     return results
 
 
