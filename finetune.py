@@ -473,7 +473,7 @@ def finetune(args, env, start):
                 ckpt_path)
         runtime.on_main_rank(env, "rank 0 could not write the checkpoint (its error says why).", write)
 
-    control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
+    control = env.control  # a CPU channel for the stop flag (None in one process)
     runtime.announce(log, "finetune.py", env, args, labelled_images=len(subset))
     mode = "linear probe (frozen backbone)" if args.linear else "fine-tuning"
     origin = "random initialisation" if start is None else args.ckpt

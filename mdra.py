@@ -1139,7 +1139,7 @@ def train(args):
     run = Pretraining(args, env, images, info, log)
     runtime.read_image(images, 0)  # here, not in a loader worker: a data set with no readable image is one clear error
     loader, sampler, device_views = pretrain_loader(images, info, args, env, run.steps_per_epoch * args.accum_steps)
-    control = dist.new_group(backend="gloo") if env.world_size > 1 else None  # a CPU channel for the stop flag
+    control = env.control  # a CPU channel for the stop flag (None in one process)
     runtime.announce(log, "mdra.py", env, args, step=run.step)
     log.print(f"{len(images)} images, {run.steps_per_epoch} optimizer steps per epoch of {run.batch_images} images, "
               f"lr {args.lr * run.batch_images / 256:.4g} after {args.warmup_epochs:g} warm-up epochs")

@@ -106,6 +106,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    control: object = None  # with several ranks, a gloo group of all: the CPU channel for stop flags and waits
 
     @property
     def is_main(self):
@@ -133,7 +134,15 @@ def setup_distributed(device_name):
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return DistEnv(rank, world, local, device)
+    global _CONTROL
+    # Its own timeout: runtime.in_turns waits in it while one rank downloads a data set (STL-10: 2.6 GB),
+    # which NCCL's watchdog would end after 10 minutes.
+    _CONTROL = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if world > 1 else None
+    return DistEnv(rank, world, local, device, _CONTROL)
+
+
+CONTROL_TIMEOUT = datetime.timedelta(hours=2)
+_CONTROL = None  # setup_distributed's DistEnv.control, for in_turns, which its callers do not hand the DistEnv
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
@@ -197,7 +206,7 @@ def in_turns(load):
                 result = load()
             except UsageError as e:  # raised once no rank waits on this one in a barrier
                 error = e
-        dist.barrier()
+        dist.barrier(group=_CONTROL)
     if error is not None:
         raise error
     return result

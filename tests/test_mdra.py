@@ -249,8 +249,9 @@ def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest
     worker = tmp_path / "worker.py"
     worker.write_text(
         "import os, sys, time, torch.distributed as dist, runtime\n"
-        "dist.init_process_group('gloo')\n"
-        "r = dist.get_rank()\n"
+        "env = runtime.setup_distributed('cpu')  # its turns wait in the gloo group of its own timeout\n"
+        "assert dist.get_backend(env.control) == 'gloo'\n"
+        "r = env.rank\n"
         "os.environ['LOCAL_RANK'] = str(r % 2)  # as if on two nodes: ranks 0 and 2 lead theirs\n"
         "def load():\n"
         "    start = time.monotonic(); time.sleep(0.2)\n"
