@@ -156,8 +156,9 @@ def gather_rows(local, env, chunk_mb=DEFAULT_CHUNK_MB):
 
     Shards may differ in size (or be empty): the sizes are exchanged first, each rank pads its shard
     to the largest and the padding is cut off again, so each image appears exactly once. The exchange
-    runs through env.device (NCCL needs the GPU) in pieces of at most chunk_mb per rank, so a bank
-    kept in host memory never has to fit on the GPU whole.
+    runs through env.device (NCCL needs the GPU) in pieces gathered into one tensor of at most chunk_mb
+    from all ranks together (a list all_gather would allocate as much again inside NCCL, per rank), so
+    a bank kept in host memory never has to fit on the GPU whole, whatever the number of ranks.
     """
     if env.world_size == 1:
         return local
@@ -168,19 +169,23 @@ def gather_rows(local, env, chunk_mb=DEFAULT_CHUNK_MB):
     width = max(int(s[1]) for s in shapes)
     offsets = [sum(sizes[:r]) for r in range(env.world_size)]
     out = torch.empty(sum(sizes), width, device=local.device)
-    piece = max(1, int(chunk_mb * 2**20) // (4 * width))
+    piece = max(1, int(chunk_mb * 2**20) // (4 * width * env.world_size))  # rows per rank and exchange
     for start in range(0, max(sizes), piece):
         rows = min(piece, max(sizes) - start)
         block = torch.zeros(rows, width, device=env.device)
         mine = local[start:start + rows]
         if len(mine):  # an empty shard has no width to copy
             block[:len(mine)] = mine
-        parts = [torch.empty_like(block) for _ in range(env.world_size)]
-        dist.all_gather(parts, block)
-        for r, part in enumerate(parts):
+        parts = torch.empty(env.world_size * rows, width, device=env.device)  # rank r's rows at r * rows
+        all_gather_single(parts, block)
+        for r, part in enumerate(parts.view(env.world_size, rows, width)):
             real = max(0, min(rows, sizes[r] - start))
             out[offsets[r] + start:offsets[r] + start + real] = part[:real]
     return out
+
+
+# Every rank's tensor of one size into one output tensor (all_gather_into_tensor before torch 2.14's name).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def bank_subset(n, size, seed):

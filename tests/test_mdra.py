@@ -265,9 +265,10 @@ def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest
     assert spans[2][1] <= spans[1][0]  # then the rest
 
 
-def test_an_error_of_one_rank_is_raised_on_every_rank_and_leaves_none_waiting(tmp_path):
+def test_two_gloo_ranks_raise_one_ranks_error_together_and_gather_uneven_shards_in_pieces(tmp_path):
     # Rank 0 alone writes the checkpoint and takes the --out-dir lock; each rank reads its own share of a
     # kNN evaluation. A UsageError of one rank is raised by all, so that none waits in a collective for it.
+    # Then the shares are gathered in pieces (knn.gather_rows).
     worker = tmp_path / "worker.py"
     worker.write_text(
         "import sys, torch, torch.distributed as dist, knn, runtime\n"
@@ -289,6 +290,12 @@ def test_an_error_of_one_rank_is_raised_on_every_rank_and_leaves_none_waiting(tm
         "           attempt(lambda: runtime.on_main_rank(env, 'rank 0 failed', lambda: None)),\n"
         "           attempt(lambda: knn.extract_features(torch.nn.Flatten(), Crops(), env, 2, 0, 'off', False, 'cpu')),\n"
         "           str(runtime.all_reduce(torch.ones(())).item())]  # and both still meet in a collective\n"
+        "# gather_rows in pieces of one row per rank (uneven shards), and with an empty shard of no width\n"
+        "first, count = 100 * env.rank, 5 if env.rank == 0 else 3\n"
+        "rows = torch.arange(first, first + count).float()[:, None].repeat(1, 4)\n"
+        "results.append(str(knn.gather_rows(rows, env, chunk_mb=2 * 16 / 2**20)[:, 0].tolist()))\n"
+        "rows = rows[:2] if env.rank == 0 else torch.zeros(0, 0)\n"
+        "results.append(str(knn.gather_rows(rows, env, chunk_mb=2 * 16 / 2**20).tolist()))\n"
         "open(f'{sys.argv[1]}/rank{env.rank}', 'w').write('\\n'.join(results))\n"
         "dist.destroy_process_group()\n")
     run_under_torchrun(worker, 2, tmp_path)
@@ -297,6 +304,8 @@ def test_an_error_of_one_rank_is_raised_on_every_rank_and_leaves_none_waiting(tm
     assert rank1[2].startswith("cannot read x.jpg: corrupt; an evaluation needs every image")
     assert rank0[2].startswith("another rank cannot read an image")
     assert rank0[3] == rank1[3] == "2.0"
+    assert rank0[4] == rank1[4] == str([0.0, 1.0, 2.0, 3.0, 4.0, 100.0, 101.0, 102.0])
+    assert rank0[5] == rank1[5] == str([[0.0] * 4, [1.0] * 4])
 
 
 def tiny_model():
