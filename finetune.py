@@ -422,6 +422,7 @@ def finetune(args, env, start):
                                           optimizer, scaler)
         metrics = ckpt["metrics"]
         log.print(f"resumed from {ckpt_path} at step {step}")
+    runtime.require_same_on_every_rank(env, runtime.resumed_state(step, data))
     if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
         names = "".join(train_images.names[i] + "\n" for i in subset)
         with runtime.atomic_file(out_dir / "subset.txt", len(names.encode())) as tmp:

@@ -831,6 +831,7 @@ class Pretraining:
         self.batchnorm_batch = args.batch_size // (1 if args.sync_bn else env.world_size)
         self.ckpt_path = Path(args.out_dir) / "checkpoint.pth"
         self.step = self.restore(self.ckpt_path) if self.ckpt_path.exists() else 0
+        runtime.require_same_on_every_rank(env, runtime.resumed_state(self.step, self.data))
         # Per-rank randomness from here on, a function of the step: a resumed run needs none of the saved
         # generator states (kept in the checkpoint for the record), and may run on another number of ranks
         # when SyncBatchNorm keeps the images each BatchNorm sees (require_same_batchnorm_batch).

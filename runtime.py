@@ -180,6 +180,20 @@ def raise_together(error, env, elsewhere):
         raise error
 
 
+def require_same_on_every_rank(env, values):
+    """values (name -> int) must be the same on every rank, else every rank raises the same error: ranks
+    that read different folders (an --out-dir or a copy of the data local to each node) would resume from
+    different steps or train on different images, and diverge without a word."""
+    if env.world_size == 1:
+        return
+    mine = torch.tensor(list(values.values()), dtype=torch.long, device=env.device)
+    low, high = all_reduce(mine.clone(), op=dist.ReduceOp.MIN), all_reduce(mine.clone(), op=dist.ReduceOp.MAX)
+    differ = [name for name, a, b in zip(values, low.tolist(), high.tolist()) if a != b]
+    if differ:
+        raise UsageError(f"the ranks differ in {' and '.join(differ)}: every rank must read the same --out-dir and "
+                         "the same data (on several nodes, from a file system they share).")
+
+
 def on_main_rank(env, elsewhere, fn, *args):
     """fn(*args) on rank 0 alone (writing a file, taking a lock); a UsageError it raises is raised on every
     rank (raise_together), the others' saying elsewhere."""
@@ -425,6 +439,13 @@ def load_strict(module, state_dict, what):
 def data_fingerprint(names):
     """What a resumed run checks its images against: how many, and a hash of their names in order."""
     return {"images": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+def resumed_state(step, data):
+    """What every rank must agree on once it has resumed (require_same_on_every_rank): the step, and the
+    images by their data_fingerprint."""
+    return {"the step resumed from": step, "the number of images": data["images"],
+            "the images' names": int(data["names_sha256"][:15], 16)}
 
 
 def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None):

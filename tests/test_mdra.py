@@ -265,10 +265,11 @@ def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest
     assert spans[2][1] <= spans[1][0]  # then the rest
 
 
-def test_two_gloo_ranks_raise_one_ranks_error_together_and_gather_uneven_shards_in_pieces(tmp_path):
+def test_two_gloo_ranks_raise_one_ranks_error_together_gather_uneven_shards_and_agree_on_what_they_resumed(
+        tmp_path):
     # Rank 0 alone writes the checkpoint and takes the --out-dir lock; each rank reads its own share of a
     # kNN evaluation. A UsageError of one rank is raised by all, so that none waits in a collective for it.
-    # Then the shares are gathered in pieces (knn.gather_rows).
+    # Then the shares are gathered in pieces (knn.gather_rows), and the ranks compare what they resumed.
     worker = tmp_path / "worker.py"
     worker.write_text(
         "import sys, torch, torch.distributed as dist, knn, runtime\n"
@@ -296,6 +297,11 @@ def test_two_gloo_ranks_raise_one_ranks_error_together_and_gather_uneven_shards_
         "results.append(str(knn.gather_rows(rows, env, chunk_mb=2 * 16 / 2**20)[:, 0].tolist()))\n"
         "rows = rows[:2] if env.rank == 0 else torch.zeros(0, 0)\n"
         "results.append(str(knn.gather_rows(rows, env, chunk_mb=2 * 16 / 2**20).tolist()))\n"
+        "def same(step, names):\n"
+        "    state = runtime.resumed_state(step, runtime.data_fingerprint(names))\n"
+        "    return attempt(lambda: runtime.require_same_on_every_rank(env, state))\n"
+        "results.append(same(4, ['a', 'b']))\n"
+        "results.append(same(4 + env.rank, ['a', 'c'] if env.rank else ['a', 'b']))  # a data copy of its own\n"
         "open(f'{sys.argv[1]}/rank{env.rank}', 'w').write('\\n'.join(results))\n"
         "dist.destroy_process_group()\n")
     run_under_torchrun(worker, 2, tmp_path)
@@ -306,6 +312,10 @@ def test_two_gloo_ranks_raise_one_ranks_error_together_and_gather_uneven_shards_
     assert rank0[3] == rank1[3] == "2.0"
     assert rank0[4] == rank1[4] == str([0.0, 1.0, 2.0, 3.0, 4.0, 100.0, 101.0, 102.0])
     assert rank0[5] == rank1[5] == str([[0.0] * 4, [1.0] * 4])
+    assert rank0[6] == rank1[6] == "ok"  # the same step and images after resuming
+    assert rank0[7] == rank1[7] == ("the ranks differ in the step resumed from and the images' names: every rank must "
+                                    "read the same --out-dir and the same data (on several nodes, from a file system "
+                                    "they share).")
 
 
 def tiny_model():
