@@ -356,8 +356,7 @@ def finetune(args, env, start):
     start: the pretraining checkpoint, or None for --random-init."""
     out_dir = Path(args.out_dir)
     runtime.require_folder(out_dir, "--out-dir")
-    runtime.on_main_rank(env, f"rank 0 refused --out-dir {out_dir} (its error names the run in it).",
-                         runtime.lock_folder, out_dir, "--out-dir")
+    runtime.on_main_rank(env, f"take --out-dir {out_dir}", runtime.lock_folder, out_dir, "--out-dir")
     drawn_size = args.img_size or 32  # synthetic images are drawn at the size they will be used at
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
     runtime.require_two_classes(info.num_classes, args.data, "fine-tuning")
@@ -472,7 +471,7 @@ def finetune(args, env, start):
                 data, args.batch_size // env.world_size, head=model_raw.head.state_dict(),
                 num_classes=info.num_classes, class_names=list(info.class_names), resize=resize, metrics=metrics),
                 ckpt_path)
-        runtime.on_main_rank(env, "rank 0 could not write the checkpoint (its error says why).", write)
+        runtime.on_main_rank(env, "write the checkpoint", write)
 
     control = env.control  # a CPU channel for the stop flag (None in one process)
     runtime.announce(log, "finetune.py", env, args, labelled_images=len(subset))

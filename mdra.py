@@ -898,7 +898,7 @@ class Pretraining:
             runtime.save_checkpoint(state, self.ckpt_path)
             if keep_epoch is not None:
                 runtime.save_checkpoint(state, self.ckpt_path.with_name(f"checkpoint_epoch{keep_epoch:04d}.pth"))
-        runtime.on_main_rank(self.env, "rank 0 could not write the checkpoint (its error says why).", write)
+        runtime.on_main_rank(self.env, "write the checkpoint", write)
 
     def optimizer_step(self, batches):
         """One optimizer step over args.accum_steps micro-batches; the offline encoder moves once, after it.
@@ -1128,8 +1128,7 @@ def train(args):
     env = runtime.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
     runtime.require_folder(out_dir, "--out-dir")
-    runtime.on_main_rank(env, f"rank 0 refused --out-dir {out_dir} (its error names the run in it).",
-                         runtime.lock_folder, out_dir, "--out-dir")
+    runtime.on_main_rank(env, f"take --out-dir {out_dir}", runtime.lock_folder, out_dir, "--out-dir")
     images, info = build_dataset(args.data, args.data_dir, "pretrain", args.synthetic_size, args.img_size or 32)
     args = resolve_args(args, info, env)
     if args.knn_every:  # the monitor needs the val split and labels: fail now rather than after the first epoch

@@ -69,7 +69,9 @@ def run_main(train_fn, argv, parser):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # the control group with it
+        global _CONTROL
+        _CONTROL = None
     if status:
         sys.exit(status)
     if STOP_SIGNALS:  # received after the loop's last look, e.g. while finetune.py exported
@@ -194,16 +196,16 @@ def require_same_on_every_rank(env, values):
                          "the same data (on several nodes, from a file system they share).")
 
 
-def on_main_rank(env, elsewhere, fn, *args):
-    """fn(*args) on rank 0 alone (writing a file, taking a lock); a UsageError it raises is raised on every
-    rank (raise_together), the others' saying elsewhere."""
+def on_main_rank(env, what, fn, *args):
+    """fn(*args) on rank 0 alone (what it does: "write the checkpoint"); a UsageError it raises is raised
+    on every rank (raise_together)."""
     error = None
     if env.is_main:
         try:
             fn(*args)
         except UsageError as e:
             error = e
-    raise_together(error, env, elsewhere)
+    raise_together(error, env, f"rank 0 could not {what} (its error says why).")
 
 
 def in_turns(load):

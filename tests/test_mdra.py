@@ -287,8 +287,8 @@ def test_two_gloo_ranks_raise_one_ranks_error_together_gather_uneven_shards_and_
         "        return 4\n"
         "    def __getitem__(self, i):\n"
         "        return torch.zeros(3, 2, 2), 0, 'x.jpg: corrupt' if env.rank == 1 and i == 2 else ''\n"
-        "results = [attempt(lambda: runtime.on_main_rank(env, 'rank 0 failed', full)),\n"
-        "           attempt(lambda: runtime.on_main_rank(env, 'rank 0 failed', lambda: None)),\n"
+        "results = [attempt(lambda: runtime.on_main_rank(env, 'write it', full)),\n"
+        "           attempt(lambda: runtime.on_main_rank(env, 'write it', lambda: None)),\n"
         "           attempt(lambda: knn.extract_features(torch.nn.Flatten(), Crops(), env, 2, 0, 'off', False, 'cpu')),\n"
         "           str(runtime.all_reduce(torch.ones(())).item())]  # and both still meet in a collective\n"
         "# gather_rows in pieces of one row per rank (uneven shards), and with an empty shard of no width\n"
@@ -306,7 +306,7 @@ def test_two_gloo_ranks_raise_one_ranks_error_together_gather_uneven_shards_and_
         "dist.destroy_process_group()\n")
     run_under_torchrun(worker, 2, tmp_path)
     rank0, rank1 = ((tmp_path / f"rank{r}").read_text().splitlines() for r in range(2))
-    assert rank0[:2] == ["the disk is full", "ok"] and rank1[:2] == ["rank 0 failed", "ok"]
+    assert rank0[:2] == ["the disk is full", "ok"] and rank1[:2] == ["rank 0 could not write it (its error says why).", "ok"]
     assert rank1[2].startswith("cannot read x.jpg: corrupt; an evaluation needs every image")
     assert rank0[2].startswith("another rank cannot read an image")
     assert rank0[3] == rank1[3] == "2.0"
