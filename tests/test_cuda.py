@@ -137,8 +137,7 @@ def test_gpu_aug_trains_on_a_folder_of_jpegs_decoded_on_the_gpu_over_two_epochs(
         (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
         smooth("RGB", *size).rotate(int(rng.integers(0, 360))).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.jpg")
-    ckpt = load(mdra.main([*TINY, "--data", str(tmp_path / "data"), "--img-size", "16", "--epochs", "2",
-                           "--accum-steps", "1", "--workers", "1", "--device", "cuda", "--gpu-aug",
-                           "--out-dir", str(tmp_path / "run")]))
+    ckpt = load(mdra.main([*ON_CUDA, "--data", str(tmp_path / "data"), "--img-size", "16", "--epochs", "2",
+                           "--accum-steps", "1", "--workers", "1", "--gpu-aug", "--out-dir", str(tmp_path / "run")]))
     assert ckpt["step"] == 4 and torch.isfinite(ckpt["queue"]).all()
     assert "held on" not in capsys.readouterr().out  # read by the loader and decoded on the GPU
