@@ -71,8 +71,8 @@ def measure(args):
                     continue
                 out_dir = Path(tmp) / f"{mode.replace(' ', '-')}_{path}"
                 try:
-                    records = run_script(finetune, [*common, *mode_flags, *path_flags, "--out-dir", str(out_dir)], out_dir,
-                                         args.isolate, left)
+                    argv = [*common, *mode_flags, *path_flags, "--out-dir", str(out_dir)]
+                    records = run_script(finetune, argv, out_dir, args.isolate, left)
                     rate, wait, timed = steady_state(records, args.batch_size, "images_per_s", "finetune.py")
                     row.update(images_per_s=rate, data_wait=wait, note=f"{timed} of {args.steps} steps timed")
                 except Exception as e:  # a crash, or past the time limit: the row says so and the rest go on
