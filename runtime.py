@@ -189,8 +189,8 @@ def require_same_on_every_rank(env, values):
     if env.world_size == 1:
         return
     mine = torch.tensor(list(values.values()), dtype=torch.long, device=env.device)
-    low, high = all_reduce(mine.clone(), op=dist.ReduceOp.MIN), all_reduce(mine.clone(), op=dist.ReduceOp.MAX)
-    differ = [name for name, a, b in zip(values, low.tolist(), high.tolist()) if a != b]
+    extremes = all_reduce(torch.cat([mine, -mine]), op=dist.ReduceOp.MAX).tolist()  # the maxima, then -minima
+    differ = [name for name, high, low in zip(values, extremes, extremes[len(values):]) if high != -low]
     if differ:
         raise UsageError(f"the ranks differ in {' and '.join(differ)}: every rank must read the same --out-dir and "
                          "the same data (on several nodes, from a file system they share).")
