@@ -18,6 +18,7 @@ from torchvision.transforms.functional import pil_to_tensor
 import gpu_aug
 import mdra
 import runtime
+from test_gpu_aug import jpeg_bytes
 from test_mdra_runs import TINY, default_dtype, load, log_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -104,12 +105,6 @@ def test_the_device_paths_streams_are_their_own_however_many_streams_are_drawn()
     assert gpu_aug.side_stream(device, "prefetch") is prefetch  # the same for every epoch
 
 
-def jpeg(image, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", **options)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
 def smooth(mode, width=40, height=32):
     """Gradients in each channel, as mode: what two JPEG decoders' IDCTs and upsampling agree on closely."""
     y, x = np.mgrid[0:height, 0:width]
@@ -118,9 +113,9 @@ def smooth(mode, width=40, height=32):
 
 
 def test_jpegs_decoded_on_the_gpu_are_the_images_the_cpu_loader_reads():
-    files = {"rgb 4:2:0": jpeg(smooth("RGB")), "rgb 4:4:4": jpeg(smooth("RGB"), subsampling=0),
-             "grey": jpeg(smooth("L")), "progressive": jpeg(smooth("RGB"), progressive=True),
-             "cmyk": jpeg(smooth("CMYK"))}
+    files = {"rgb 4:2:0": jpeg_bytes(smooth("RGB")), "rgb 4:4:4": jpeg_bytes(smooth("RGB"), subsampling=0),
+             "grey": jpeg_bytes(smooth("L")), "progressive": jpeg_bytes(smooth("RGB"), progressive=True),
+             "cmyk": jpeg_bytes(smooth("CMYK"))}
     decoded, failed = gpu_aug.decode(list(files.values()), torch.device("cuda"))
     assert failed.tolist() == [0] * len(files)
     for (name, data), image in zip(files.items(), decoded):

@@ -58,9 +58,9 @@ def no_op_params(n, **overrides):
     return params
 
 
-def jpeg_bytes(image, quality=90):
+def jpeg_bytes(image, quality=90, **options):
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
+    image.save(buffer, "JPEG", quality=quality, **options)
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
