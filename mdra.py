@@ -1083,20 +1083,22 @@ class CapturedStep:
 
 def train_one_epoch(run, batches, epoch, control):
     """The epoch's optimizer steps from run.step on; returns its mean loss, or None if --max-steps ended
-    the run inside it. A stop signal saves and exits after the current step."""
-    args, first_step = run.args, run.step
+    the run inside it. A stop signal saves and exits after the current step; after the epoch's last step,
+    end_epoch does, once the epoch is saved (and kept), monitored and logged, which a resumed run would skip."""
+    args, first_step, end = run.args, run.step, (epoch + 1) * run.steps_per_epoch
     run.epoch_loss_sum.zero_()
     try:
-        while run.step < min(run.last_step, (epoch + 1) * run.steps_per_epoch):
+        while run.step < min(run.last_step, end):
             run.optimizer_step(batches)
             if run.step % args.log_every == 0 or run.step == run.last_step:
                 run.log_step(epoch)
-            runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
+            if run.step < end:
+                runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
             if run.step % args.save_every == 0:
                 run.save()
     finally:  # --gpu-aug's prefetch thread stops also when an error or a stop signal ends the epoch
         batches.close()
-    if run.step < (epoch + 1) * run.steps_per_epoch:
+    if run.step < end:
         return None
     return (runtime.all_reduce(run.epoch_loss_sum.clone()) / run.env.world_size / (run.step - first_step)).item()
 
@@ -1121,7 +1123,7 @@ def end_epoch(run, epoch, loss, seconds, control):
         run.tic += time.perf_counter() - tic  # the next log line's speed and eta leave the monitor out
         run.log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in record["knn"].items()))
     run.log.json(record)
-    runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)  # a signal during the monitor
+    runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)  # during the last step or the monitor
 
 
 def train(args):

@@ -238,6 +238,32 @@ def test_sigterm_to_the_process_group_during_the_knn_monitor_keeps_the_epoch_and
     assert load(tmp_path / "checkpoint.pth")["step"] == 4  # the epoch's end
 
 
+def test_a_stop_signal_during_an_epochs_last_step_first_ends_the_epoch_as_an_unstopped_run_does(tmp_path, monkeypatch):
+    # A resumed run starts at the next epoch: the stopped one must keep, monitor and log its epoch first.
+    step = mdra.Pretraining.optimizer_step
+
+    def step_and_signal(self, batches):
+        step(self, batches)
+        if self.step == 2:  # the last step of epoch 1 (2 steps per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    flags = ["--synthetic-size", "32", "--epochs", "2", "--keep-every", "1", "--knn-every", "1"]
+    whole = run(tmp_path / "whole", *flags)
+    monkeypatch.setattr(mdra.Pretraining, "optimizer_step", step_and_signal)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path / "parts", *flags)
+    assert exc.value.code == 128 + signal.SIGTERM and load(tmp_path / "parts" / "checkpoint.pth")["step"] == 2
+    monkeypatch.undo()
+    resumed = run(tmp_path / "parts", *flags)
+    for key in ("online", "offline", "queue"):
+        assert_same_state(load(resumed)[key], load(whole)[key], key)
+    epochs = {name: [(r["epoch"], r["knn"]) for r in log_records(tmp_path / name) if r.get("event") == "epoch"]
+              for name in ("whole", "parts")}
+    assert epochs["parts"] == epochs["whole"] and len(epochs["whole"]) == 2
+    kept = sorted(p.name for p in (tmp_path / "parts").glob("checkpoint_epoch*.pth"))
+    assert kept == ["checkpoint_epoch0001.pth", "checkpoint_epoch0002.pth"]
+
+
 @contextlib.contextmanager
 def sigint_disposition(handler):
     """SIGINT as a process started in the foreground (Python's KeyboardInterrupt) or in the background
