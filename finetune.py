@@ -497,8 +497,31 @@ def finetune(args, env, start):
     chance_loss, warned = math.log(info.num_classes), False
     eval_epochs = [e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs]
     eval_times = []  # seconds per evaluation, in this process
-    tic, data_time, logged_step = time.perf_counter(), 0.0, step
+
+    def evaluate_epoch(epoch, epoch_tic=None):
+        """Evaluate the network after epoch (counted from 1) and log it; returns the metrics. epoch_tic: when
+        the epoch's training began in this process (None: in an earlier one)."""
+        eval_tic = time.perf_counter()
+        try:
+            top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
+        except UsageError:  # an unreadable image, on every rank: keep the epoch it evaluated
+            save()
+            raise
+        eval_times.append(time.perf_counter() - eval_tic)
+        evaluated = {"epoch": epoch, "top1": top1, "top5": top5, "eval": eval_name, "eval_images": counted}
+        log.print(f"epoch {epoch}/{args.epochs} {eval_name} top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
+        log.json({"event": "epoch", **evaluated, "step": step,
+                  **({"resumed": True} if epoch_tic is None else {"time_s": time.perf_counter() - epoch_tic})})
+        return evaluated
+
     runtime.defer_stop_signals()
+    ended = step // steps_per_epoch  # the epochs trained to their end
+    if step % steps_per_epoch == 0 and ended in eval_epochs and metrics.get("epoch") != ended:
+        # A stop signal or a crash after the epoch's last step came before its evaluation; the loop starts
+        # at the next epoch, so the evaluation is now (of the same weights).
+        metrics = evaluate_epoch(ended)
+        save()
+    tic, data_time, logged_step = time.perf_counter(), 0.0, step
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
             break
@@ -566,18 +589,9 @@ def finetune(args, env, start):
             break
         if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
             runtime.broadcast_buffers(model_raw)
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            eval_tic = time.perf_counter()
-            try:
-                top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
-            except UsageError:  # an unreadable image, on every rank: keep the epoch it evaluated
-                save()
-                raise
-            eval_times.append(time.perf_counter() - eval_tic)
+        if epoch + 1 in eval_epochs:
+            metrics = evaluate_epoch(epoch + 1, epoch_tic)
             tic += eval_times[-1]  # the training speed of the next log line leaves it out
-            metrics = {"epoch": epoch + 1, "top1": top1, "top5": top5, "eval": eval_name, "eval_images": counted}
-            log.print(f"epoch {epoch + 1}/{args.epochs} {eval_name} top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
-            log.json({"event": "epoch", **metrics, "step": step, "time_s": time.perf_counter() - epoch_tic})
         save()
 
     if last_saved != step:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -308,6 +309,34 @@ def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(p
     assert (head["lr"], backbone["lr"]) == pytest.approx((0.3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)),
                                                           0.03 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
     assert not torch.equal(whole["head"]["weight"], interrupted["head"]["weight"])
+
+
+def test_an_epoch_stopped_after_its_last_step_is_evaluated_by_the_resumed_run(pretrained, tmp_path, monkeypatch):
+    # The stop saves at once and the resumed run starts at the next epoch: it evaluates the one left behind.
+    run = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "2"]  # 2 steps per epoch
+    whole = load(finetune.main(run + ["--out-dir", str(tmp_path / "whole")]))
+    check, signalled_at = runtime.exit_if_stop_requested, []
+
+    def signal_and_check(control, save, log, step, ckpt_path):
+        if step == signalled_at[-1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        check(control, save, log, step, ckpt_path)
+
+    monkeypatch.setattr(runtime, "exit_if_stop_requested", signal_and_check)
+    for step in (2, 4):  # the last steps of epoch 1 and of the final epoch
+        signalled_at.append(step)
+        with pytest.raises(SystemExit) as exc:
+            finetune.main(run + ["--out-dir", str(tmp_path / "parts")])
+        assert exc.value.code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    resumed = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts")]))  # nothing left to train
+    assert resumed["step"] == 4 and resumed["metrics"] == whole["metrics"]
+    for part in ("backbone", "head"):
+        assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
+    epochs = {name: [(r["epoch"], r["step"], r["top1"], r["top5"]) for r in
+                     map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines()) if r.get("event") == "epoch"]
+              for name in ("whole", "parts")}
+    assert epochs["parts"] == epochs["whole"] and len(epochs["whole"]) == 2
 
 
 def test_gpu_aug_fine_tunes_on_images_held_in_memory_resumes_exactly_and_refuses_an_image_folder(
