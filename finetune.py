@@ -699,6 +699,7 @@ def run(args):
         raise UsageError(f"--label-fraction {args.label_fraction} is not in (0, 1].")
     if args.label_fraction is not None and args.subset_file:
         raise UsageError("give --label-fraction or --subset-file, not both.")
+    runtime.require_at_least(1, args, "batch_size")  # here too: --predict of a classifier skips resolve_args
     predict_files = image_files(args.predict) if args.predict else None  # before training, which may be long
     env = runtime.setup_distributed(args.device)
     start = runtime.load_checkpoint(args.ckpt, formats=("mdra", CLASSIFIER_FORMAT)) if args.ckpt else None
