@@ -117,29 +117,40 @@ def check_backbone_unchanged(backbone, reference):
 # The labelled subset S2
 # ------------------------------------------------------------------------------------------------
 
-def class_balanced_subset(targets, fraction, seed):
-    """Sorted indices of fraction * n_c images (rounded half up, at least one) drawn from each class c
-    by a seeded generator: every class gives the same share of its images; fraction 1 is the whole set."""
+def per_class_draw(targets, counts, seed):
+    """Sorted indices of counts[c] images drawn from each class c by a seeded generator."""
     targets = torch.as_tensor(targets)
     generator = torch.Generator().manual_seed(seed)
     by_class = torch.argsort(targets, stable=True).split(torch.bincount(targets).tolist())
-    chosen = [members[torch.randperm(len(members), generator=generator)[:max(1, int(fraction * len(members) + 0.5))]]
-              for members in by_class]
+    chosen = [members[torch.randperm(len(members), generator=generator)[:count]]
+              for members, count in zip(by_class, counts)]
     return torch.cat(chosen).sort().values.tolist()
 
 
+def class_balanced_subset(targets, fraction, seed):
+    """Sorted indices of fraction * n_c images (rounded half up, at least one) drawn from each class c
+    by a seeded generator: every class gives the same share of its images; fraction 1 is the whole set."""
+    sizes = torch.bincount(torch.as_tensor(targets)).tolist()
+    return per_class_draw(targets, [max(1, int(fraction * n + 0.5)) for n in sizes], seed)
+
+
 def held_out_subset(targets, labelled, size, seed):
-    """Sorted indices of about `size` training images outside the labelled subset, the same share of
-    every class, drawn apart from it: a validation set for choosing hyperparameters (as the field's
-    10k images held out of the ImageNet train split) that leaves the test split untouched."""
+    """Sorted indices of `size` training images outside the labelled subset, each class giving the same
+    share of its images there (size * n_c / n, the largest remainders rounded up so that the shares add up
+    to size), drawn apart from it: a validation set for choosing hyperparameters (as the field's 10k images
+    held out of the ImageNet train split) that leaves the test split untouched."""
     targets = torch.as_tensor(targets)
     rest = torch.ones(len(targets), dtype=torch.bool)
     rest[labelled] = False
     rest = rest.nonzero().squeeze(1)
     if not 0 < size <= len(rest):
         raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images it can hold out.")
-    chosen = class_balanced_subset(targets[rest], size / len(rest), seed + 1)
-    return rest[chosen].tolist()
+    sizes = torch.bincount(targets[rest]).tolist()
+    counts = [size * n // len(rest) for n in sizes]  # exact, in integers
+    by_remainder = sorted(range(len(sizes)), key=lambda c: -(size * sizes[c] % len(rest)))  # stable: ties by class
+    for c in by_remainder[:size - sum(counts)]:
+        counts[c] += 1
+    return rest[per_class_draw(targets[rest], counts, seed + 1)].tolist()
 
 
 def read_subset_file(path, names):
@@ -759,7 +770,7 @@ def get_parser():
       help="train on the images this file names, one per line as class/file or as a file name alone "
            "(the ImageNet 1%% / 10%% split files)")
     a("--holdout", type=int, default=0, metavar="N",
-      help="evaluate on about N training images outside the labelled subset (the same share of every class, "
+      help="evaluate on N training images outside the labelled subset (the same share of every class, "
            "drawn with --seed) instead of the validation split: for choosing hyperparameters; with all labels, "
            "they are taken out of the labelled set")
     a("--eval-every", type=int, default=1, metavar="EPOCHS", help="evaluate every this many epochs, and after the last")

@@ -87,6 +87,17 @@ def test_held_out_images_are_outside_the_labelled_subset_and_class_balanced():
     assert held_out != finetune.held_out_subset(targets, labelled, 220, seed=1)
     with pytest.raises(runtime.UsageError, match="--holdout 991 must be between 1 and the 990 training images it can hold out"):
         finetune.held_out_subset(targets, labelled, 991, seed=0)
+    # Shares that are not whole: exactly `size` images all the same, each class's share rounded down or up.
+    for size in (1, 7, 25, 333, 990):
+        counts = Counter(targets[i] for i in finetune.held_out_subset(targets, labelled, size, seed=0))
+        assert sum(counts.values()) == size
+        assert all(abs(counts[c] - size * (180 if c == 3 else 90) / 990) < 1 for c in range(10)), (size, counts)
+    # With all labels the held-out images leave the labelled set (subset.txt); a run given that subset and the
+    # same --holdout holds out the same images, the only ones left.
+    for size in (25, 333):
+        held_out = finetune.held_out_subset(targets, [], size, seed=0)
+        rest = sorted(set(range(len(targets))) - set(held_out))
+        assert finetune.held_out_subset(targets, rest, size, seed=0) == held_out
 
 
 def test_subset_file_selects_images_by_class_and_file_or_by_a_unique_file_name(tmp_path):
