@@ -7,6 +7,7 @@ exp(s / T), T = 0.07, as in DINO's eval_knn.py; unlike it, shards are gathered w
 duplicates, the similarity is chunked by a memory budget, and the bank may live in host memory.
 """
 import datetime
+import math
 import time
 
 import torch
@@ -25,6 +26,14 @@ MONITOR_K = 20
 # Weighted kNN voting (spec sections 7 and 9)
 # ------------------------------------------------------------------------------------------------
 
+def lowest_temperature(k, dtype=torch.float32):
+    """The smallest T whose vote weights exp(s / T), s in [-1, 1], are all finite and nonzero in dtype with k
+    of them summed: below it the nearest neighbours' weights overflow to inf (the classes they vote for tie)
+    or the farthest ones' vanish (their class counts as not voted). About 0.012 in float32."""
+    info = torch.finfo(dtype)
+    return 1 / (min(math.log(info.max / k), -math.log(info.tiny)) - 1)  # with a factor e to spare
+
+
 def weighted_knn_votes(train_features, train_labels, test_features, num_classes, ks, temperature=0.07,
                        chunk_mb=DEFAULT_CHUNK_MB):
     """Vote scores of a weighted kNN for several k from a single top-k search.
@@ -36,7 +45,8 @@ def weighted_knn_votes(train_features, train_labels, test_features, num_classes,
     the k nearest vote for their class with weight exp(s / temperature).
     chunk_mb bounds the extra memory: one normalised bank piece and one [queries x piece] similarity
     block, each at most chunk_mb; the result does not depend on it (up to float rounding of the
-    similarities, which the block shapes change in the last bit).
+    similarities, which the block shapes change in the last bit): bank images tied at the k-th place
+    (duplicates) count in bank order, whatever the pieces.
     Returns {k: scores [n, num_classes]}, float64 if either feature set is float64 else float32.
     """
     ks = sorted(set(int(k) for k in ks))
@@ -46,6 +56,9 @@ def weighted_knn_votes(train_features, train_labels, test_features, num_classes,
     k_max = ks[-1]
     device = test_features.device
     dtype = torch.float64 if torch.float64 in (train_features.dtype, test_features.dtype) else torch.float32
+    if not temperature >= lowest_temperature(k_max, dtype):
+        raise ValueError(f"temperature {temperature:g} is below {lowest_temperature(k_max, dtype):.4g}, where the "
+                         f"vote weights exp(s / T) of {k_max} neighbours leave the range of {dtype}.")
     budget_elements = max(1, int(chunk_mb * 2**20) // dtype.itemsize)
     piece_rows = max(1, min(n_train, budget_elements // train_features.shape[1]))
     query_rows = max(1, min(n_test, budget_elements // piece_rows))
@@ -58,16 +71,31 @@ def weighted_knn_votes(train_features, train_labels, test_features, num_classes,
         piece = F.normalize(train_features[start:start + piece_rows].to(device, dtype, non_blocking=True), dim=1)
         for q in range(0, n_test, query_rows):
             rows = slice(q, q + query_rows)
-            sim, idx = (queries[rows] @ piece.T).topk(min(k_max, piece.shape[0]), dim=1)
-            sim = torch.cat([top_sim[rows], sim], dim=1)
-            idx = torch.cat([top_idx[rows], idx + start], dim=1)
-            top_sim[rows], best = sim.topk(k_max, dim=1)
-            top_idx[rows] = idx.gather(1, best)
+            sim, idx = nearest_first(queries[rows] @ piece.T, k_max)
+            # Merged by a stable sort, the earlier pieces' (lower bank indices) first among equal similarities.
+            sim, order = torch.cat([top_sim[rows], sim], dim=1).sort(dim=1, descending=True, stable=True)
+            top_sim[rows] = sim[:, :k_max]
+            top_idx[rows] = torch.cat([top_idx[rows], idx + start], dim=1).gather(1, order[:, :k_max])
 
     weights = (top_sim / temperature).exp()
     neighbour_labels = train_labels.to(device)[top_idx]
     return {k: torch.zeros(n_test, num_classes, dtype=dtype, device=device)
             .scatter_add_(1, neighbour_labels[:, :k], weights[:, :k]) for k in ks}
+
+
+def nearest_first(sim, k):
+    """(similarities, column indices) of the k largest entries of each row of sim, ordered by similarity and,
+    among equal ones, by column: exact ties (duplicate images) are kept by their order in the bank, so that
+    no piece or block shape decides which of them count."""
+    if k < sim.shape[1]:
+        top, idx = sim.topk(k + 1, dim=1)  # one more, to see whether the k-th place is tied across the cut
+        if not (top[:, k - 1] == top[:, k]).any():
+            top, idx = top[:, :k], idx[:, :k]
+            by_column = idx.argsort(dim=1)  # topk orders equal values arbitrarily
+            top, order = top.gather(1, by_column).sort(dim=1, descending=True, stable=True)
+            return top, idx.gather(1, by_column).gather(1, order)
+    top, idx = sim.sort(dim=1, descending=True, stable=True)  # a small piece, or ties across the cut
+    return top[:, :k], idx[:, :k]
 
 
 def weighted_knn(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):

@@ -119,6 +119,39 @@ def test_float32_votes_are_the_same_for_any_memory_budget():
             assert knn.count_correct(votes[k], labels[:70]) == knn.count_correct(one_block[k], labels[:70])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_down_to_the_lowest_temperature_every_weight_is_finite_and_nonzero_and_below_it_none_is_computed(dtype):
+    # Neighbours at similarity 1 (the largest weight, k of them summed) and -1 (the smallest).
+    train = torch.tensor([[1.0, 0.0]] * 10 + [[-1.0, 0.0]] * 10, dtype=dtype)
+    labels, test = torch.arange(20) % 2 + 2 * (torch.arange(20) >= 10), torch.tensor([[1.0, 0.0]], dtype=dtype)
+    lowest = knn.lowest_temperature(20, dtype)
+    votes = knn.weighted_knn_votes(train, labels, test, 4, [20], temperature=lowest)[20][0]
+    assert torch.isfinite(votes).all() and (votes > 0).all()  # all four classes voted for
+    reference = torch.tensor([5 * math.exp(s / lowest) for s in (1, 1, -1, -1)], dtype=torch.float64)
+    torch.testing.assert_close(votes.double(), reference, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    with pytest.raises(ValueError, match=f"temperature {lowest * 0.99:g} is below"):
+        knn.weighted_knn_votes(train, labels, test, 4, [20], temperature=lowest * 0.99)
+
+
+def test_bank_images_tied_at_the_kth_place_vote_in_bank_order_whatever_the_memory_budget():
+    # 40 copies of one image (duplicates), with varied labels, are every query's nearest: which k of them vote
+    # is decided by their order in the bank, not by how the bank is cut. (2-d features: every dot product is
+    # the same two-term sum, so the copies tie exactly in every block shape.)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(300, 2, generator=g)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    copies = torch.randperm(300, generator=g)[:40].sort().values
+    train[copies] = torch.tensor([3.0, 4.0])
+    test = torch.tensor([[3.0, 4.0], [0.6, 0.8]])
+    for k in (1, 7, 20):
+        expected = torch.zeros(10, dtype=torch.long).scatter_add_(0, labels[copies[:k]], torch.ones(k, dtype=torch.long))
+        one_block = knn.weighted_knn_votes(train, labels, test, 10, [k], chunk_mb=1024)[k]
+        neighbours = one_block / math.exp(1 / 0.07)  # each neighbour's weight is exp(1 / T)
+        assert torch.equal(neighbours.round().long(), expected.expand(2, 10)), k
+        for chunk_mb in (1e-5, 3e-4, 1e-3):
+            assert torch.equal(knn.weighted_knn_votes(train, labels, test, 10, [k], chunk_mb=chunk_mb)[k], one_block)
+
+
 def test_fewer_queries_than_one_chunk_and_no_queries_at_all():
     train, labels, test, num_classes = random_problem(n_test=3)
     votes = knn.weighted_knn_votes(train, labels, test, num_classes, [5, 20], chunk_mb=1024)
@@ -322,6 +355,7 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
 @pytest.mark.parametrize("option, message", [(["--batch-size", "0"], "--batch-size must be at least 1."),
                                              (["--workers", "-1"], "--workers must be at least 0."),
                                              (["--k", "0"], "every --k at least 1."),
+                                             (["--temperature", "0.01"], "--temperature 0.01 is below 0.012"),
                                              (["--out", "/"], "--out / is a folder; give a file name, e.g. /knn.json."),
                                              (["--save-features", sys.executable],
                                               f"--save-features {sys.executable} is a file, not a folder.")])
