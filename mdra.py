@@ -384,7 +384,10 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, root, classes=None):
-        folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path)
+        # Given the classes, an empty class folder is as fine as a missing one.
+        folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path, allow_empty=classes is not None)
+        if not folder.samples:
+            raise FileNotFoundError("found no image in any class folder")
         self.classes = classes or folder.classes
         label = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in folder.classes if name not in label]
@@ -448,6 +451,15 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def idx_pair(images_path, labels_path, num_classes):
+    """(images [n, H, W], labels [n]) from an MNIST-style pair of IDX files that belong together."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) >= num_classes:
+        raise UsageError(f"{images_path} and {labels_path} are not a pair of images [n, H, W] and labels [n] below "
+                         f"{num_classes} (their shapes: {list(images.shape)} and {list(labels.shape)}).")
+    return images, labels
+
+
 def load_fashion_mnist(data_dir, split, **_):
     """From data_dir (its IDX files, or torchvision's FashionMNIST/raw/ there) or the system's copy,
     else downloaded into data_dir."""
@@ -458,7 +470,7 @@ def load_fashion_mnist(data_dir, split, **_):
             images = folder / f"{prefix}-images-idx3-ubyte{suffix}"
             labels = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
             if images.exists() and labels.exists():
-                return ArrayImages(read_idx(images), read_idx(labels), FASHION_MNIST_CLASSES)
+                return ArrayImages(*idx_pair(images, labels, len(FASHION_MNIST_CLASSES)), FASHION_MNIST_CLASSES)
     ds = torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
     return ArrayImages(ds.data.numpy(), ds.targets.tolist(), FASHION_MNIST_CLASSES)
 

@@ -555,6 +555,13 @@ def test_val_images_are_labelled_by_the_training_classes_even_where_val_lacks_on
     val, val_info = mdra.build_dataset(str(tmp_path), "data", "val")
     assert train.targets == [0, 1, 2] and val.targets == [0, 2]  # eel is 2 in both, not 1 in val
     assert val_info.num_classes == info.num_classes == 3 and val.classes == train.classes
+    (tmp_path / "val" / "dog").mkdir()  # empty: as if it were not there
+    assert mdra.build_dataset(str(tmp_path), "data", "val")[0].targets == [0, 2]
+    (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "train").rename(tmp_path / "empty" / "train")
+    with pytest.raises(runtime.UsageError, match=r"val is not an ImageFolder .*\(found no image in any class folder\)"):
+        mdra.build_dataset(str(tmp_path / "empty"), "data", "val")
+    (tmp_path / "empty" / "train").rename(tmp_path / "train")
     (tmp_path / "val" / "fox").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "fox" / "0.png")
     with pytest.raises(runtime.UsageError, match="val has 1 classes that the training images lack, e.g. fox"):
@@ -581,6 +588,20 @@ def test_a_truncated_or_foreign_idx_file_is_one_sentence(tmp_path):
                           (truncated, "cannot be read (EOFError")):
         with pytest.raises(runtime.UsageError, match=re.escape(message)):
             mdra.read_idx(path)
+    # Each file whole, the pair not: fewer labels than images, labels as images, a label past the last class.
+    def labels_file(name, values):
+        path = tmp_path / f"{name}-idx1-ubyte"
+        path.write_bytes(bytes([0, 0, 8, 1]) + len(values).to_bytes(4, "big") + bytes(values))
+        return path
+
+    assert [a.tolist() for a in mdra.idx_pair(whole, labels_file("good", [9, 0]), 10)] == \
+        [np.arange(24).reshape(2, 3, 4).tolist(), [9, 0]]
+    for images, labels, shapes in ((whole, labels_file("one", [1]), "[2, 3, 4] and [1]"),
+                                   (whole, whole, "[2, 3, 4] and [2, 3, 4]"),
+                                   (whole, labels_file("past", [3, 10]), "[2, 3, 4] and [2]")):
+        with pytest.raises(runtime.UsageError, match=re.escape(f"are not a pair of images [n, H, W] and labels [n] "
+                                                               f"below 10 (their shapes: {shapes}).")):
+            mdra.idx_pair(images, labels, 10)
 
 
 def test_fashion_mnist_is_read_from_the_system_idx_files(tmp_path):
