@@ -132,12 +132,14 @@ finetune_row() {
             lr=$(python3 scripts/results_table.py --best-lr "$OUT" "$name" "${lrs[@]}")
         fi
     fi
-    row "$name" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" --out-dir "$OUT/$name"
+    row "$name" python3 finetune.py "$@" --epochs "$epochs" --lr "$lr" --out-dir "$OUT/$name" || return $?
+    # the rates it was chosen from: the table lists those trials, not others an earlier FT_LRS left
+    if [ ${#lrs[@]} -gt 1 ] && [ "${DRY_RUN:-0}" != 1 ]; then echo "${lrs[*]}" > "$OUT/$name/lrs"; fi
 }
 
-all_finished() {  # all_finished NAME LR...: every learning-rate trial of NAME has finished
+all_finished() {  # all_finished NAME LR...: every learning-rate trial of NAME has finished or failed
     local name=$1 lr; shift
-    for lr in "$@"; do [ -f "$OUT/lr-trials/$name-lr$lr/time_s" ] || return 1; done
+    for lr in "$@"; do [ -f "$OUT/lr-trials/$name-lr$lr/time_s" ] || [ -f "$OUT/lr-trials/$name-lr$lr/failed" ] || return 1; done
 }
 
 # together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1 (not in a dry run).
@@ -187,20 +189,44 @@ baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same
     fi
 }
 
+# pretraining_of ROW: the pretraining whose backbone ROW (or its learning-rate trial) uses; empty for a
+# pretraining or a baseline.
+pretraining_of() {
+    local name=$1
+    [[ $name != lr-trials/* ]] || { name=${name#lr-trials/}; name=${name%-lr*}; }
+    [[ " ${USES[*]} " == *" ${name##*-} "* ]] || return 0
+    [[ " ${PRETRAININGS[*]} " == *" ${name%-*} "* ]] && echo "${name%-*}"
+    return 0
+}
+
 # keep_records: the finished rows' records, no checkpoints, into RESULTS (and the failed ones' where it has
-# no finished one), and the table of all it holds.
+# no finished one), and the table of all it holds. A finished record of another command is not replaced,
+# and a row that uses a pretraining is kept only beside the record of that same pretraining.
 keep_records() {
-    local dir name file
-    for dir in "$OUT"/*/ "$OUT"/lr-trials/*/; do
-        name=${dir#"$OUT"/}; name=${name%/}
-        [ -f "$dir/time_s" ] || { [ -f "$dir/failed" ] && [ ! -f "$RESULTS/$name/time_s" ]; } || continue
-        if [ -f "$RESULTS/$name/command" ] && ! cmp -s "$RESULTS/$name/command" "$dir/command"; then
-            echo "RESULTS: $RESULTS/$name holds another command's row ($(cat "$RESULTS/$name/command")); not replaced."
-            continue
-        fi
-        rm -rf "$RESULTS/$name"; mkdir -p "$RESULTS/$name"
-        for file in command hardware time_s elapsed_s failed log.jsonl knn.json; do
-            [ ! -f "$dir/$file" ] || cp "$dir/$file" "$RESULTS/$name/"
+    local dir name file pass pretraining
+    mkdir -p "$RESULTS"
+    for pass in pretrainings uses; do  # the pretrainings (and baselines) first: the rows that use them check them
+        for dir in "$OUT"/*/ "$OUT"/lr-trials/*/; do
+            [ -d "$dir" ] || continue  # an unmatched glob
+            name=${dir#"$OUT"/}; name=${name%/}
+            [ "$name" != lr-trials ] || continue
+            pretraining=$(pretraining_of "$name")
+            if [ $pass = pretrainings ] && [ -n "$pretraining" ]; then continue; fi
+            if [ $pass = uses ] && [ -z "$pretraining" ]; then continue; fi
+            [ -f "$dir/time_s" ] || { [ -f "$dir/failed" ] && [ ! -f "$RESULTS/$name/time_s" ]; } || continue
+            if [ -f "$RESULTS/$name/time_s" ] && ! cmp -s "$RESULTS/$name/command" "$dir/command"; then
+                echo "RESULTS: $RESULTS/$name holds another command's row ($(cat "$RESULTS/$name/command")); not replaced."
+                continue
+            fi
+            if [ -n "$pretraining" ] && ! cmp -s "$RESULTS/$pretraining/command" "$OUT/$pretraining/command"; then
+                echo "RESULTS: $name not kept: it uses $OUT/$pretraining, which $RESULTS does not hold as made by" \
+                     "the same command."
+                continue
+            fi
+            rm -rf "${RESULTS:?}/$name"; mkdir -p "$RESULTS/$name"
+            for file in command hardware time_s elapsed_s failed lrs log.jsonl knn.json; do
+                [ ! -f "$dir/$file" ] || cp "$dir/$file" "$RESULTS/$name/"
+            done
         done
     done
     python3 scripts/results_table.py "$RESULTS" > "$RESULTS/results.md.tmp" && mv "$RESULTS/results.md.tmp" "$RESULTS/results.md"

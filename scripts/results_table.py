@@ -5,6 +5,7 @@ and, for the script, the learning rate whose trial did best on the held-out trai
     python3 scripts/results_table.py --best-lr runs/fashion-mnist scratch1 0.3 0.1 0.03 0.01
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -56,16 +57,38 @@ def accuracy(folder):
     return last["top1"], last["top5"], last["epoch"], None
 
 
+def read_log(path):
+    """The records of a log.jsonl behind the weights its run ended with, as mdra.logged_steps keeps them: a
+    start record names the step its run began at, so a fresh run (step 0) drops what an earlier one left
+    in the folder and a resumed one what was logged after its checkpoint; a line cut short when a run was
+    killed is skipped."""
+    kept = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "start":  # logs written before start records named a step keep everything
+            kept = [r for r in kept if r.get("step", 0) <= record.get("step", math.inf)]
+        kept.append(record)
+    return kept
+
+
 def records(folder):
-    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return read_log(folder / "log.jsonl")
 
 
-def lr_trials(out, name):
-    """{lr: (held-out top-1, wall seconds)} of the finished learning-rate trials of a fine-tuning row;
-    the top-1 is None for a trial that failed (a rate that diverges)."""
+def lr_trials(out, name, lrs=None):
+    """{lr: (held-out top-1, wall seconds)} of the finished learning-rate trials of a fine-tuning row (of
+    lrs, default those the row was chosen from, as its lrs file names them, else all there are); the top-1
+    is None for a trial that failed (a rate that diverges)."""
+    if lrs is None and (out / name / "lrs").exists():
+        lrs = (out / name / "lrs").read_text().split()
     trials = {}
     for folder in sorted((out / "lr-trials").glob(f"{name}-lr*")):
         lr = folder.name[len(name) + 3:]
+        if lrs is not None and lr not in lrs:
+            continue
         if (folder / "time_s").exists():
             last = [r for r in records(folder) if r.get("event") == "epoch"][-1]
             assert last["eval"] == "held-out", f"{folder} was not evaluated on held-out images"
@@ -78,7 +101,7 @@ def lr_trials(out, name):
 def best_lr(out, name, lrs):
     """The learning rate of lrs with the best held-out top-1 (the first of equals), among the trials
     that did not fail."""
-    trials = lr_trials(Path(out), name)
+    trials = lr_trials(Path(out), name, lrs)
     scored = [lr for lr in lrs if lr in trials and trials[lr][0] is not None]
     if not scored:
         sys.exit(f"results_table.py: every learning-rate trial of {name} ({' '.join(lrs)}) failed.")
@@ -87,7 +110,7 @@ def best_lr(out, name, lrs):
 
 def learning_rate(out, name):
     """The row's learning rate, and the held-out top-1 of each trial it was chosen from."""
-    start = next((r for r in records(out / name) if r.get("event") == "start"), None)
+    start = next((r for r in reversed(records(out / name)) if r.get("event") == "start"), None)
     if start is None or "lr" not in start["args"]:
         return "–"
     chosen, trials = start["args"]["lr"], lr_trials(out, name)
@@ -121,6 +144,11 @@ def row_cells(out, name, pretraining):
     return top1, top5, k, epoch_text, lr, time_text, hardware, command
 
 
+def text(path):
+    """A record file's text, "?" where the row left none."""
+    return path.read_text().strip() if path.exists() else "?"
+
+
 def main(out):
     out = Path(out)
     lines = ["| row | labels | top-1 | top-5 | epochs | lr | wall time | hardware | command |",
@@ -128,7 +156,10 @@ def main(out):
     done = {name: row_cells(out, name, p) for name, _, _, p in rows() if (out / name / "time_s").exists()}
     for name, what, labels, pretraining in rows():
         if name not in done:
-            if name in DEFAULT_ROWS:
+            if (out / name / "failed").exists():  # its output.log says why (a RESULTS copy keeps no output)
+                lines.append(f"| {what} | {labels} | failed | | | | | {text(out / name / 'hardware')} | "
+                             f"`{text(out / name / 'command')}` |")
+            elif name in DEFAULT_ROWS:
                 lines.append(f"| {what} | {labels} | not run | | | | | | |")
             continue
         top1, top5, k, epoch_text, lr, time_text, hardware, command = done[name]
@@ -146,7 +177,9 @@ def main(out):
         folder = out / name
         if (folder / "time_s").exists():
             lines.append(f"\nPretraining `{name}` ({pretraining_epochs(folder)} epochs, {int((folder / 'time_s').read_text())} s, "
-                         f"{(folder / 'hardware').read_text().strip()}): `{(folder / 'command').read_text().strip()}`")
+                         f"{text(folder / 'hardware')}): `{text(folder / 'command')}`")
+        elif (folder / "failed").exists():
+            lines.append(f"\nPretraining `{name}` failed ({text(folder / 'hardware')}): `{text(folder / 'command')}`")
     print("\n".join(lines))
 
 if __name__ == "__main__":

@@ -114,6 +114,23 @@ def test_chosen_rows_run_with_the_pretraining_they_use_and_separate_runs_accumul
     assert "| ablation: no cross alignment, each view with its own relation (--no-cross) kNN | all, kNN | " in table
     assert "| raw-pixel kNN (baseline) | all, kNN | " in table and "Pretraining `mdra-nocross` (1 epochs" in table
 
+    # Another RESULTS folder, whose mdra-nocross is another command's finished record and whose pixels-knn is
+    # another command's failed one: the kNN of this mdra-nocross is not kept beside it; the failure is replaced.
+    other = tmp_path / "other"
+    for row, files in (("mdra-nocross", {"time_s": "9", "log.jsonl": json.dumps({"event": "epoch", "epoch": 7})}),
+                       ("pixels-knn", {"failed": "", "elapsed_s": "3"})):
+        (other / row).mkdir(parents=True)
+        for name, text in {"command": f"python3 {row} --another", "hardware": "a GPU", **files}.items():
+            (other / row / name).write_text(text)
+    kept = [subprocess.run(["bash", str(SCRIPT), str(tmp_path / out)], capture_output=True, text=True, timeout=60,
+                           env={**tiny_env(epochs=1), "ROWS": rows, "RESULTS": str(other)}) for out, rows in
+            (("a", "mdra-nocross-knn"), ("b", "pixels-knn"))]  # finished rows: nothing runs again
+    assert all(run.returncode == 0 for run in kept), kept[0].stdout + kept[1].stdout
+    assert f"RESULTS: {other}/mdra-nocross holds another command's row (python3 mdra-nocross --another)" in kept[0].stdout
+    assert f"mdra-nocross-knn not kept: it uses {tmp_path}/a/mdra-nocross, which {other} does not hold" in kept[0].stdout
+    assert not (other / "mdra-nocross-knn").exists() and (other / "mdra-nocross" / "time_s").read_text() == "9"
+    assert (other / "pixels-knn" / "time_s").exists() and not (other / "pixels-knn" / "failed").exists()
+
 
 def test_the_table_reports_both_seeds_and_their_mean(tmp_path):
     for seed, top1 in (("", 87.0), ("-seed1", 88.0)):
@@ -171,6 +188,42 @@ def test_a_failed_learning_rate_trial_drops_out_of_the_choice_and_shows_in_the_t
     (tmp_path / "scratch1" / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"lr": 0.01}}) + "\n")
     assert results_table.learning_rate(tmp_path, "scratch1") == \
         "0.01 (held-out top-1 0.3: failed, 0.1: 61.50, 0.01: 62.00; trials 13 s)"
+    (tmp_path / "scratch1" / "lrs").write_text("0.1 0.01\n")  # chosen from these: an earlier FT_LRS's 0.3 is left out
+    assert results_table.learning_rate(tmp_path, "scratch1") == "0.01 (held-out top-1 0.1: 61.50, 0.01: 62.00; trials 10 s)"
+    # A failed row shows as failed, also one the script does not run by default, and so does its pretraining.
+    for row in ("scratch1", "mdra-nobalance", "mdra-nobalance-knn"):
+        (tmp_path / row).mkdir(exist_ok=True)
+        for name, text in (("failed", ""), ("command", f"python3 {row}"), ("hardware", "a GPU")):
+            (tmp_path / row / name).write_text(text)
+    table = subprocess.run(["python3", str(table), str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
+    assert "| supervised from scratch (baseline) | 1% | failed | | | | | a GPU | `python3 scratch1` |" in table
+    assert "| ablation: no balance constraint, R a row softmax as in ReSSL (--sinkhorn-iters 0) kNN | all, kNN | failed |" \
+        in table and "Pretraining `mdra-nobalance` failed (a GPU): `python3 mdra-nobalance`" in table
+
+
+def test_a_dry_run_after_a_failed_learning_rate_trial_plans_with_the_rate_the_others_chose(tmp_path):
+    out = tmp_path / "out"
+    env = {**tiny_env(), "ROWS": "scratch1", "FT_LRS": "0.1 -1", "DRY_RUN": "1"}
+    for lr, top1 in (("0.1", 50.0), ("-1", 40.0)):  # finished trials (no command file: any command is theirs)
+        trial = out / "lr-trials" / f"scratch1-lr{lr}"
+        trial.mkdir(parents=True)
+        (trial / "log.jsonl").write_text(json.dumps({"event": "epoch", "eval": "held-out", "top1": top1}) + "\n")
+        (trial / "time_s").write_text("5")
+
+    def plan():
+        return subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=60, env=env)
+
+    command = next(line for line in plan().stdout.splitlines() if line.startswith("[dry run] scratch1: "))
+    (out / "scratch1").mkdir()  # the row, finished with the rate the trials chose
+    (out / "scratch1" / "command").write_text(command.removeprefix("[dry run] scratch1: ") + "\n")
+    (out / "scratch1" / "time_s").write_text("5")
+    failed = out / "lr-trials" / "scratch1-lr-1"  # the other trial failed instead
+    (failed / "time_s").unlink()
+    (failed / "failed").touch()
+    (failed / "elapsed_s").write_text("1")
+    planned = plan()
+    assert planned.returncode == 0 and "scratch1: finished in an earlier run, kept" in planned.stdout, planned.stdout
+    assert "--lr 0.1 --out-dir" in command
 
 
 def test_a_dry_run_prints_the_commands_of_the_chosen_rows_and_runs_nothing(tmp_path):
