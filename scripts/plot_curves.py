@@ -8,17 +8,19 @@ each read from the row's log.jsonl.
 This script alone needs matplotlib (pip install matplotlib); the training and evaluation scripts do not.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from results_table import read_log  # beside this file
 
 
 def curves(log):
     """{"knn": [(epoch, top-1)], "loss": [(epoch, loss)], "rankme": [(epoch, RankMe)]} of one mdra.py log:
     the kNN monitor at k = 20 (else its smallest k), each epoch's mean loss and the mean RankMe of its
-    logged steps. A resumed run logs again the steps after its last checkpoint: the last record counts."""
+    logged steps. A resumed run logs again the steps after its last checkpoint: the last record counts, and
+    what an abandoned run left in the folder does not (results_table.read_log)."""
     epochs, steps = {}, {}
-    for record in map(json.loads, log.read_text().splitlines()):
+    for record in read_log(log):
         if record.get("event") == "epoch":
             epochs[record["epoch"]] = record
         elif "rankme" in record:
@@ -56,22 +58,29 @@ def main(argv=None):
     logs = pretraining_logs(args.folder)
     if not logs:
         sys.exit(f"plot_curves.py: no pretraining row (a log.jsonl written by mdra.py) in {args.folder}/*/.")
+    out = Path(args.out) if args.out else Path(args.folder) / "curves.png"
+    draw(plt, logs).savefig(out, dpi=100)
+    print(out)
+
+
+def draw(plt, logs):
+    """The figure: a panel per curve, each row in its own colour on every panel (a row without kNN points
+    leaves that panel alone), and one legend of all rows."""
     panels = (("knn", "kNN top-1 (%), in-training monitor"), ("loss", "loss (mean of the epoch)"),
               ("rankme", "RankMe of the offline embeddings"))
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2), layout="constrained")
-    for row, log in logs.items():
+    for i, (row, log) in enumerate(logs.items()):
         for ax, (key, _) in zip(axes, panels):
             points = curves(log)[key]
             if points:
-                ax.plot(*zip(*points), marker="o" if key == "knn" else None, markersize=3, label=row)
+                ax.plot(*zip(*points), color=f"C{i % 10}", marker="o" if key == "knn" else None, markersize=3,
+                        label=row)
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    out = Path(args.out) if args.out else Path(args.folder) / "curves.png"
-    figure.savefig(out, dpi=100)
-    print(out)
+    axes[0].legend(handles=[plt.Line2D([], [], color=f"C{i % 10}", label=row) for i, row in enumerate(logs)])
+    return figure
 
 
 if __name__ == "__main__":

@@ -30,13 +30,33 @@ def test_one_png_with_the_curves_of_every_pretraining_row(tmp_path):
     resumed = [{"event": "start", "args": {"groups": 4}}, {"epoch": 3, "step": 6, "loss": 6.0, "rankme": 55.0},
                {"event": "epoch", "epoch": 3, "step": 6, "loss": 6.0, "knn": {"top1@10": 84.0, "top1@200": 85.0}}]
     write_log(tmp_path / "mdra", pretraining_log(knn_at=(2, 3)) + resumed)  # the last of each step counts
-    write_log(tmp_path / "mdra-g1", pretraining_log(knn_at=()))  # a run without the kNN monitor
+    # A run without the kNN monitor, started afresh over an abandoned one, and killed while writing a line.
+    abandoned = [{"event": "start", "step": 0, "args": {}}, {"epoch": 1, "step": 1, "loss": 99.0, "rankme": 1.0},
+                 {"event": "epoch", "epoch": 4, "step": 8, "loss": 99.0}]
+    write_log(tmp_path / "mdra-g1", abandoned + [{"event": "start", "step": 0, "args": {}}] + pretraining_log(knn_at=()))
+    with open(tmp_path / "mdra-g1" / "log.jsonl", "a") as log:
+        log.write('{"epoch": 3, "st')
     write_log(tmp_path / "mdra-ft1", [{"event": "epoch", "epoch": 1, "top1": 80.0}])  # fine-tuning: not a curve
     sys.path.insert(0, str(SCRIPT.parent))
     import plot_curves
     assert list(plot_curves.pretraining_logs(tmp_path)) == ["mdra", "mdra-g1"]
     assert plot_curves.curves(tmp_path / "mdra" / "log.jsonl") == {
         "knn": [(2, 82.0), (3, 84.0)], "loss": [(1, 8.0), (2, 7.0), (3, 6.0)], "rankme": [(1, 51.0), (2, 52.0), (3, 54.0)]}
+    assert plot_curves.curves(tmp_path / "mdra-g1" / "log.jsonl") == {
+        "knn": [], "loss": [(1, 8.0), (2, 7.0), (3, 6.0)], "rankme": [(1, 51.0), (2, 52.0), (3, 53.0)]}
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    figure = plot_curves.draw(plt, plot_curves.pretraining_logs(tmp_path))
+    colours = {}  # each row one colour on every panel, though only mdra has kNN points
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            assert colours.setdefault(line.get_label(), line.get_color()) == line.get_color(), line.get_label()
+    assert len(set(colours.values())) == 2
+    legend = figure.axes[0].get_legend()
+    assert [(t.get_text(), h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)] == \
+        [(row, colours[row]) for row in ("mdra", "mdra-g1")]
+    plt.close(figure)
     made = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     with Image.open(tmp_path / "curves.png") as image:
