@@ -139,7 +139,9 @@ finetune_row() {
 
 all_finished() {  # all_finished NAME LR...: every learning-rate trial of NAME has finished or failed
     local name=$1 lr; shift
-    for lr in "$@"; do [ -f "$OUT/lr-trials/$name-lr$lr/time_s" ] || [ -f "$OUT/lr-trials/$name-lr$lr/failed" ] || return 1; done
+    for lr in "$@"; do
+        [ -f "$OUT/lr-trials/$name-lr$lr/time_s" ] || [ -f "$OUT/lr-trials/$name-lr$lr/failed" ] || return 1
+    done
 }
 
 # together "CMD" ...: run the commands one after another, or all at once with PARALLEL=1 (not in a dry run).
@@ -215,7 +217,8 @@ keep_records() {
             if [ $pass = uses ] && [ -z "$pretraining" ]; then continue; fi
             [ -f "$dir/time_s" ] || { [ -f "$dir/failed" ] && [ ! -f "$RESULTS/$name/time_s" ]; } || continue
             if [ -f "$RESULTS/$name/time_s" ] && ! cmp -s "$RESULTS/$name/command" "$dir/command"; then
-                echo "RESULTS: $RESULTS/$name holds another command's row ($(cat "$RESULTS/$name/command")); not replaced."
+                echo "RESULTS: $RESULTS/$name holds another command's row ($(cat "$RESULTS/$name/command"));" \
+                     "not replaced."
                 continue
             fi
             if [ -n "$pretraining" ] && ! cmp -s "$RESULTS/$pretraining/command" "$OUT/$pretraining/command"; then

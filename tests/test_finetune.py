@@ -344,9 +344,9 @@ def test_an_epoch_stopped_after_its_last_step_is_evaluated_by_the_resumed_run(pr
     assert resumed["step"] == 4 and resumed["metrics"] == whole["metrics"]
     for part in ("backbone", "head"):
         assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
-    epochs = {name: [(r["epoch"], r["step"], r["top1"], r["top5"]) for r in
-                     map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines()) if r.get("event") == "epoch"]
-              for name in ("whole", "parts")}
+    epochs = {name: [(r["epoch"], r["step"], r["top1"], r["top5"])
+                     for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
+                     if r.get("event") == "epoch"] for name in ("whole", "parts")}
     assert epochs["parts"] == epochs["whole"] and len(epochs["whole"]) == 2
 
 

@@ -33,7 +33,8 @@ def test_one_png_with_the_curves_of_every_pretraining_row(tmp_path):
     # A run without the kNN monitor, started afresh over an abandoned one, and killed while writing a line.
     abandoned = [{"event": "start", "step": 0, "args": {}}, {"epoch": 1, "step": 1, "loss": 99.0, "rankme": 1.0},
                  {"event": "epoch", "epoch": 4, "step": 8, "loss": 99.0}]
-    write_log(tmp_path / "mdra-g1", abandoned + [{"event": "start", "step": 0, "args": {}}] + pretraining_log(knn_at=()))
+    fresh = [{"event": "start", "step": 0, "args": {}}]
+    write_log(tmp_path / "mdra-g1", abandoned + fresh + pretraining_log(knn_at=()))
     with open(tmp_path / "mdra-g1" / "log.jsonl", "a") as log:
         log.write('{"epoch": 3, "st')
     write_log(tmp_path / "mdra-ft1", [{"event": "epoch", "epoch": 1, "top1": 80.0}])  # fine-tuning: not a curve

@@ -126,8 +126,9 @@ def test_chosen_rows_run_with_the_pretraining_they_use_and_separate_runs_accumul
                            env={**tiny_env(epochs=1), "ROWS": rows, "RESULTS": str(other)}) for out, rows in
             (("a", "mdra-nocross-knn"), ("b", "pixels-knn"))]  # finished rows: nothing runs again
     assert all(run.returncode == 0 for run in kept), kept[0].stdout + kept[1].stdout
-    assert f"RESULTS: {other}/mdra-nocross holds another command's row (python3 mdra-nocross --another)" in kept[0].stdout
-    assert f"mdra-nocross-knn not kept: it uses {tmp_path}/a/mdra-nocross, which {other} does not hold" in kept[0].stdout
+    refused = kept[0].stdout
+    assert f"RESULTS: {other}/mdra-nocross holds another command's row (python3 mdra-nocross --another)" in refused
+    assert f"mdra-nocross-knn not kept: it uses {tmp_path}/a/mdra-nocross, which {other} does not hold" in refused
     assert not (other / "mdra-nocross-knn").exists() and (other / "mdra-nocross" / "time_s").read_text() == "9"
     assert (other / "pixels-knn" / "time_s").exists() and not (other / "pixels-knn" / "failed").exists()
 
@@ -189,7 +190,8 @@ def test_a_failed_learning_rate_trial_drops_out_of_the_choice_and_shows_in_the_t
     assert results_table.learning_rate(tmp_path, "scratch1") == \
         "0.01 (held-out top-1 0.3: failed, 0.1: 61.50, 0.01: 62.00; trials 13 s)"
     (tmp_path / "scratch1" / "lrs").write_text("0.1 0.01\n")  # chosen from these: an earlier FT_LRS's 0.3 is left out
-    assert results_table.learning_rate(tmp_path, "scratch1") == "0.01 (held-out top-1 0.1: 61.50, 0.01: 62.00; trials 10 s)"
+    assert results_table.learning_rate(tmp_path, "scratch1") == \
+        "0.01 (held-out top-1 0.1: 61.50, 0.01: 62.00; trials 10 s)"
     # A failed row shows as failed, also one the script does not run by default, and so does its pretraining.
     for row in ("scratch1", "mdra-nobalance", "mdra-nobalance-knn"):
         (tmp_path / row).mkdir(exist_ok=True)
@@ -197,8 +199,9 @@ def test_a_failed_learning_rate_trial_drops_out_of_the_choice_and_shows_in_the_t
             (tmp_path / row / name).write_text(text)
     table = subprocess.run(["python3", str(table), str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
     assert "| supervised from scratch (baseline) | 1% | failed | | | | | a GPU | `python3 scratch1` |" in table
-    assert "| ablation: no balance constraint, R a row softmax as in ReSSL (--sinkhorn-iters 0) kNN | all, kNN | failed |" \
-        in table and "Pretraining `mdra-nobalance` failed (a GPU): `python3 mdra-nobalance`" in table
+    nobalance = "ablation: no balance constraint, R a row softmax as in ReSSL (--sinkhorn-iters 0) kNN"
+    assert f"| {nobalance} | all, kNN | failed |" in table
+    assert "Pretraining `mdra-nobalance` failed (a GPU): `python3 mdra-nobalance`" in table
 
 
 def test_a_dry_run_after_a_failed_learning_rate_trial_plans_with_the_rate_the_others_chose(tmp_path):
