@@ -841,6 +841,9 @@ class Pretraining:
         self.data = runtime.data_fingerprint(images.names)
         # the images each BatchNorm layer normalises over (require_same_batchnorm_batch)
         self.batchnorm_batch = args.batch_size // (1 if args.sync_bn else env.world_size)
+        # The epoch's loss so far, summed over the steps from epoch_loss_from on; kept in the checkpoint, so
+        # that a run resumed inside an epoch logs the mean of all the epoch's steps.
+        self.epoch_loss_sum, self.epoch_loss_from, self.epoch_loss = torch.zeros((), device=device), 0, None
         self.ckpt_path = Path(args.out_dir) / "checkpoint.pth"
         self.step = self.restore(self.ckpt_path) if self.ckpt_path.exists() else 0
         runtime.require_same_on_every_rank(env, runtime.resumed_state(self.step, self.data))
@@ -861,7 +864,6 @@ class Pretraining:
         self.last_saved = self.step
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read only when logging or saving
         self.loss_sum = torch.zeros((), device=device)  # since the last log line
-        self.epoch_loss_sum = torch.zeros((), device=device)
         self.keys = None  # the last enqueued keys, whose RankMe the log shows
         self.skips = runtime.SkippedImages(log)
         self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, self.step
@@ -881,7 +883,7 @@ class Pretraining:
             self.optimizer, self.scaler, self.info, self.data, self.batchnorm_batch,
             online=self.online.state_dict(), offline=self.offline.state_dict(), queue=self.queue.cpu(),
             queue_ptr=self.queue_ptr if self.captured is None else self.captured.queue_ptr(),
-            rng={"torch": torch.get_rng_state(),
+            epoch_loss=self.epoch_loss, rng={"torch": torch.get_rng_state(),
                  **({"cuda": torch.cuda.get_rng_state(self.env.device)} if cuda else {})})
 
     def restore(self, path):
@@ -894,6 +896,9 @@ class Pretraining:
                                           self.optimizer, self.scaler)
         self.queue.copy_(ckpt["queue"])
         self.queue_ptr = int(ckpt["queue_ptr"])
+        epoch_loss = ckpt.get("epoch_loss")  # None in checkpoints from before it was kept: the mean of the steps to come
+        self.epoch_loss_sum.fill_(epoch_loss["sum"] if epoch_loss else 0.0)  # on every rank: summed, it is added once
+        self.epoch_loss_from = epoch_loss["from"] if epoch_loss else step
         self.log.print(f"resumed from {path} at step {step}")
         return step
 
@@ -904,6 +909,8 @@ class Pretraining:
         """Write the checkpoint (rank 0), and with keep_epoch a copy that stays; never after a non-finite loss."""
         self.check_finite(self.last_saved)
         self.last_saved = self.step
+        self.epoch_loss = {"sum": (runtime.all_reduce(self.epoch_loss_sum.clone()) / self.env.world_size).item(),
+                           "from": self.epoch_loss_from}  # every rank's steps, as train_one_epoch averages them
 
         def write():
             state = self.state()
@@ -1097,8 +1104,10 @@ def train_one_epoch(run, batches, epoch, control):
     """The epoch's optimizer steps from run.step on; returns its mean loss, or None if --max-steps ended
     the run inside it. A stop signal saves and exits after the current step; after the epoch's last step,
     end_epoch does, once the epoch is saved (and kept), monitored and logged, which a resumed run would skip."""
-    args, first_step, end = run.args, run.step, (epoch + 1) * run.steps_per_epoch
-    run.epoch_loss_sum.zero_()
+    args, end = run.args, (epoch + 1) * run.steps_per_epoch
+    if run.step == epoch * run.steps_per_epoch:  # not resumed inside the epoch, whose loss so far is restored
+        run.epoch_loss_sum.zero_()
+        run.epoch_loss_from = run.step
     try:
         while run.step < min(run.last_step, end):
             run.optimizer_step(batches)
@@ -1112,7 +1121,8 @@ def train_one_epoch(run, batches, epoch, control):
         batches.close()
     if run.step < end:
         return None
-    return (runtime.all_reduce(run.epoch_loss_sum.clone()) / run.env.world_size / (run.step - first_step)).item()
+    steps = run.step - run.epoch_loss_from
+    return (runtime.all_reduce(run.epoch_loss_sum.clone()) / run.env.world_size / steps).item()
 
 
 def end_epoch(run, epoch, loss, seconds, control):
@@ -1135,7 +1145,8 @@ def end_epoch(run, epoch, loss, seconds, control):
         run.tic += time.perf_counter() - tic  # the next log line's speed and eta leave the monitor out
         run.log.print(f"epoch {epoch + 1} kNN " + " ".join(f"{k} {v:.2f}" for k, v in record["knn"].items()))
     run.log.json(record)
-    runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)  # during the last step or the monitor
+    # a signal during the epoch's last step or the monitor
+    runtime.exit_if_stop_requested(control, run.save, run.log, run.step, run.ckpt_path)
 
 
 def train(args):

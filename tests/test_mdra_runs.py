@@ -136,6 +136,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights_and_the_same_clo
     losses_a = [r["loss"] for r in log_records(tmp_path / "a") if "pairs_per_s" in r]
     losses_b = [r["loss"] for r in log_records(tmp_path / "b") if "pairs_per_s" in r]
     assert losses_a == losses_b
+    # Each epoch's record is the mean loss of all its steps, those before the resume too (the checkpoint keeps them).
+    epochs_a, epochs_b = ({r["epoch"]: r["loss"] for r in log_records(tmp_path / name) if r.get("event") == "epoch"}
+                          for name in "ab")
+    assert list(epochs_b) == list(epochs_a) == [1, 2] and epochs_a[1] == pytest.approx(sum(losses_a[:4]) / 4)
+    assert list(epochs_b.values()) == pytest.approx(list(epochs_a.values()), rel=1e-6)
     # The resumed run's closing lines count the steps the interrupted one logged; its start record says where it began.
     assert [r["step"] for r in log_records(tmp_path / "b") if r.get("event") == "start"] == [0, 3]
     steps = [r for r in log_records(tmp_path / "a") if "pairs_per_s" in r]
