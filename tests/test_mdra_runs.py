@@ -441,20 +441,33 @@ def test_one_pass_trains_the_network_of_two_passes_and_resumes_exactly_and_acros
     assert load(run(tmp_path / "two", "--epochs", "2", "--max-steps", "4", "--one-pass"))["step"] == 4
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_one_pass_under_two_gloo_ranks_trains_what_two_passes_train_there(tmp_path):
     # DDP reduces the gradients of the one-pass forward as it does those of two passes (float64, as above).
+    # Each run's two ranks are started as torchrun starts them (the environment it gives them), without a
+    # launcher of its own: torchrun itself is the next test's; all four at once, each spends seconds importing torch.
     worker = tmp_path / "worker.py"
     worker.write_text("import sys, torch, mdra\ntorch.set_default_dtype(torch.float64)\nmdra.main(sys.argv[1:])\n")
-    runs = {name: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                    str(worker), *TINY, "--epochs", "2", "--max-steps", "2",
-                                    "--out-dir", str(tmp_path / name), *extra],
-                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)})
-            for name, extra in (("two", []), ("one", ["--one-pass"]))}  # at once: each spends seconds importing torch
+    ranks = {}
+    for name, extra in (("two", []), ("one", ["--one-pass"])):
+        port = free_port()
+        ranks[name] = [subprocess.Popen([sys.executable, str(worker), *TINY, "--epochs", "2", "--max-steps", "2",
+                                         "--out-dir", str(tmp_path / name), *extra],
+                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+                                             "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
+                        for rank in range(2)]
     states = {}
-    for name, run in runs.items():
-        _, err = run.communicate(timeout=240)
-        assert run.returncode == 0, err[-2000:]
+    for name, processes in ranks.items():
+        for process in processes:
+            _, err = process.communicate(timeout=240)
+            assert process.returncode == 0, err[-2000:]
         states[name] = load(tmp_path / name / "checkpoint.pth")
     one, two = states["one"], states["two"]
     assert one["queue"].dtype == torch.float64 and one["args"]["one_pass"] and not two["args"]["one_pass"]
