@@ -98,7 +98,8 @@ def features_from_images(args, env, bank_device):
     ckpt = runtime.load_checkpoint(args.ckpt, formats=("mdra", "mdra-classifier")) if args.ckpt else None
     saved = ckpt.get("args", {}) if ckpt else {}
     for name, default in runtime.DATA_DEFAULTS.items():
-        setattr(args, name, getattr(args, name) or saved.get(name) or default)
+        given = getattr(args, name)  # None where left out: 0 or "" given is checked as given
+        setattr(args, name, given if given is not None else saved.get(name) or default)
     args.img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or saved.get("img_size")
     bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
     query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)

@@ -647,6 +647,8 @@ def image_files(paths):
     """The given files, and the image files under the given folders in sorted order: each file once,
     where it first comes (a file named and inside a named folder is classified once)."""
     files = {}  # resolved path -> the path as given
+    if any(not str(path) for path in paths):  # Path("") would be the working directory
+        raise UsageError("--predict got an empty path.")
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
@@ -702,6 +704,9 @@ def predict(model, files, ckpt, device, batch_size):
 def run(args):
     if args.export:  # checked now: the export comes after the training
         runtime.require_folder(Path(args.export).parent, "--export's folder")
+        if Path(args.export).is_dir():
+            raise UsageError(f"--export {args.export} is a folder; give a file name, "
+                             f"e.g. {Path(args.export) / 'classifier.pt'}.")
     if args.export and Path(args.export).suffix not in (".pt", ".pt2"):
         raise UsageError(f"--export {args.export} must end in .pt (TorchScript) or .pt2 (torch.export).")
     if bool(args.ckpt) == args.random_init:

@@ -646,10 +646,19 @@ def sample_rng(seed):
 # ------------------------------------------------------------------------------------------------
 
 def finite_float(text):
-    """argparse type: a float that is a number; nan or inf would reach the schedule or the loss."""
+    """argparse type: a float that is a number within float32's range; nan, inf or more would reach the
+    schedule or the loss."""
     value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    if not math.isfinite(value) or abs(value) > torch.finfo(torch.float32).max:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite float32 number")
+    return value
+
+
+def seed_int(text):
+    """argparse type: a seed torch.manual_seed takes, 0 <= seed < 2**63."""
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 2**63 - 1")
     return value
 
 
@@ -709,7 +718,7 @@ def add_shared_flags(parser, data_names, out_dir=None, from_checkpoint=False):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    a("--seed", type=int, default=0,
+    a("--seed", type=seed_int, default=0,
       help="seeds every random draw: the weights, the data order and subsets, every augmentation")
     if out_dir is None:
         return
@@ -730,6 +739,9 @@ def resolve_speed_flags(args, env):
     cuda = env.device.type == "cuda"
     if hasattr(args, "compile"):
         args.compile = cuda if args.compile is None else args.compile
+        if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise UsageError(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend "
+                             "(e.g. inductor or aot_eager; torch._dynamo.list_backends() names them all).")
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     if cuda:

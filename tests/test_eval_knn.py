@@ -356,6 +356,7 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
                                              (["--workers", "-1"], "--workers must be at least 0."),
                                              (["--k", "0"], "every --k at least 1."),
                                              (["--temperature", "0.01"], "--temperature 0.01 is below 0.012"),
+                                             (["--synthetic-size", "0"], "--synthetic-size must be at least 1."),
                                              (["--out", "/"], "--out / is a folder; give a file name, e.g. /knn.json."),
                                              (["--save-features", sys.executable],
                                               f"--save-features {sys.executable} is a file, not a folder.")])

@@ -596,10 +596,13 @@ def test_predict_prints_the_five_most_probable_classes_of_png_files(classifier, 
     (folder / "notes.txt").write_text("not an image: a folder's other files are left out")
     grey = tmp_path / "grey.png"
     Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30)).save(grey)
-    for size in ("0", "-1"):
+    for flags, message in ((["--predict", str(folder), "--batch-size", "0"], "--batch-size must be at least 1."),
+                           (["--predict", str(folder), "--batch-size", "-1"], "--batch-size must be at least 1."),
+                           (["--predict", ""], "--predict got an empty path."),  # not the working directory
+                           (["--export", str(folder)], f"--export {folder} is a folder; give a file name")):
         with pytest.raises(SystemExit) as exc:
-            finetune.main(["--ckpt", str(classifier), "--predict", str(folder), "--batch-size", size])
-        assert exc.value.code == 2 and capsys.readouterr().err.endswith("error: --batch-size must be at least 1.\n")
+            finetune.main(["--ckpt", str(classifier), *flags])
+        assert exc.value.code == 2 and f"error: {message}" in capsys.readouterr().err
     finetune.main(["--ckpt", str(classifier), "--predict", str(folder), str(grey)])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[0] for line in lines] == [str(folder / f"image{i}.png") for i in range(3)] + [str(grey)]
