@@ -649,8 +649,10 @@ def finite_float(text):
     """argparse type: a float that is a number within float32's range; nan, inf or more would reach the
     schedule or the loss."""
     value = float(text)
-    if not math.isfinite(value) or abs(value) > torch.finfo(torch.float32).max:
-        raise argparse.ArgumentTypeError(f"{text} is not a finite float32 number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    if abs(value) > torch.finfo(torch.float32).max:
+        raise argparse.ArgumentTypeError(f"{text} is beyond float32's range")
     return value
 
 

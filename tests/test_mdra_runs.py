@@ -529,7 +529,7 @@ def test_batch_not_divisible_by_world_size_is_refused():
      "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process (it downsamples 32x)"),
     (["--compile", "--compile-backend", "bogus"], "--compile-backend 'bogus' is not a torch.compile backend"),
     (["--seed", str(2**63)], f"argument --seed: {2**63} is not between 0 and 2**63 - 1"),  # torch's seeds are 64-bit
-    (["--lr", "1e300"], "argument --lr: 1e300 is not a finite float32 number"),
+    (["--lr", "1e300"], "argument --lr: 1e300 is beyond float32's range"),
 ])
 def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
