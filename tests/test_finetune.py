@@ -1,6 +1,7 @@
 """finetune.py: the labelled subset, fine-tuning and the linear probe, resume, export and predict,
 and the errors a user can cause. Everything runs on CPU with tiny synthetic data."""
 import contextlib
+import io
 import json
 import math
 import os
@@ -43,13 +44,13 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
-    """A pretraining checkpoint from a real (tiny) mdra.py run."""
+    """A pretraining checkpoint from a real (tiny) mdra.py run, in this process (a process of its own would
+    spend seconds importing torch)."""
     out = tmp_path_factory.mktemp("pretrain")
-    subprocess.run([sys.executable, str(ROOT / "mdra.py"), "--data", "synthetic", "--synthetic-size", "64",
-                    "--img-size", "16", "--arch", "resnet18", "--batch-size", "16", "--queue-size", "64",
-                    "--epochs", "1", "--workers", "0", "--out-dir", str(out)],
-                   check=True, capture_output=True, cwd=ROOT, env=ONE_THREAD)
-    return out / "checkpoint.pth"
+    with contextlib.redirect_stdout(io.StringIO()):
+        return mdra.main(["--data", "synthetic", "--synthetic-size", "64", "--img-size", "16", "--arch", "resnet18",
+                          "--batch-size", "16", "--queue-size", "64", "--epochs", "1", "--workers", "0",
+                          "--out-dir", str(out)])
 
 
 @pytest.fixture(scope="session")
