@@ -190,10 +190,10 @@ def evaluate(args):
                              "not change them, so leave them out.")
     if args.temperature <= 0 or args.chunk_mb <= 0 or min(args.k) < 1:
         raise UsageError("--temperature and --chunk-mb must be positive and every --k at least 1.")
-    if args.temperature < knn.lowest_temperature(max(args.k)):  # the features are float32
-        raise UsageError(f"--temperature {args.temperature:g} is below {knn.lowest_temperature(max(args.k)):.4g}, "
-                         f"where the vote weights exp(similarity / T) of {max(args.k)} neighbours overflow or vanish "
-                         "in float32.")
+    lowest = knn.lowest_temperature(max(args.k))  # the features are float32
+    if args.temperature < lowest:
+        raise UsageError(f"--temperature {args.temperature:g} is below {lowest:.4g}, where the vote weights "
+                         f"exp(similarity / T) of {max(args.k)} neighbours overflow or vanish in float32.")
     runtime.require_at_least(1, args, "batch_size")
     runtime.require_at_least(0, args, "workers", "knn_subset")
 

@@ -71,8 +71,9 @@ def weighted_knn_votes(train_features, train_labels, test_features, num_classes,
         piece = F.normalize(train_features[start:start + piece_rows].to(device, dtype, non_blocking=True), dim=1)
         for q in range(0, n_test, query_rows):
             rows = slice(q, q + query_rows)
-            sim, idx = nearest_first(queries[rows] @ piece.T, k_max)
-            # Merged by a stable sort, the earlier pieces' (lower bank indices) first among equal similarities.
+            sim, idx = nearest_in_bank_order(queries[rows] @ piece.T, k_max)
+            # Merged by a stable sort: among equal similarities the earlier pieces' first, then this one's in
+            # bank order.
             sim, order = torch.cat([top_sim[rows], sim], dim=1).sort(dim=1, descending=True, stable=True)
             top_sim[rows] = sim[:, :k_max]
             top_idx[rows] = torch.cat([top_idx[rows], idx + start], dim=1).gather(1, order[:, :k_max])
@@ -83,19 +84,17 @@ def weighted_knn_votes(train_features, train_labels, test_features, num_classes,
             .scatter_add_(1, neighbour_labels[:, :k], weights[:, :k]) for k in ks}
 
 
-def nearest_first(sim, k):
-    """(similarities, column indices) of the k largest entries of each row of sim, ordered by similarity and,
-    among equal ones, by column: exact ties (duplicate images) are kept by their order in the bank, so that
-    no piece or block shape decides which of them count."""
-    if k < sim.shape[1]:
-        top, idx = sim.topk(k + 1, dim=1)  # one more, to see whether the k-th place is tied across the cut
-        if not (top[:, k - 1] == top[:, k]).any():
-            top, idx = top[:, :k], idx[:, :k]
-            by_column = idx.argsort(dim=1)  # topk orders equal values arbitrarily
-            top, order = top.gather(1, by_column).sort(dim=1, descending=True, stable=True)
-            return top, idx.gather(1, by_column).gather(1, order)
-    top, idx = sim.sort(dim=1, descending=True, stable=True)  # a small piece, or ties across the cut
-    return top[:, :k], idx[:, :k]
+def nearest_in_bank_order(sim, k):
+    """(similarities, column indices) of the k largest entries of each row of sim, in column (bank) order;
+    of entries tied at the k-th place (duplicate images) the first columns, so that no piece or block shape
+    decides which of them count."""
+    if k >= sim.shape[1]:  # a piece of at most k images: all of them
+        return sim, torch.arange(sim.shape[1], device=sim.device).expand_as(sim)
+    top, idx = sim.topk(k + 1, dim=1)  # one more, to see whether the k-th place is tied across the cut
+    if (top[:, k - 1] == top[:, k]).any():
+        idx = sim.sort(dim=1, descending=True, stable=True).indices  # stable: the first of equals first
+    idx = idx[:, :k].sort(dim=1).values
+    return sim.gather(1, idx), idx
 
 
 def weighted_knn(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
