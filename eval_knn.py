@@ -77,9 +77,8 @@ def feature_network(args, ckpt, info):
     """The network whose outputs are the features, and a description of it for the report."""
     if args.pixels:
         return nn.Flatten(), f"raw pixels ({3 * args.img_size ** 2}-d)"
-    missing = [key for key in ("arch", "small_stem", "backbone") if ckpt and key not in ckpt]
-    if missing:
-        raise UsageError(f"{args.ckpt} lacks {', '.join(missing)}; it was not written by mdra.py or finetune.py.")
+    if ckpt:
+        runtime.require_keys(ckpt, args.ckpt, ("arch", "small_stem", "backbone"), "mdra.py or finetune.py")
     arch = args.arch or (ckpt["arch"] if ckpt else "resnet50")
     small_stem = ckpt["small_stem"] if ckpt else (info.small or args.img_size <= 64)
     mdra.require_img_size(args.img_size, small_stem)
@@ -275,7 +274,8 @@ def get_parser():
 
 def main(argv=None):
     # An evaluation has nothing to save: SIGINT and SIGTERM end it at once (torchrun stops other ranks so).
-    return runtime.run_main(evaluate, argv, get_parser())
+    return runtime.run_main(evaluate, argv, get_parser(),
+                            memory_flags="--batch-size or --chunk-mb, or keep the bank on the CPU (--bank-device cpu)")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,7 @@ CLASSIFIER_KEYS = ("arch", "small_stem", "backbone", "head", "num_classes", "cla
 
 def load_classifier(ckpt, path):
     """The fine-tuned network of a classifier checkpoint, in eval mode."""
-    missing = [key for key in CLASSIFIER_KEYS if key not in ckpt]
-    if missing:
-        raise UsageError(f"{path} lacks {', '.join(missing)}; it was not written by finetune.py.")
+    runtime.require_keys(ckpt, path, CLASSIFIER_KEYS, "finetune.py")
     backbone, width = mdra.build_backbone(ckpt["arch"], ckpt["small_stem"])
     model = Classifier(backbone, width, ckpt["num_classes"], ckpt["mean"], ckpt["std"])
     runtime.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {path}")
@@ -322,7 +320,9 @@ def resolve_sources(args, start, resumed):
     settings, whatever the defaults are now (resumed: its args); a pretraining checkpoint (start) gives
     its size and, unless --data names another, its data (as eval_knn.py); the learning rate is the
     small data sets' or the patent's."""
-    pretrained = {**start.get("args", {}), "img_size": start["img_size"]} if start is not None else {}
+    pretrained = {**start.get("args", {})} if start is not None else {}
+    if start is not None and "img_size" in start:  # spec section 8 does not promise it: then args' size
+        pretrained["img_size"] = start["img_size"]
     if args.data is None:
         args.data = resumed.get("data", pretrained.get("data", runtime.DATA_DEFAULTS["data"]))
     same_data = args.data == pretrained.get("data")
@@ -424,8 +424,9 @@ def finetune(args, env, start):
     ckpt_path = out_dir / "checkpoint.pth"
     data = runtime.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
     if ckpt_path.exists():
-        ckpt = runtime.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, vars(get_parser().parse_args([])),
-                                              (CLASSIFIER_FORMAT,), data)
+        defaults = vars(get_parser().parse_args([]))
+        ckpt = runtime.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, defaults, (CLASSIFIER_FORMAT,), data,
+                                              needs=("backbone", "head", "metrics"), writer="finetune.py")
         runtime.require_same_batchnorm_batch(ckpt, args.batch_size // env.world_size, ckpt_path)
         step = runtime.restore_checkpoint(ckpt, ckpt_path, {"backbone": (model.backbone, "the backbone"),
                                                             "head": (model.head, "the classifier head")},
@@ -731,6 +732,8 @@ def run(args):
                          f"(python3 finetune.py --ckpt {shlex.quote(args.ckpt)} --label-fraction 0.01 --out-dir "
                          f"{out_dir}), then --export or --predict with --ckpt {out_dir}/checkpoint.pth.")
     else:
+        if start is not None:  # the keys fine-tuning reads of a pretraining checkpoint (spec section 8)
+            runtime.require_keys(start, args.ckpt, ("arch", "small_stem", "backbone"), "mdra.py")
         args = resolve_sources(args, start, resumed_args(args.out_dir))
         classifier_path, classifier = finetune(args, env, start), None
     if not (env.is_main and (args.export or args.predict)):
@@ -805,7 +808,7 @@ def get_parser():
 
 
 def main(argv=None):
-    return runtime.run_main(run, argv, get_parser())
+    return runtime.run_main(run, argv, get_parser(), memory_flags="--batch-size or --img-size")
 
 
 if __name__ == "__main__":

@@ -889,7 +889,8 @@ class Pretraining:
     def restore(self, path):
         """Resume from the checkpoint at path; returns its step."""
         defaults = vars(get_parser().parse_args([]))
-        ckpt = runtime.load_resume_checkpoint(path, self.args, RESUME_MAY_CHANGE, defaults, data=self.data)
+        ckpt = runtime.load_resume_checkpoint(path, self.args, RESUME_MAY_CHANGE, defaults, data=self.data,
+                                              needs=("online", "offline", "queue", "queue_ptr"))
         runtime.require_same_batchnorm_batch(ckpt, self.batchnorm_batch, path)
         step = runtime.restore_checkpoint(ckpt, path, {"online": (self.online, "the online network"),
                                                         "offline": (self.offline, "the offline network")},
@@ -1436,7 +1437,9 @@ def require_img_size(img_size, small_stem):
 
 
 def main(argv=None):
-    return runtime.run_main(train, argv, get_parser())
+    return runtime.run_main(train, argv, get_parser(),
+                            memory_flags="--batch-size (raise --accum-steps to keep the batch), --img-size or "
+                                         "--queue-size")
 
 
 if __name__ == "__main__":

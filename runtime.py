@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -43,8 +44,25 @@ class UsageError(Exception):
     """A mistake the user can fix; reported as one sentence, without a traceback."""
 
 
-def run_main(train_fn, argv, parser):
-    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2, and a
+def out_of_memory(error):
+    """How a failed allocation reads in a sentence ("out of memory (2 GiB more)"), or None if error is not
+    one: torch's on a GPU (OutOfMemoryError) and on the CPU (its allocator's RuntimeError), numpy's."""
+    if not (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or isinstance(error, RuntimeError) and "can't allocate memory" in str(error)):
+        return None
+    size = re.search(r"allocate ([\d.]+) ?(bytes|[KMGTPE]iB)", str(error))
+    if size is None:
+        return "out of memory"
+    units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    number, unit = float(size[1]), units.index(size[2])
+    while number >= 1024 and unit < len(units) - 1:
+        number, unit = number / 1024, unit + 1
+    return f"out of memory ({number:.3g} {units[unit]} more)"
+
+
+def run_main(train_fn, argv, parser, memory_flags="--batch-size"):
+    """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2, running
+    out of memory one sentence that names memory_flags (the flags that size it) and exit status 1, and a
     stop signal that a training loop deferred (defer_stop_signals) exit status 128 + the signal."""
     args = parser.parse_args(argv)
     STOP_SIGNALS.clear()
@@ -58,9 +76,14 @@ def run_main(train_fn, argv, parser):
     except KeyboardInterrupt:
         message, status = "interrupted", 128 + signal.SIGINT
     except Exception as e:  # a crash ends with its traceback and status 1, after the teardown below
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if (memory := out_of_memory(e)) is not None:  # its traceback would say nothing more to act on
+            where = f"rank {dist.get_rank()} ran " if distributed else ""
+            message, status = f"error: {where}{memory}; lower {memory_flags}.", 1
+        elif distributed:
             message = f"rank {dist.get_rank()} stopped by {type(e).__name__}: {e} (its traceback follows)"
-        raise
+        if not status:
+            raise
     finally:  # the workers a crash left would hang the exit
         if message:  # first: under NCCL the teardown may wait for ranks still inside a collective
             print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
@@ -424,6 +447,14 @@ def load_checkpoint(path, formats=("mdra",)):
     return ckpt
 
 
+def require_keys(ckpt, path, keys, writer):
+    """A checkpoint of the right format that lacks a key its use reads (a fork's, or one made by hand)
+    is refused in one sentence that names them all, rather than by the KeyError of the first."""
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)}; it was not written by {writer}.")
+
+
 def load_strict(module, state_dict, what):
     """load_state_dict that names what does not fit, as one sentence."""
     state_dict = plain_state_dict(state_dict)
@@ -450,13 +481,15 @@ def resumed_state(step, data):
             "the images' names": int(data["names_sha256"][:15], 16)}
 
 
-def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None):
+def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None, needs=(), writer="mdra.py"):
     """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
     differs from the run's (the others define the model, the data, the schedule or the seed, so the run
     could not continue as the one it resumes), or if its images (data: their data_fingerprint) did.
     defaults: the parser's defaults. A setting the checkpoint lacks (a flag newer than it, or one a fork
-    added) ran at its default; one whose default is None is chosen at run time and taken as it is now."""
+    added) ran at its default; one whose default is None is chosen at run time and taken as it is now.
+    needs: the keys the run restores besides those of every training checkpoint; writer: the script."""
     ckpt = load_checkpoint(path, formats)
+    require_keys(ckpt, path, ("args", "step", "optimizer", "scaler", *needs), writer)
     now = plain_values(args)
     saved = {**{k: now.get(k) if v is None else v for k, v in defaults.items()}, **ckpt["args"]}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"

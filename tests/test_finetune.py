@@ -233,8 +233,16 @@ def test_left_out_flags_take_the_resumed_runs_values_then_the_pretraining_checkp
 
 def test_fine_tuning_takes_the_data_and_size_the_checkpoint_was_pretrained_on_where_none_is_given(pretrained, tmp_path):
     quick = ["--batch-size", "4", "--workers", "0", "--max-steps", "1"]
-    args = load(finetune.main(["--ckpt", str(pretrained), *quick, "--out-dir", str(tmp_path / "synthetic")]))["args"]
-    assert (args["data"], args["synthetic_size"], args["img_size"]) == ("synthetic", 64, 16)
+    tuned = load(finetune.main(["--ckpt", str(pretrained), *quick, "--out-dir", str(tmp_path / "synthetic")]))
+    assert (tuned["args"]["data"], tuned["args"]["synthetic_size"], tuned["args"]["img_size"]) == ("synthetic", 64, 16)
+    # A checkpoint with only the keys spec section 8 promises (a fork's, say) gives its data and size by its args.
+    promised = ("format", "version", "arch", "small_stem", "feature_dim", "args", "epoch", "step", "backbone")
+    torch.save({k: v for k, v in load(pretrained).items() if k in promised}, tmp_path / "promised.pth")
+    alike = load(finetune.main(["--ckpt", str(tmp_path / "promised.pth"), *quick, "--out-dir", str(tmp_path / "p")]))
+    where = {"ckpt": None, "out_dir": None}
+    assert {**alike["args"], **where} == {**tuned["args"], **where} and alike["img_size"] == 16
+    for name, value in tuned["backbone"].items():
+        assert torch.equal(alike["backbone"][name], value), name
     for split in ("train", "val"):
         for i in range(8):
             (tmp_path / "images" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
@@ -697,6 +705,7 @@ def test_export_and_predict_of_a_classifier_refuse_the_flags_they_would_ignore(c
     (["--ckpt", "{classifier}"], "is already a fine-tuned classifier"),
     (["--ckpt", "{classifier}", "--export", "{tmp}/model.onnx"], "must end in .pt (TorchScript) or .pt2"),
     (["--ckpt", "{tmp}/no-head.pth", "--export", "{tmp}/model.pt"], "no-head.pth lacks head, resize; it was not written by finetune.py."),
+    (["--ckpt", "{tmp}/no-backbone.pth"], "no-backbone.pth lacks backbone; it was not written by mdra.py."),
     (["--ckpt", "{classifier}", "--predict", "{tmp}/missing.png"], "--predict {tmp}/missing.png does not exist."),
     (["--random-init", "--data", "{tmp}/no-such-folder"], "is neither a data set name"),
     (["--ckpt", "{pretrained}", "--arch", "resnet34"], "--arch resnet34 does not match the checkpoint's resnet18"),
@@ -725,6 +734,7 @@ def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretr
         (tmp_path / "one-class" / split / "all").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / split / "all" / "0.png")
     torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, tmp_path / "no-head.pth")
+    torch.save({k: v for k, v in load(pretrained).items() if k != "backbone"}, tmp_path / "no-backbone.pth")
     places = {"{pretrained}": str(pretrained), "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
     for key, value in places.items():
         argv = [a.replace(key, value) for a in argv]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -313,6 +314,21 @@ def test_a_run_started_with_sigint_ignored_keeps_ignoring_it_inside_the_loop_and
             runtime.run_main(signalled_inside_the_loop, [], mdra.get_parser())
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     assert exc.value.code == 128 + signal.SIGTERM  # not 128 + SIGINT: that one was never taken
+
+
+def test_running_out_of_memory_is_one_sentence_naming_the_flags_that_size_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # a queue of 2^40 keys of 256 float32: 1 PiB
+        run(tmp_path, "--queue-size", str(2**40))
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == ("mdra.py: error: out of memory (1 PiB more); lower --batch-size (raise "
+                                       "--accum-steps to keep the batch), --img-size or --queue-size.\n")
+    with pytest.raises(MemoryError) as numpy_error:
+        np.empty(2**45)  # float64: 256 TiB
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of ...")
+    for error, sentence in ((numpy_error.value, "out of memory (256 TiB more)"), (gpu, "out of memory (20 MiB more)"),
+                            (MemoryError(), "out of memory"), (RuntimeError("shape mismatch"), None),
+                            (ValueError("can't allocate memory"), None)):
+        assert runtime.out_of_memory(error) == sentence, error
 
 
 def test_resuming_refuses_a_changed_recipe_and_accepts_a_changed_precision(tmp_path, capsys):
@@ -785,6 +801,18 @@ def test_checkpoint_of_another_architecture_in_out_dir_is_refused_without_traceb
     assert result.returncode == 2
     assert "--arch resnet18 -> resnet34" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_in_out_dir_that_lacks_what_resuming_restores_is_named_in_one_sentence(tmp_path, capsys):
+    saved = load(run(tmp_path / "run", "--max-steps", "1"))
+    (tmp_path / "forked").mkdir()
+    forked = {k: v for k, v in saved.items() if k not in ("queue", "optimizer")}
+    torch.save(forked, tmp_path / "forked" / "checkpoint.pth")
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path / "forked", "--max-steps", "2")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"mdra.py: error: {tmp_path / 'forked' / 'checkpoint.pth'} lacks optimizer, "
+                                       "queue; it was not written by mdra.py.\n")
 
 
 def test_the_logged_commit_says_when_tracked_files_differ_from_it():
