@@ -78,7 +78,7 @@ def feature_network(args, ckpt, info):
     if args.pixels:
         return nn.Flatten(), f"raw pixels ({3 * args.img_size ** 2}-d)"
     if ckpt:
-        runtime.require_keys(ckpt, args.ckpt, ("arch", "small_stem", "backbone"), "mdra.py or finetune.py")
+        runtime.require_keys(ckpt, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py or finetune.py")
     arch = args.arch or (ckpt["arch"] if ckpt else "resnet50")
     small_stem = ckpt["small_stem"] if ckpt else (info.small or args.img_size <= 64)
     mdra.require_img_size(args.img_size, small_stem)

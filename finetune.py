@@ -88,8 +88,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone((images - self.mean) / self.std))
 
 
-CLASSIFIER_KEYS = ("arch", "small_stem", "backbone", "head", "num_classes", "class_names", "mean", "std",
-                   "img_size", "resize")
+CLASSIFIER_KEYS = (*runtime.BACKBONE_KEYS, "head", "num_classes", "class_names", "mean", "std", "img_size", "resize")
 
 
 def load_classifier(ckpt, path):
@@ -732,8 +731,8 @@ def run(args):
                          f"(python3 finetune.py --ckpt {shlex.quote(args.ckpt)} --label-fraction 0.01 --out-dir "
                          f"{out_dir}), then --export or --predict with --ckpt {out_dir}/checkpoint.pth.")
     else:
-        if start is not None:  # the keys fine-tuning reads of a pretraining checkpoint (spec section 8)
-            runtime.require_keys(start, args.ckpt, ("arch", "small_stem", "backbone"), "mdra.py")
+        if start is not None:  # what fine-tuning reads of a pretraining checkpoint
+            runtime.require_keys(start, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py")
         args = resolve_sources(args, start, resumed_args(args.out_dir))
         classifier_path, classifier = finetune(args, env, start), None
     if not (env.is_main and (args.export or args.predict)):

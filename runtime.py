@@ -351,6 +351,7 @@ def git_sha():
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT_VERSION = 1
+BACKBONE_KEYS = ("arch", "small_stem", "backbone")  # what a network is built and loaded from (spec section 8)
 
 
 def plain_state_dict(state_dict):
