@@ -432,6 +432,10 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, formats=("mdra",)):
     """Load a checkpoint safely (weights_only) and check its format and version."""
     path = Path(path)
+    if path.is_dir():  # a run's --out-dir, most likely
+        inside = path / "checkpoint.pth"
+        raise UsageError(f"checkpoint {path} is a folder; give the checkpoint file in it, {inside}."
+                         if inside.is_file() else f"checkpoint {path} is a folder, not a checkpoint file.")
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist.")
     try:

@@ -334,13 +334,17 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_any_work
     assert re.fullmatch(rf"eval_knn.py: error: {re.escape(subject)} \([A-Z][\w -]+\)\.\n", err), err
 
 
-@pytest.mark.parametrize("problem", ["garbage", "wrong format", "arch mismatch"])
+@pytest.mark.parametrize("problem", ["garbage", "wrong format", "arch mismatch", "run folder", "empty folder"])
 def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_path, capsys):
     path, extra = tmp_path / "bad.pth", []
     if problem == "garbage":
         path.write_bytes(b"this is not a checkpoint")
     elif problem == "wrong format":
         torch.save({"format": "dino", "backbone": {}}, path)
+    elif problem == "run folder":  # the pretraining's --out-dir, which holds the checkpoint
+        path = checkpoint.parent
+    elif problem == "empty folder":
+        path = tmp_path
     else:
         path, extra = checkpoint, ["--arch", "resnet34"]
     with pytest.raises(SystemExit) as exit_info:
@@ -349,7 +353,9 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith("eval_knn.py: error: ") and "\n" not in err and "Traceback" not in err
     assert {"garbage": "not a readable checkpoint", "wrong format": "format 'dino'",
-            "arch mismatch": "--arch resnet34 does not match"}[problem] in err
+            "arch mismatch": "--arch resnet34 does not match",
+            "run folder": f"checkpoint {path} is a folder; give the checkpoint file in it, {checkpoint}.",
+            "empty folder": f"checkpoint {path} is a folder, not a checkpoint file."}[problem] in err
 
 
 @pytest.mark.parametrize("option, message", [(["--batch-size", "0"], "--batch-size must be at least 1."),
