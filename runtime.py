@@ -401,7 +401,9 @@ def atomic_file(path, size):
     half-written file never replaces a good one. The temporary file is removed whatever goes wrong, and a
     full disk is one sentence (size: about how many bytes the file takes)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: two processes never share one
+    # One per writer (two processes never share one), ending as path does: torch.export.save warns about
+    # (and means to refuse) a file whose name does not end in .pt2.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

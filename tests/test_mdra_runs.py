@@ -767,7 +767,7 @@ def test_a_disk_that_fills_up_during_training_ends_the_run_with_one_sentence_and
     assert re.fullmatch(rf"mdra.py: error: no space left on {folder} for checkpoint.pth \(needs about \d+\.\d MB, "
                         rf"0.0 MB free\); {folder}/checkpoint.pth is kept as it was\.\n", err), err
     assert load(tmp_path / "checkpoint.pth")["step"] == 2
-    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.suffixes) == []
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), ValueError("not about space")])
@@ -780,6 +780,18 @@ def test_a_failed_write_leaves_the_file_as_it_was_and_only_a_full_disk_becomes_o
             tmp.write_text("half of it")
             raise error
     assert os.listdir(tmp_path) == ["knn.json"] and path.read_text() == "the last good one"
+
+
+def test_the_file_written_before_it_replaces_another_ends_as_that_file_does_as_torch_export_save_expects(tmp_path,
+                                                                                                      capfd):
+    path = tmp_path / "classifier.pt2"
+    program = torch.export.export(torch.nn.Linear(2, 1), (torch.ones(1, 2),))
+    with runtime.atomic_file(path, size=100) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".tmp.pt2") and tmp.name != path.name
+        torch.export.save(program, tmp)
+    assert os.listdir(tmp_path) == ["classifier.pt2"] and "Expect archive file" not in capfd.readouterr().err
+    x = torch.rand(1, 2)
+    torch.testing.assert_close(torch.export.load(path).module()(x), program.module()(x))
 
 
 def test_sync_bn_over_cpu_ranks_is_refused_before_anything_runs():
