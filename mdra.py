@@ -21,6 +21,7 @@ import copy
 import datetime
 import functools
 import gzip
+import inspect
 import json
 import math
 import os
@@ -806,6 +807,13 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
     return loss.detach(), keys, enqueue(queue, queue_ptr, keys)
 
 
+# DDP that does not broadcast the BatchNorm buffers in forward: each rank keeps its own statistics. torch 2.14
+# renamed the switch, and warns at the old name; the new one also broadcasts them once, when DDP wraps the
+# network, where every rank's are equal (the same initialisation or checkpoint): that changes nothing.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+
+
 class Pretraining:
     """What the loop trains and saves: the networks, the queue, LARS and its schedule, and the step.
     A checkpoint in --out-dir is resumed (state() is the checkpoint, restore() reads one back)."""
@@ -857,9 +865,9 @@ class Pretraining:
             online.encoder.compile(backend=args.compile_backend)
             online.predictor.compile(backend=args.compile_backend)
             offline.compile(backend=args.compile_backend)
-        if env.world_size > 1:
+        if env.world_size > 1:  # each rank keeps its BatchNorm statistics: no buffers broadcast in forward
             self.trained = DDP(online, device_ids=[device.index] if device.type == "cuda" else None,
-                               broadcast_buffers=False, gradient_as_bucket_view=True)
+                               gradient_as_bucket_view=True, **NO_FORWARD_BUFFER_SYNC)
         offline.train()
         self.last_saved = self.step
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read only when logging or saving
