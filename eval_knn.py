@@ -167,6 +167,12 @@ def default_out(args):
     return Path(args.load_features or "runs") / name
 
 
+def starts_as_json_object(path):
+    """Whether the file begins as the JSON results this script writes do: '{', after any white space."""
+    with open(path, "rb") as f:
+        return f.read(64).lstrip().startswith(b"{")
+
+
 def evaluate(args):
     env = runtime.setup_distributed(args.device)
     cuda = env.device.type == "cuda"
@@ -177,6 +183,9 @@ def evaluate(args):
     out = Path(args.out) if args.out else default_out(args)  # checked now: the results are written after all the work
     if args.out and out.is_dir():
         raise UsageError(f"--out {args.out} is a folder; give a file name, e.g. {out / 'knn.json'}.")
+    if out.is_file() and not starts_as_json_object(out):  # e.g. --out naming the checkpoint
+        raise UsageError(f"--out {out} exists and is not a kNN result (a JSON file); it is not overwritten: "
+                         "give another file name.")
     if args.out or out.parent.exists() or not (args.ckpt or args.load_features):  # not the folder of a mistyped input
         runtime.require_folder(out.parent, "--out's folder" if args.out else "the default --out's folder")
     if args.save_features:
@@ -266,7 +275,8 @@ def get_parser():
     a("--load-features", default=None, metavar="DIR",
       help="vote on the features saved by --save-features instead of extracting them")
     a("--out", default=None, help="JSON file of the results; default: knn.json next to the checkpoint "
-                                  "(knn_random-init.json, knn_pixels.json for the baselines)")
+                                  "(knn_random-init.json, knn_pixels.json for the baselines). It replaces an "
+                                  "earlier result, never a file of another kind")
     mdra.add_network_flags(p, from_checkpoint=True, small_stem=False)
     runtime.add_shared_flags(p, mdra.SMALL_DATASETS, from_checkpoint=True)
     return p

@@ -373,6 +373,21 @@ def test_bad_options_are_refused_with_one_sentence(option, message, checkpoint, 
     assert exit_info.value.code == 2 and err.startswith("eval_knn.py: error: ") and message in err and "\n" not in err
 
 
+def test_out_replaces_an_earlier_result_but_never_another_kind_of_file(checkpoint, tmp_path, capsys):
+    before = checkpoint.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint itself, named by mistake
+        eval_knn.main(["--ckpt", str(checkpoint), "--out", str(checkpoint), "--k", "5", "--workers", "0"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"eval_knn.py: error: --out {checkpoint} exists and is not a kNN result (a JSON file); it is not "
+        "overwritten: give another file name.\n")
+    assert checkpoint.read_bytes() == before
+    earlier = tmp_path / "knn.json"
+    earlier.write_text(' {"results": "an earlier run\'s"}\n')
+    eval_knn.main(["--pixels", "--data", "synthetic", "--synthetic-size", "32", "--img-size", "8", "--k", "5",
+                   "--workers", "0", "--out", str(earlier)])
+    assert set(json.loads(earlier.read_text())["results"]) == {"5"}
+
+
 def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
     args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=25,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
