@@ -311,7 +311,7 @@ def evaluate(model, loader, device, memory_format, autocast):
 def resumed_args(out_dir):
     """The settings of the run whose checkpoint is in out_dir; {} if there is none."""
     path = Path(out_dir) / "checkpoint.pth"
-    return runtime.load_checkpoint(path, formats=(CLASSIFIER_FORMAT,))["args"] if path.is_file() else {}
+    return runtime.load_out_dir_checkpoint(path, (CLASSIFIER_FORMAT,), "finetune.py")["args"] if path.is_file() else {}
 
 
 def resolve_sources(args, start, resumed):

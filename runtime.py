@@ -44,6 +44,14 @@ class UsageError(Exception):
     """A mistake the user can fix; reported as one sentence, without a traceback."""
 
 
+class WrongFormat(UsageError):
+    """A readable checkpoint of another format than the one asked for (found: its format)."""
+
+    def __init__(self, message, found):
+        super().__init__(message)
+        self.found = found
+
+
 def out_of_memory(error):
     """How a failed allocation reads in a sentence ("out of memory (2 GiB more)"), or None if error is not
     one: torch's on a GPU (OutOfMemoryError) and on the CPU (its allocator's RuntimeError), numpy's."""
@@ -446,7 +454,7 @@ def load_checkpoint(path, formats=("mdra",)):
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UsageError(f"{path} has format {found!r}; expected {' or '.join(map(repr, formats))}.")
+        raise WrongFormat(f"{path} has format {found!r}; expected {' or '.join(map(repr, formats))}.", found)
     version = ckpt.get("version", 1)
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise UsageError(f"{path} is a version {version} checkpoint and this code reads versions up to "
@@ -488,6 +496,16 @@ def resumed_state(step, data):
             "the images' names": int(data["names_sha256"][:15], 16)}
 
 
+def load_out_dir_checkpoint(path, formats, writer):
+    """The checkpoint in --out-dir, refused in a sentence of its own if another script wrote it (finetune.py
+    given the pretraining's folder as its --out-dir, say)."""
+    try:
+        return load_checkpoint(path, formats)
+    except WrongFormat as e:
+        raise UsageError(f"{path} in --out-dir is not a checkpoint of {writer} (its format is {e.found!r}): "
+                         f"give {writer} an --out-dir of its own.") from None
+
+
 def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None, needs=(), writer="mdra.py"):
     """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
     differs from the run's (the others define the model, the data, the schedule or the seed, so the run
@@ -495,7 +513,7 @@ def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), 
     defaults: the parser's defaults. A setting the checkpoint lacks (a flag newer than it, or one a fork
     added) ran at its default; one whose default is None is chosen at run time and taken as it is now.
     needs: the keys the run restores besides those of every training checkpoint; writer: the script."""
-    ckpt = load_checkpoint(path, formats)
+    ckpt = load_out_dir_checkpoint(path, formats, writer)
     require_keys(ckpt, path, ("args", "step", "optimizer", "scaler", *needs), writer)
     now = plain_values(args)
     saved = {**{k: now.get(k) if v is None else v for k, v in defaults.items()}, **ckpt["args"]}

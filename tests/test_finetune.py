@@ -703,6 +703,9 @@ def test_export_and_predict_of_a_classifier_refuse_the_flags_they_would_ignore(c
     (["--ckpt", "{tmp}/missing.pth"], "missing.pth does not exist."),
     (["--ckpt", "{tmp}/foreign.pth"], "has format 'something-else'; expected 'mdra' or 'mdra-classifier'."),
     (["--ckpt", "{classifier}"], "is already a fine-tuned classifier"),
+    (["--ckpt", "{pretrained}", "--out-dir", "{pretrained_dir}"],  # the pretraining's folder, left as it was
+     "{pretrained} in --out-dir is not a checkpoint of finetune.py (its format is 'mdra'): give finetune.py an "
+     "--out-dir of its own."),
     (["--ckpt", "{classifier}", "--export", "{tmp}/model.onnx"], "must end in .pt (TorchScript) or .pt2"),
     (["--ckpt", "{tmp}/no-head.pth", "--export", "{tmp}/model.pt"], "no-head.pth lacks head, resize; it was not written by finetune.py."),
     (["--ckpt", "{tmp}/no-backbone.pth"], "no-backbone.pth lacks backbone; it was not written by mdra.py."),
@@ -735,13 +738,16 @@ def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretr
         Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / split / "all" / "0.png")
     torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, tmp_path / "no-head.pth")
     torch.save({k: v for k, v in load(pretrained).items() if k != "backbone"}, tmp_path / "no-backbone.pth")
-    places = {"{pretrained}": str(pretrained), "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
+    places = {"{pretrained}": str(pretrained), "{pretrained_dir}": str(pretrained.parent),
+              "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
     for key, value in places.items():
         argv = [a.replace(key, value) for a in argv]
         message = message.replace(key, value)
     training = [] if {"--export", "--predict"} & set(argv) else [*TINY, "--out-dir", str(tmp_path / "run")]
+    written = pretrained.stat().st_mtime_ns
     with pytest.raises(SystemExit) as exit_info:
         finetune.main([*training, *argv])  # argv's flags win
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune.py: error: ") and err.count("\n") == 1 and message in err, err
+    assert pretrained.stat().st_mtime_ns == written

@@ -825,6 +825,17 @@ def test_a_checkpoint_in_out_dir_that_lacks_what_resuming_restores_is_named_in_o
     assert exc.value.code == 2
     assert capsys.readouterr().err == (f"mdra.py: error: {tmp_path / 'forked' / 'checkpoint.pth'} lacks optimizer, "
                                        "queue; it was not written by mdra.py.\n")
+    # A fine-tuning's folder given as the pretraining's --out-dir: named as another script's, left as it was.
+    (tmp_path / "fine-tuned").mkdir()
+    classifier = {**saved, "format": "mdra-classifier"}
+    torch.save(classifier, tmp_path / "fine-tuned" / "checkpoint.pth")
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path / "fine-tuned", "--max-steps", "2")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"mdra.py: error: {tmp_path / 'fine-tuned' / 'checkpoint.pth'} in --out-dir is "
+                                       "not a checkpoint of mdra.py (its format is 'mdra-classifier'): give mdra.py "
+                                       "an --out-dir of its own.\n")
+    assert load(tmp_path / "fine-tuned" / "checkpoint.pth")["format"] == "mdra-classifier"
 
 
 def test_the_logged_commit_says_when_tracked_files_differ_from_it():
