@@ -694,6 +694,22 @@ def test_export_and_predict_of_a_classifier_refuse_the_flags_they_would_ignore(c
 # Errors a user can cause: one sentence and exit status 2
 # ------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def bad_inputs(pretrained, classifier, tmp_path_factory):
+    """The files the bad-input cases name, made once: every case refuses them without writing there."""
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    torch.save({"format": "something-else"}, folder / "foreign.pth")
+    for split, i in [("train", i) for i in range(20)] + [("val", 0), ("val", 1)]:
+        (folder / "unreadable" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / "unreadable" / split / f"class{i % 2}" / f"{i}.jpg").write_text("not a JPEG")
+    for split in ("train", "val"):
+        (folder / "one-class" / split / "all").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / "one-class" / split / "all" / "0.png")
+    torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, folder / "no-head.pth")
+    torch.save({k: v for k, v in load(pretrained).items() if k != "backbone"}, folder / "no-backbone.pth")
+    return folder
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "{pretrained}", "--label-fraction", "0"], "--label-fraction 0.0 is not in (0, 1]."),
     (["--ckpt", "{pretrained}", "--label-fraction", "1.5"], "--label-fraction 1.5 is not in (0, 1]."),
@@ -728,26 +744,21 @@ def test_export_and_predict_of_a_classifier_refuse_the_flags_they_would_ignore(c
     (["--random-init", "--arch", "resnet18", "--no-small-stem", "--img-size", "16"],
      "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
-def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, tmp_path, capsys):
-    torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
-    for split, i in [("train", i) for i in range(20)] + [("val", 0), ("val", 1)]:
-        (tmp_path / "unreadable" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "unreadable" / split / f"class{i % 2}" / f"{i}.jpg").write_text("not a JPEG")
-    for split in ("train", "val"):
-        (tmp_path / "one-class" / split / "all").mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / split / "all" / "0.png")
-    torch.save({k: v for k, v in load(classifier).items() if k not in ("head", "resize")}, tmp_path / "no-head.pth")
-    torch.save({k: v for k, v in load(pretrained).items() if k != "backbone"}, tmp_path / "no-backbone.pth")
+def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretrained, classifier, bad_inputs, tmp_path,
+                                                          capsys):
     places = {"{pretrained}": str(pretrained), "{pretrained_dir}": str(pretrained.parent),
-              "{classifier}": str(classifier), "{tmp}": str(tmp_path)}
+              "{classifier}": str(classifier), "{tmp}": str(bad_inputs)}
     for key, value in places.items():
         argv = [a.replace(key, value) for a in argv]
         message = message.replace(key, value)
     training = [] if {"--export", "--predict"} & set(argv) else [*TINY, "--out-dir", str(tmp_path / "run")]
-    written = pretrained.stat().st_mtime_ns
+    def untouched():  # what the cases share: no case may write there
+        return pretrained.stat().st_mtime_ns, sorted((str(p), p.stat().st_mtime_ns) for p in bad_inputs.rglob("*"))
+
+    before = untouched()
     with pytest.raises(SystemExit) as exit_info:
         finetune.main([*training, *argv])  # argv's flags win
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune.py: error: ") and err.count("\n") == 1 and message in err, err
-    assert pretrained.stat().st_mtime_ns == written
+    assert untouched() == before
