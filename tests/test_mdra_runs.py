@@ -432,13 +432,21 @@ def default_dtype(dtype):
         torch.set_default_dtype(before)
 
 
-def test_one_pass_trains_the_network_of_two_passes_and_resumes_exactly_and_across_the_flag(tmp_path):
-    # The same 3 steps in float64 (networks, images and queue): one pass and two agree to its rounding. In
-    # float32 they agree after one step only: the BatchNorm biases, near 0 after the first steps, have nearly
-    # cancelling gradients, and rounding grows there to 1e-4..1e-3 of their largest value after 3 steps,
-    # by an amount that depends on the processor's kernels.
+@pytest.fixture(scope="module")
+def plain_float64(tmp_path_factory):
+    """3 steps of the loop in float64 (networks, images and queue), each view its own pass: what one pass and
+    the captured step's functions are compared with, where the paths differ by rounding alone."""
     with default_dtype(torch.float64):
-        two = load(run(tmp_path / "two64", "--epochs", "2", "--max-steps", "3"))
+        return load(run(tmp_path_factory.mktemp("plain64"), "--epochs", "2", "--max-steps", "3"))
+
+
+def test_one_pass_trains_the_network_of_two_passes_and_resumes_exactly_and_across_the_flag(tmp_path, plain_float64):
+    # The same 3 steps in float64: one pass and two agree to its rounding. In float32 they agree after one step
+    # only: the BatchNorm biases, near 0 after the first steps, have nearly cancelling gradients, and rounding
+    # grows there to 1e-4..1e-3 of their largest value after 3 steps, by an amount that depends on the
+    # processor's kernels.
+    two = plain_float64
+    with default_dtype(torch.float64):
         one = load(run(tmp_path / "one64", "--epochs", "2", "--max-steps", "3", "--one-pass"))
     assert one["queue"].dtype == torch.float64
     for part in ("online", "offline"):  # weights and BatchNorm statistics, num_batches_tracked included
@@ -887,14 +895,13 @@ def test_one_rank_under_torchrun_reduces_nothing(tmp_path, monkeypatch):
     torch.testing.assert_close(reduced, mdra.sinkhorn(scores), rtol=0, atol=0)
 
 
-def test_the_captured_steps_functions_in_float64_compute_what_the_loop_computes(tmp_path, monkeypatch):
+def test_the_captured_steps_functions_in_float64_compute_what_the_loop_computes(tmp_path, monkeypatch, plain_float64):
     """As tests/test_cuda.py compares the replayed step with the eager one on a GPU: in float64, where
     the two differ by rounding alone (the keys enter the queue in its own dtype)."""
-    steps = ["--epochs", "2", "--max-steps", "3"]
+    plain = plain_float64
+    monkeypatch.setattr(mdra, "capture_refusal", lambda args, env: None)
     with default_dtype(torch.float64):
-        plain = load(run(tmp_path / "plain", *steps))
-        monkeypatch.setattr(mdra, "capture_refusal", lambda args, env: None)
-        graph_ready = load(run(tmp_path / "graph", *steps, "--cuda-graph"))
+        graph_ready = load(run(tmp_path / "graph", "--epochs", "2", "--max-steps", "3", "--cuda-graph"))
     assert graph_ready["queue"].dtype == torch.float64 and graph_ready["queue_ptr"] == plain["queue_ptr"] == 48
     for part in ("online", "offline"):
         for name, expected in plain[part].items():
