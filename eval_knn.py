@@ -169,8 +169,11 @@ def default_out(args):
 
 def starts_as_json_object(path):
     """Whether the file begins as the JSON results this script writes do: '{', after any white space."""
-    with open(path, "rb") as f:
-        return f.read(64).lstrip().startswith(b"{")
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(b"{")
+    except OSError:  # unreadable: not to be replaced either
+        return False
 
 
 def evaluate(args):
