@@ -507,7 +507,9 @@ def test_torchrun_with_two_cpu_processes_whose_knn_monitor_evaluates_the_saved_n
                       "--synthetic-size", "128", "--queue-size", "256", "--epochs", "1", "--knn-every", "1",
                       "--out-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "world size 2" in result.stdout and "Warning" not in result.stderr, result.stderr[-2000:]
+    assert "world size 2" in result.stdout
+    # No warning raised at a line of this project (torch's own, of its version, are not this test's business).
+    assert not re.search(r"\b(mdra|runtime|knn|gpu_aug)\.py:\d+: \w*Warning", result.stderr), result.stderr[-2000:]
     ckpt = load(tmp_path / "checkpoint.pth")
     assert ckpt["step"] == 8 and ckpt["queue_ptr"] == 128  # global batches of 16 from both ranks went in
     assert [r["step"] for r in log_records(tmp_path) if "pairs_per_s" in r] == list(range(1, 9))
