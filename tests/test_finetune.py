@@ -752,6 +752,7 @@ def test_bad_input_ends_with_one_sentence_and_exit_status_2(argv, message, pretr
         argv = [a.replace(key, value) for a in argv]
         message = message.replace(key, value)
     training = [] if {"--export", "--predict"} & set(argv) else [*TINY, "--out-dir", str(tmp_path / "run")]
+
     def untouched():  # what the cases share: no case may write there
         return pretrained.stat().st_mtime_ns, sorted((str(p), p.stat().st_mtime_ns) for p in bad_inputs.rglob("*"))
 
