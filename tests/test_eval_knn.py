@@ -4,13 +4,10 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +17,6 @@ import knn
 import mdra
 import runtime
 
-REPO = Path(__file__).resolve().parents[1]
 # Two epochs, so that a monitor after epoch 1 could still disturb epoch 2. 8 px keeps resnet18 fast.
 PRETRAIN = ["--data", "synthetic", "--synthetic-size", "24", "--img-size", "8", "--arch", "resnet18",
             "--batch-size", "16", "--queue-size", "16", "--epochs", "2", "--workers", "0"]
@@ -193,14 +189,12 @@ def test_tied_votes_count_as_the_average_over_every_order_of_the_tied_classes():
     assert knn.count_correct(collapsed, torch.arange(10)) == {1: pytest.approx(1.0), 5: pytest.approx(5.0)}
 
 
-def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path):
+def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path, gloo_ranks):
     # 45 train and 11 val images: both split unevenly over 2 ranks (23 + 22, 6 + 5).
     common = ["--ckpt", str(checkpoint), "--synthetic-size", "45", "--k", "1", "5", "20", "--workers", "0"]
+    two = gloo_ranks(["eval_knn.py", *common, "--save-features", tmp_path / "two", "--out", tmp_path / "two.json"], 2)
     eval_knn.main(common + ["--save-features", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(REPO / "eval_knn.py"), *common, "--save-features", str(tmp_path / "two"),
-                    "--out", str(tmp_path / "two.json")],
-                   check=True, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two.wait(timeout=300)
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     assert two["world_size"] == 2 and (two["n_train"], two["n_test"]) == (45, 11)
     assert two["results"] == one["results"]

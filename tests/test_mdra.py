@@ -2,10 +2,7 @@
 import copy
 import dataclasses
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,6 @@ import torchvision
 
 import mdra
 import runtime
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_mdra_loss(q1, q2, k1, k2, queue, groups, tau, mu, iters, cross=True):
@@ -207,14 +202,7 @@ def test_per_view_batchnorm_normalises_each_half_alone_in_training_and_by_runnin
         torch.testing.assert_close(per_view(x[:3]), plain(x[:3]))  # eval: any batch size, odd included
 
 
-def run_under_torchrun(script, processes, *args):
-    """script as `processes` gloo ranks on this machine, importing the modules of the repository."""
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                    str(script), *map(str, args)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-                   capture_output=True, timeout=120)
-
-
-def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_loss(tmp_path):
+def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_loss(tmp_path, gloo_ranks):
     q1, q2, k1, k2, queue = random_inputs(B=16, N=64, seed=3)
     torch.save({"q1": q1, "q2": q2, "k1": k1, "k2": k2, "queue": queue}, tmp_path / "inputs.pt")
     worker = tmp_path / "worker.py"
@@ -231,7 +219,7 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
         "R = mdra.sinkhorn(x['k1'][rows] @ x['queue'].T / 100, 0.05, 3)\n"
         "torch.save({'loss': loss.detach(), 'g1': q1.grad, 'g2': q2.grad, 'R': R}, f'{sys.argv[2]}/rank{r}.pt')\n"
         "dist.destroy_process_group()\n")
-    run_under_torchrun(worker, 2, tmp_path / "inputs.pt", tmp_path)
+    gloo_ranks([worker, tmp_path / "inputs.pt", tmp_path], 2).wait()
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     q1.requires_grad_(), q2.requires_grad_()
@@ -245,7 +233,7 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
     torch.testing.assert_close(torch.cat([p["R"] for p in parts]), mdra.sinkhorn(k1 @ queue.T / 100, 0.05, 3))
 
 
-def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest(tmp_path):
+def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest(tmp_path, gloo_ranks):
     worker = tmp_path / "worker.py"
     worker.write_text(
         "import os, sys, time, torch.distributed as dist, runtime\n"
@@ -259,14 +247,14 @@ def test_data_sets_load_in_turns_rank_0_then_each_nodes_first_rank_then_the_rest
         "start, end = runtime.in_turns(load)\n"
         "open(f'{sys.argv[1]}/rank{r}', 'w').write(f'{start} {end}')\n"
         "dist.destroy_process_group()\n")
-    run_under_torchrun(worker, 3, tmp_path)
+    gloo_ranks([worker, tmp_path], 3).wait()
     spans = [tuple(map(float, (tmp_path / f"rank{r}").read_text().split())) for r in range(3)]
     assert spans[0][1] <= spans[2][0]  # rank 0, then the first rank of the other node
     assert spans[2][1] <= spans[1][0]  # then the rest
 
 
 def test_two_gloo_ranks_raise_one_ranks_error_together_gather_uneven_shards_and_agree_on_what_they_resumed(
-        tmp_path):
+        tmp_path, gloo_ranks):
     # Rank 0 alone writes the checkpoint and takes the --out-dir lock; each rank reads its own share of a
     # kNN evaluation. A UsageError of one rank is raised by all, so that none waits in a collective for it.
     # Then the shares are gathered in pieces (knn.gather_rows), and the ranks compare what they resumed.
@@ -305,7 +293,7 @@ def test_two_gloo_ranks_raise_one_ranks_error_together_gather_uneven_shards_and_
         "results.append(same(4 + env.rank, ['a', 'c'] if env.rank else ['a', 'b']))  # a data copy of its own\n"
         "open(f'{sys.argv[1]}/rank{env.rank}', 'w').write('\\n'.join(results))\n"
         "dist.destroy_process_group()\n")
-    run_under_torchrun(worker, 2, tmp_path)
+    gloo_ranks([worker, tmp_path], 2).wait()
     rank0, rank1 = ((tmp_path / f"rank{r}").read_text().splitlines() for r in range(2))
     assert rank0[:2] == ["the disk is full", "ok"]
     assert rank1[:2] == ["rank 0 could not write it (its error says why).", "ok"]

@@ -465,33 +465,16 @@ def test_one_pass_trains_the_network_of_two_passes_and_resumes_exactly_and_acros
     assert load(run(tmp_path / "two", "--epochs", "2", "--max-steps", "4", "--one-pass"))["step"] == 4
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_one_pass_under_two_gloo_ranks_trains_what_two_passes_train_there(tmp_path):
+def test_one_pass_under_two_gloo_ranks_trains_what_two_passes_train_there(tmp_path, gloo_ranks):
     # DDP reduces the gradients of the one-pass forward as it does those of two passes (float64, as above).
-    # Each run's two ranks are started as torchrun starts them (the environment it gives them), without a
-    # launcher of its own: torchrun itself is the next test's; all four at once, each spends seconds importing torch.
+    # Both runs at once: each of their four processes spends seconds importing torch.
     worker = tmp_path / "worker.py"
     worker.write_text("import sys, torch, mdra\ntorch.set_default_dtype(torch.float64)\nmdra.main(sys.argv[1:])\n")
-    ranks = {}
-    for name, extra in (("two", []), ("one", ["--one-pass"])):
-        port = free_port()
-        ranks[name] = [subprocess.Popen([sys.executable, str(worker), *TINY, "--epochs", "2", "--max-steps", "2",
-                                         "--out-dir", str(tmp_path / name), *extra],
-                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-                                             "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
-                                             "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
-                        for rank in range(2)]
+    runs = {name: gloo_ranks([worker, *TINY, "--epochs", "2", "--max-steps", "2", "--out-dir", tmp_path / name,
+                              *extra], 2) for name, extra in (("two", []), ("one", ["--one-pass"]))}
     states = {}
-    for name, processes in ranks.items():
-        for process in processes:
-            _, err = process.communicate(timeout=240)
-            assert process.returncode == 0, err[-2000:]
+    for name, ranks in runs.items():
+        ranks.wait(timeout=240)
         states[name] = load(tmp_path / name / "checkpoint.pth")
     one, two = states["one"], states["two"]
     assert one["queue"].dtype == torch.float64 and one["args"]["one_pass"] and not two["args"]["one_pass"]
