@@ -14,8 +14,10 @@ Launch:
     python eval_knn.py --ckpt runs/mdra/checkpoint.pth --pixels           # baseline: raw pixels as features
     torchrun --nproc_per_node=8 eval_knn.py --ckpt runs/mdra/checkpoint.pth --data /path/to/imagenet
     python eval_knn.py --ckpt ... --bank-device cpu                       # bank in host memory, streamed to the GPU
+    python eval_knn.py --ckpt ... --holdout 10000                         # queries: train images the bank leaves out
 
-The results go to knn.json next to the checkpoint (or --out).
+The results go to knn.json next to the checkpoint (or --out). With --holdout the queries are training
+images, so that settings are chosen without the test split (knn_held-out.json).
 """
 import argparse
 import functools
@@ -32,41 +34,6 @@ import mdra
 import runtime
 from runtime import UsageError
 from knn import weighted_knn  # noqa: F401  (spec section 9 names it eval_knn.weighted_knn)
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Weighted kNN voting (spec sections 7 and 9)
-# ------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Features, one shard per rank
-# ------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# The in-training monitor (mdra.py --knn-every)
-# ------------------------------------------------------------------------------------------------
-
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,15 +68,26 @@ def features_from_images(args, env, bank_device):
         setattr(args, name, given if given is not None else saved.get(name) or default)
     args.img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or saved.get("img_size")
     bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
-    query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
     runtime.require_two_classes(info.num_classes, args.data, "a kNN evaluation")
+    bank_targets = torch.tensor(bank_images.targets)
+    if args.holdout:  # the queries are training images that the bank leaves out, not the val split
+        held_out = mdra.held_out_subset(bank_targets, [], args.holdout, args.seed)
+        query_images, query_targets = Subset(bank_images, held_out), bank_targets[held_out]
+        in_bank = torch.ones(len(bank_images), dtype=torch.bool)
+        in_bank[held_out] = False
+        candidates = in_bank.nonzero().squeeze(1)
+    else:
+        query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
+        query_targets, candidates = torch.tensor(query_images.targets), torch.arange(len(bank_images))
     args.img_size = args.img_size or info.native_size
-    bank_indices = knn.bank_subset(len(bank_images), args.knn_subset, args.seed)
+    bank_indices = candidates[knn.bank_subset(len(candidates), args.knn_subset, args.seed)]
     check_k(args.k, len(bank_indices))  # before the long part
 
     net, description = feature_network(args, ckpt, info)
-    if len(bank_indices) < len(bank_images):
-        description += f", bank of {len(bank_indices)} of the {len(bank_images)} train images (seed {args.seed})"
+    if len(bank_indices) < len(candidates):
+        description += f", bank of {len(bank_indices)} of the {len(candidates)} train images (seed {args.seed})"
+    if args.holdout:
+        description += f", queries {args.holdout} train images held out of the bank (seed {args.seed})"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     net.to(env.device, memory_format=memory_format).eval()
     transform = mdra.eval_transform(info, args.img_size)
@@ -120,9 +98,8 @@ def features_from_images(args, env, bank_device):
     bank = knn.gather_rows(extract(mdra.CentreCrops(Subset(bank_images, bank_shard), transform), out_device=bank_device,
                                    progress="train", then=len(query_shard)), env, args.chunk_mb)
     queries = extract(mdra.CentreCrops(Subset(query_images, query_shard), transform), out_device=env.device,
-                      progress="val")
-    return (bank, torch.tensor(bank_images.targets)[bank_indices], queries, torch.tensor(query_images.targets),
-            info.num_classes, description)
+                      progress="held-out" if args.holdout else "val")
+    return bank, bank_targets[bank_indices], queries, query_targets, info.num_classes, description
 
 
 def load_features(directory, env, bank_device):
@@ -161,7 +138,8 @@ def check_k(ks, n_train):
 
 
 def default_out(args):
-    name = "knn_random-init.json" if args.random_init else "knn_pixels.json" if args.pixels else "knn.json"
+    name = "knn_random-init" if args.random_init else "knn_pixels" if args.pixels else "knn"
+    name += "_held-out.json" if args.holdout else ".json"
     if args.ckpt:
         return Path(args.ckpt).parent / name
     return Path(args.load_features or "runs") / name
@@ -195,7 +173,7 @@ def evaluate(args):
         runtime.require_folder(args.save_features, "--save-features")
     if args.load_features:  # what made the features is in the folder; these would only mislabel the results
         given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size",
-                                                             "knn_subset") if getattr(args, name)]
+                                                             "knn_subset", "holdout") if getattr(args, name)]
         if given:
             raise UsageError(f"--load-features takes the features from its folder; {', '.join(given)} would "
                              "not change them, so leave them out.")
@@ -206,7 +184,7 @@ def evaluate(args):
         raise UsageError(f"--temperature {args.temperature:g} is below {lowest:.4g}, where the vote weights "
                          f"exp(similarity / T) of {max(args.k)} neighbours overflow or vanish in float32.")
     runtime.require_at_least(1, args, "batch_size")
-    runtime.require_at_least(0, args, "workers", "knn_subset")
+    runtime.require_at_least(0, args, "workers", "knn_subset", "holdout")
 
     if env.is_main:
         print(f"eval_knn.py git {runtime.git_sha()} | world size {env.world_size} | device {env.device}"
@@ -244,7 +222,8 @@ def report(args, env, description, bank_shape, n_queries, num_classes, results, 
     out = Path(args.out) if args.out else default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"features": description, "ckpt": args.ckpt, "data": args.data, "img_size": args.img_size,
-              "n_train": bank_shape[0], "knn_subset": args.knn_subset, "n_test": n_queries, "num_classes": num_classes,
+              "n_train": bank_shape[0], "knn_subset": args.knn_subset, "n_test": n_queries,
+              "eval": "held-out" if args.holdout else "val", "num_classes": num_classes,
               "temperature": args.temperature, "git": runtime.git_sha(), "world_size": env.world_size,
               "results": {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in results.items()}}
     text = json.dumps(record, indent=1) + "\n"
@@ -267,6 +246,10 @@ def get_parser():
     a("--knn-subset", type=int, default=0, metavar="N",
       help="a bank of N train images drawn with --seed (0: all), as mdra.py --knn-subset N draws its monitor's with "
            "the same --seed: fewer features to extract, e.g. on a CPU")
+    a("--holdout", type=int, default=0, metavar="N",
+      help="query N training images, which the bank leaves out (the same share of every class, drawn with --seed: "
+           "those finetune.py --holdout N holds out of all labels), instead of the val split: for choosing "
+           "pretraining settings without the test split; the results go to knn_held-out.json by default")
     a("--temperature", type=runtime.finite_float, default=0.07, help="T of the vote weight exp(similarity / T)")
     a("--batch-size", type=int, default=256, help="images per forward pass on each rank")
     a("--bank-device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -278,8 +261,8 @@ def get_parser():
     a("--load-features", default=None, metavar="DIR",
       help="vote on the features saved by --save-features instead of extracting them")
     a("--out", default=None, help="JSON file of the results; default: knn.json next to the checkpoint "
-                                  "(knn_random-init.json, knn_pixels.json for the baselines). It replaces an "
-                                  "earlier result, never a file of another kind")
+                                  "(knn_random-init.json, knn_pixels.json for the baselines; _held-out before .json "
+                                  "with --holdout). It replaces an earlier result, never a file of another kind")
     mdra.add_network_flags(p, from_checkpoint=True, small_stem=False)
     runtime.add_shared_flags(p, mdra.SMALL_DATASETS, from_checkpoint=True)
     return p

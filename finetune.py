@@ -114,40 +114,11 @@ def check_backbone_unchanged(backbone, reference):
 # The labelled subset S2
 # ------------------------------------------------------------------------------------------------
 
-def per_class_draw(targets, counts, seed):
-    """Sorted indices of counts[c] images drawn from each class c by a seeded generator."""
-    targets = torch.as_tensor(targets)
-    generator = torch.Generator().manual_seed(seed)
-    by_class = torch.argsort(targets, stable=True).split(torch.bincount(targets).tolist())
-    chosen = [members[torch.randperm(len(members), generator=generator)[:count]]
-              for members, count in zip(by_class, counts)]
-    return torch.cat(chosen).sort().values.tolist()
-
-
 def class_balanced_subset(targets, fraction, seed):
     """Sorted indices of fraction * n_c images (rounded half up, at least one) drawn from each class c
     by a seeded generator: every class gives the same share of its images; fraction 1 is the whole set."""
     sizes = torch.bincount(torch.as_tensor(targets)).tolist()
-    return per_class_draw(targets, [max(1, int(fraction * n + 0.5)) for n in sizes], seed)
-
-
-def held_out_subset(targets, labelled, size, seed):
-    """Sorted indices of `size` training images outside the labelled subset, each class giving the same
-    share of its images there (size * n_c / n, the largest remainders rounded up so that the shares add up
-    to size), drawn apart from it: a validation set for choosing hyperparameters (as the field's 10k images
-    held out of the ImageNet train split) that leaves the test split untouched."""
-    targets = torch.as_tensor(targets)
-    rest = torch.ones(len(targets), dtype=torch.bool)
-    rest[labelled] = False
-    rest = rest.nonzero().squeeze(1)
-    if not 0 < size <= len(rest):
-        raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images it can hold out.")
-    sizes = torch.bincount(targets[rest]).tolist()
-    counts = [size * n // len(rest) for n in sizes]  # exact, in integers
-    by_remainder = sorted(range(len(sizes)), key=lambda c: -(size * sizes[c] % len(rest)))  # stable: ties by class
-    for c in by_remainder[:size - sum(counts)]:
-        counts[c] += 1
-    return rest[per_class_draw(targets[rest], counts, seed + 1)].tolist()
+    return mdra.per_class_draw(targets, [max(1, int(fraction * n + 0.5)) for n in sizes], seed)
 
 
 def read_subset_file(path, names):
@@ -383,10 +354,10 @@ def finetune(args, env, start):
         subset = class_balanced_subset(train_images.targets, args.label_fraction or 1.0, args.seed)
     if args.holdout:  # evaluate on training images the classifier never sees, not on the validation split
         if len(subset) == len(train_images):  # all labels: the held-out images leave the labelled set
-            held_out = held_out_subset(train_images.targets, [], args.holdout, args.seed)
+            held_out = mdra.held_out_subset(train_images.targets, [], args.holdout, args.seed)
             subset = sorted(set(subset) - set(held_out))
         else:
-            held_out = held_out_subset(train_images.targets, subset, args.holdout, args.seed)
+            held_out = mdra.held_out_subset(train_images.targets, subset, args.holdout, args.seed)
         eval_images, eval_name = Subset(train_images, held_out), "held-out"
     else:
         eval_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)

@@ -573,6 +573,37 @@ def image_folder(data, train):
     return images, DataInfo(folder.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)
 
 
+# Subsets of the training images, drawn per class: finetune.py's labelled subsets, and the held-out
+# images on which finetune.py and eval_knn.py choose settings without the test split.
+def per_class_draw(targets, counts, seed):
+    """Sorted indices of counts[c] images drawn from each class c by a seeded generator."""
+    targets = torch.as_tensor(targets)
+    generator = torch.Generator().manual_seed(seed)
+    by_class = torch.argsort(targets, stable=True).split(torch.bincount(targets).tolist())
+    chosen = [members[torch.randperm(len(members), generator=generator)[:count]]
+              for members, count in zip(by_class, counts)]
+    return torch.cat(chosen).sort().values.tolist()
+
+
+def held_out_subset(targets, labelled, size, seed):
+    """Sorted indices of `size` training images outside the labelled subset, each class giving the same
+    share of its images there (size * n_c / n, the largest remainders rounded up so that the shares add up
+    to size), drawn apart from it: a validation set for choosing hyperparameters (as the field's 10k images
+    held out of the ImageNet train split) that leaves the test split untouched."""
+    targets = torch.as_tensor(targets)
+    rest = torch.ones(len(targets), dtype=torch.bool)
+    rest[labelled] = False
+    rest = rest.nonzero().squeeze(1)
+    if not 0 < size <= len(rest):
+        raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images it can hold out.")
+    sizes = torch.bincount(targets[rest]).tolist()
+    counts = [size * n // len(rest) for n in sizes]  # exact, in integers
+    by_remainder = sorted(range(len(sizes)), key=lambda c: -(size * sizes[c] % len(rest)))  # stable: ties by class
+    for c in by_remainder[:size - sum(counts)]:
+        counts[c] += 1
+    return rest[per_class_draw(targets[rest], counts, seed + 1)].tolist()
+
+
 class GaussianBlur(T.GaussianBlur):
     """torchvision's GaussianBlur (the same random sigma, kernel, reflect padding and rounding), one
     axis at a time instead of with a 2-d kernel: at 224 px its 23 x 23 kernel took 12 ms of a CPU core

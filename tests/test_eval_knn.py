@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,7 +227,8 @@ def test_loaded_features_refuse_flags_that_would_mislabel_them_and_files_of_two_
     common = ["--ckpt", str(checkpoint), "--k", "5", "--workers", "0"]
     eval_knn.main(common + ["--pixels", "--save-features", str(tmp_path / "pixels"), "--out", str(tmp_path / "p.json")])
     eval_knn.main(common + ["--save-features", str(tmp_path / "trained"), "--out", str(tmp_path / "t.json")])
-    for flags in (["--ckpt", str(checkpoint)], ["--pixels"], ["--data", "synthetic"], ["--knn-subset", "5"]):
+    for flags in (["--ckpt", str(checkpoint)], ["--pixels"], ["--data", "synthetic"], ["--knn-subset", "5"],
+                  ["--holdout", "5"]):
         with pytest.raises(SystemExit) as exit_info:
             eval_knn.main(["--load-features", str(tmp_path / "pixels"), *flags])
         err = capsys.readouterr().err
@@ -237,6 +239,41 @@ def test_loaded_features_refuse_flags_that_would_mislabel_them_and_files_of_two_
     with pytest.raises(SystemExit):
         eval_knn.main(["--load-features", str(tmp_path / "mixed"), "--k", "5"])
     assert "train.pth and val.pth come from different features" in capsys.readouterr().err
+
+
+def test_holdout_queries_the_training_images_that_the_bank_leaves_out(tmp_path):
+    # Settings are chosen without the test split: --holdout N queries the N training images that finetune.py
+    # --holdout N holds out of all labels, against a bank of the others (of which --knn-subset draws).
+    common = ["--data", "synthetic", "--synthetic-size", "40", "--img-size", "8", "--pixels", "--k", "1", "5",
+              "--workers", "0"]
+    eval_knn.main(common + ["--save-features", str(tmp_path / "all"), "--out", str(tmp_path / "all.json")])
+    held = eval_knn.main(common + ["--holdout", "12", "--save-features", str(tmp_path / "held"),
+                                   "--out", str(tmp_path / "held.json")])
+    whole = torch.load(tmp_path / "all" / "train.pth", weights_only=True)
+    held_out = mdra.held_out_subset(whole["labels"], [], 12, seed=0)
+    rest = sorted(set(range(40)) - set(held_out))
+    bank, queries = (torch.load(tmp_path / "held" / f"{split}.pth", weights_only=True) for split in ("train", "val"))
+    for part, indices in ((queries, held_out), (bank, rest)):
+        assert torch.equal(part["features"], whole["features"][indices])
+        assert torch.equal(part["labels"], whole["labels"][indices])
+    for k in (1, 5):  # the vote of a bank without the queries in it
+        scores = eval_knn.weighted_knn(bank["features"], bank["labels"], queries["features"], 10, k=k)
+        assert held[k][0] == pytest.approx(100 * knn.count_correct(scores, queries["labels"])[1] / 12)
+    record = json.loads((tmp_path / "held.json").read_text())
+    assert (record["eval"], record["n_train"], record["n_test"]) == ("held-out", 28, 12)
+    assert record["features"].endswith(", queries 12 train images held out of the bank (seed 0)")
+    assert json.loads((tmp_path / "all.json").read_text())["eval"] == "val"
+
+    eval_knn.main(common + ["--holdout", "12", "--knn-subset", "10", "--save-features", str(tmp_path / "part"),
+                            "--out", str(tmp_path / "part.json")])
+    chosen = torch.tensor(rest)[torch.randperm(28, generator=torch.Generator().manual_seed(0))[:10].sort().values]
+    assert torch.equal(torch.load(tmp_path / "part" / "train.pth", weights_only=True)["features"],
+                       whole["features"][chosen])
+    # By default beside the checkpoint, apart from the result on the test split.
+    args = argparse.Namespace(ckpt="run/checkpoint.pth", random_init=False, pixels=False, holdout=12)
+    assert eval_knn.default_out(args) == Path("run/knn_held-out.json")
+    pixels = argparse.Namespace(**{**vars(args), "pixels": True})
+    assert eval_knn.default_out(pixels) == Path("run/knn_pixels_held-out.json")
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -357,6 +394,9 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
                                              (["--k", "0"], "every --k at least 1."),
                                              (["--temperature", "0.01"], "--temperature 0.01 is below 0.012"),
                                              (["--synthetic-size", "0"], "--synthetic-size must be at least 1."),
+                                             (["--holdout", "-1"], "--holdout must be at least 0."),
+                                             (["--holdout", "25"], "--holdout 25 must be between 1 and the 24 training "
+                                                                   "images it can hold out."),
                                              (["--out", "/"], "--out / is a folder; give a file name, e.g. /knn.json."),
                                              (["--save-features", sys.executable],
                                               f"--save-features {sys.executable} is a file, not a folder.")])

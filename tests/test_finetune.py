@@ -80,25 +80,25 @@ def test_label_fraction_takes_the_same_share_of_every_class_and_repeats_with_the
 def test_held_out_images_are_outside_the_labelled_subset_and_class_balanced():
     targets = [i % 10 for i in range(1000)] + [3] * 100  # class 3 has 200 images, the others 100
     labelled = finetune.class_balanced_subset(targets, 0.1, seed=0)
-    held_out = finetune.held_out_subset(targets, labelled, 220, seed=0)
+    held_out = mdra.held_out_subset(targets, labelled, 220, seed=0)
     assert not set(held_out) & set(labelled) and held_out == sorted(set(held_out))
     # 220 of the 990 other images: the same share (2/9) of every class's 90 or 180 remaining ones
     assert Counter(targets[i] for i in held_out) == {c: 40 if c == 3 else 20 for c in range(10)}
-    assert held_out == finetune.held_out_subset(targets, labelled, 220, seed=0)
-    assert held_out != finetune.held_out_subset(targets, labelled, 220, seed=1)
+    assert held_out == mdra.held_out_subset(targets, labelled, 220, seed=0)
+    assert held_out != mdra.held_out_subset(targets, labelled, 220, seed=1)
     with pytest.raises(runtime.UsageError, match="--holdout 991 must be between 1 and the 990 training images it can hold out"):
-        finetune.held_out_subset(targets, labelled, 991, seed=0)
+        mdra.held_out_subset(targets, labelled, 991, seed=0)
     # Shares that are not whole: exactly `size` images all the same, each class's share rounded down or up.
     for size in (1, 7, 25, 333, 990):
-        counts = Counter(targets[i] for i in finetune.held_out_subset(targets, labelled, size, seed=0))
+        counts = Counter(targets[i] for i in mdra.held_out_subset(targets, labelled, size, seed=0))
         assert sum(counts.values()) == size
         assert all(abs(counts[c] - size * (180 if c == 3 else 90) / 990) < 1 for c in range(10)), (size, counts)
     # With all labels the held-out images leave the labelled set (subset.txt); a run given that subset and the
     # same --holdout holds out the same images, the only ones left.
     for size in (25, 333):
-        held_out = finetune.held_out_subset(targets, [], size, seed=0)
+        held_out = mdra.held_out_subset(targets, [], size, seed=0)
         rest = sorted(set(range(len(targets))) - set(held_out))
-        assert finetune.held_out_subset(targets, rest, size, seed=0) == held_out
+        assert mdra.held_out_subset(targets, rest, size, seed=0) == held_out
 
 
 def test_subset_file_selects_images_by_class_and_file_or_by_a_unique_file_name(tmp_path):
@@ -172,7 +172,7 @@ def test_holdout_evaluates_held_out_training_images_at_the_epochs_asked_for(tmp_
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("event") == "epoch"]
     images, _ = mdra.build_dataset("synthetic", "", "train", 64, 16)
-    held_out = finetune.held_out_subset(images.targets, finetune.class_balanced_subset(images.targets, 0.25, 0), 24, 0)
+    held_out = mdra.held_out_subset(images.targets, finetune.class_balanced_subset(images.targets, 0.25, 0), 24, 0)
     assert [(r["epoch"], r["eval"], r["eval_images"]) for r in epochs] == [(2, "held-out", len(held_out)),
                                                                          (3, "held-out", len(held_out))]
     assert load(tmp_path / "checkpoint.pth")["metrics"] == {k: epochs[-1][k] for k in
@@ -183,7 +183,7 @@ def test_holdout_with_all_labels_takes_the_held_out_images_out_of_the_labelled_s
     finetune.main(["--random-init", "--arch", "resnet18", "--img-size", "16", *TINY, "--holdout", "16",
                    "--epochs", "1", "--out-dir", str(tmp_path)])
     images, _ = mdra.build_dataset("synthetic", "", "train", 64, 16)
-    held_out = finetune.held_out_subset(images.targets, [], 16, 0)
+    held_out = mdra.held_out_subset(images.targets, [], 16, 0)
     labelled = finetune.read_subset_file(tmp_path / "subset.txt", images.names)
     assert sorted(labelled + held_out) == list(range(64)) and len(held_out) >= 10
     epochs = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if r.get("event") == "epoch"]
