@@ -3,17 +3,21 @@
 #   MDRA pretraining -> weighted kNN, fine-tuning on 1% and 10% of the labels, linear probe;
 #   baselines: raw-pixel kNN, random-init kNN, supervised from scratch on the same 1% / 10% subsets;
 #   ablations, each one mdra.py flag: --groups 1 (relation alignment without subspaces), --sinkhorn-iters 0
-#   (no balance constraint), --no-predictor, --no-cross; and a second seed of MDRA and of G = 1.
+#   (no balance constraint), --no-predictor, --no-cross; and a second seed of MDRA and of G = 1;
+#   small-data trials, chosen on held-out training images: ReSSL's temperatures (--tau 0.1 --mu 0.04).
 #
 #   scripts/reproduce_fashion_mnist.sh [OUT]          # OUT defaults to runs/fashion-mnist
 #   ROWS="ablations seeds" scripts/reproduce_fashion_mnist.sh [OUT]
 #
 # Rows: the pretrainings mdra, mdra-seed1, mdra-g1, mdra-g1-seed1, mdra-nobalance, mdra-nopredictor,
-# mdra-nocross; for each pretraining P the rows that use its backbone, P-knn, P-ft1, P-ft10 (fine-tuned on
-# 1% / 10% of the labels) and P-linear; the baselines pixels-knn, random-knn, scratch1, scratch10. ROWS
-# names the rows to run, and these sets of them: default (mdra and its four rows, the baselines, mdra-g1
-# and mdra-g1-knn), ablations (the kNN of each ablation), seeds (mdra-seed1-knn, mdra-seed1-linear,
-# mdra-g1-seed1-knn). A row brings the pretraining whose backbone it uses.
+# mdra-nocross, mdra-ressl, mdra-ressl-seed1; for each pretraining P the rows that use its backbone, P-knn,
+# P-ft1, P-ft10 (fine-tuned on 1% / 10% of the labels), P-linear and P-hknn (the kNN of HOLDOUT training
+# images against a bank of the others: eval_knn.py --holdout); the baselines pixels-knn, random-knn,
+# scratch1, scratch10. ROWS names the rows to run, and these sets of them: default (mdra and its four rows,
+# the baselines, mdra-g1 and mdra-g1-knn), ablations (the kNN of each ablation), seeds (mdra-seed1-knn,
+# mdra-seed1-linear, mdra-g1-seed1-knn), preset (the held-out kNN of mdra, mdra-ressl and their second
+# seeds: the small-data trials, which never see the test split). A row brings the pretraining whose
+# backbone it uses.
 #
 # Every fine-tuning row (MDRA and from scratch alike) first fine-tunes once with each learning rate of
 # FT_LRS, evaluated on HOLDOUT training images outside its labelled subset, and then once more with the
@@ -48,10 +52,13 @@ HOLDOUT=${HOLDOUT:-10000}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
 
 # The pretraining rows and their mdra.py flags; scripts/results_table.py names them in the table.
-PRETRAININGS=(mdra mdra-seed1 mdra-g1 mdra-g1-seed1 mdra-nobalance mdra-nopredictor mdra-nocross)
+PRETRAININGS=(mdra mdra-seed1 mdra-g1 mdra-g1-seed1 mdra-nobalance mdra-nopredictor mdra-nocross mdra-ressl
+              mdra-ressl-seed1)
 declare -A PRETRAIN_ARGS=([mdra]="" [mdra-seed1]="--seed 1" [mdra-g1]="--groups 1" [mdra-g1-seed1]="--groups 1 --seed 1"
-                          [mdra-nobalance]="--sinkhorn-iters 0" [mdra-nopredictor]="--no-predictor" [mdra-nocross]="--no-cross")
-USES=(knn ft1 ft10 linear)  # the rows P-knn, P-ft1, P-ft10, P-linear of every pretraining P
+                          [mdra-nobalance]="--sinkhorn-iters 0" [mdra-nopredictor]="--no-predictor"
+                          [mdra-nocross]="--no-cross" [mdra-ressl]="--tau 0.1 --mu 0.04"
+                          [mdra-ressl-seed1]="--tau 0.1 --mu 0.04 --seed 1")
+USES=(knn ft1 ft10 linear hknn)  # the rows P-knn, P-ft1, P-ft10, P-linear, P-hknn of every pretraining P
 BASELINES=(pixels-knn random-knn scratch1 scratch10)
 
 selected=()
@@ -61,6 +68,7 @@ for name in ${ROWS:-default}; do
                  [ "${ABLATION:-1}" = 0 ] || selected+=(mdra-g1 mdra-g1-knn) ;;
         ablations) selected+=(mdra-g1-knn mdra-nobalance-knn mdra-nopredictor-knn mdra-nocross-knn) ;;
         seeds) selected+=(mdra-seed1-knn mdra-seed1-linear mdra-g1-seed1-knn) ;;
+        preset) selected+=(mdra-hknn mdra-seed1-hknn mdra-ressl-hknn mdra-ressl-seed1-hknn) ;;
         *) selected+=("$name") ;;
     esac
 done
@@ -68,7 +76,8 @@ known=" ${BASELINES[*]} "
 for p in "${PRETRAININGS[@]}"; do known+="$p ${USES[*]/#/$p-} "; done
 for name in "${selected[@]}"; do
     [[ $known == *" $name "* ]] || { echo "ROWS: no row $name; a row is a pretraining (${PRETRAININGS[*]}), one of them" \
-        "followed by -knn, -ft1, -ft10 or -linear, a baseline (${BASELINES[*]}), or the set default, ablations or seeds."; exit 2; }
+        "followed by -knn, -ft1, -ft10, -linear or -hknn, a baseline (${BASELINES[*]}), or the set default," \
+        "ablations, seeds or preset."; exit 2; }
 done
 wanted() { [[ " ${selected[*]} " == *" $1 "* ]]; }
 
@@ -166,6 +175,10 @@ pretrain_chain() {  # pretrain_chain P: the pretraining P, then the chosen rows 
     printf -v ckpt %q "$OUT/$p/checkpoint.pth"; printf -v out %q "$OUT/$p-knn/knn.json"
     printf -v lrs %q "$FT_LRS"; printf -v linear_lrs %q "$LINEAR_LRS"
     if wanted "$p-knn"; then uses+=("row $p-knn python3 eval_knn.py $COMMON --ckpt $ckpt ${KNN_FLAGS:-} --out $out"); fi
+    if wanted "$p-hknn"; then
+        printf -v out %q "$OUT/$p-hknn/knn.json"
+        uses+=("row $p-hknn python3 eval_knn.py $COMMON --ckpt $ckpt --holdout $HOLDOUT ${KNN_FLAGS:-} --out $out")
+    fi
     if wanted "$p-ft1"; then
         uses+=("finetune_row $p-ft1 $FT_EPOCHS $lrs $COMMON --ckpt $ckpt --label-fraction 0.01 ${FT_FLAGS:-}")
     fi

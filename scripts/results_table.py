@@ -19,8 +19,10 @@ PRETRAININGS = {
     "mdra-nobalance": "ablation: no balance constraint, R a row softmax as in ReSSL (--sinkhorn-iters 0)",
     "mdra-nopredictor": "ablation: no predictor h (--no-predictor)",
     "mdra-nocross": "ablation: no cross alignment, each view with its own relation (--no-cross)",
+    "mdra-ressl": "small-data trial: ReSSL's temperatures on CIFAR (--tau 0.1 --mu 0.04)",
+    "mdra-ressl-seed1": "small-data trial: ReSSL's temperatures on CIFAR (--tau 0.1 --mu 0.04)",
 }
-SEEDS = {"mdra-seed1": "mdra", "mdra-g1-seed1": "mdra-g1"}
+SEEDS = {"mdra-seed1": "mdra", "mdra-g1-seed1": "mdra-g1", "mdra-ressl-seed1": "mdra-ressl"}
 # The table's blocks: the baselines (row folder, what it is), then the row of every pretraining P that
 # uses its backbone, P-<use> (use, what it does, which labels it uses).
 BLOCKS = [
@@ -29,6 +31,7 @@ BLOCKS = [
     ([("scratch1", "supervised from scratch (baseline)")], ("ft1", ", fine-tuned", "1%")),
     ([("scratch10", "supervised from scratch (baseline)")], ("ft10", ", fine-tuned", "10%")),
     ([], ("linear", ", linear probe (frozen backbone)", "100%")),
+    ([], ("hknn", " kNN on held-out training images", "held-out, kNN")),  # chooses settings; not the test split
 ]
 # The rows the script runs by default are listed as "not run" until they have; the others once they have.
 DEFAULT_ROWS = {"pixels-knn", "random-knn", "mdra-knn", "mdra-g1-knn", "scratch1", "mdra-ft1", "scratch10",
@@ -49,7 +52,10 @@ def accuracy(folder):
     a fine-tuning log (k None)."""
     knn = folder / "knn.json"
     if knn.exists():
-        results = json.loads(knn.read_text())["results"]
+        record = json.loads(knn.read_text())
+        split = "held-out" if folder.name.endswith("-hknn") else "val"  # results written before "eval" are val's
+        assert record.get("eval", "val") == split, f"{folder} was not evaluated on the {split} images"
+        results = record["results"]
         k = "20" if "20" in results else min(results, key=int)
         return results[k]["top1"], results[k]["top5"], None, k
     last = [r for r in records(folder) if r.get("event") == "epoch"][-1]

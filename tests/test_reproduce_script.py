@@ -100,38 +100,42 @@ def test_chosen_rows_run_with_the_pretraining_they_use_and_separate_runs_accumul
         return subprocess.run(["bash", str(SCRIPT), str(tmp_path / out)], capture_output=True, text=True, timeout=300,
                               env={**tiny_env(epochs=1), "ROWS": rows, "RESULTS": str(results)})
 
-    refused = script("none", "mdra-nocross-knn mdra-nothing")
+    refused = script("none", "mdra-ressl-knn mdra-nothing")
     assert refused.returncode == 2 and "ROWS: no row mdra-nothing;" in refused.stdout
     assert not (tmp_path / "none").exists()
-    for out, rows, ran in (("a", "mdra-nocross-knn", {"mdra-nocross", "mdra-nocross-knn"}),
+    for out, rows, ran in (("a", "mdra-ressl-knn mdra-ressl-hknn", {"mdra-ressl", "mdra-ressl-knn", "mdra-ressl-hknn"}),
                            ("b", "pixels-knn", {"pixels-knn"})):
         done = script(out, rows)
         assert done.returncode == 0, done.stdout + done.stderr
         assert {p.parent.name for p in (tmp_path / out).glob("*/time_s")} == ran
-    assert "--arch resnet18 --no-cross --epochs 1" in (tmp_path / "a" / "mdra-nocross" / "command").read_text()
+    assert "--arch resnet18 --tau 0.1 --mu 0.04 --epochs 1" in (tmp_path / "a" / "mdra-ressl" / "command").read_text()
+    assert "--holdout 16 --k 10 20 --out" in (tmp_path / "a" / "mdra-ressl-hknn" / "command").read_text()
     # results/ holds both runs' records and their table, and no checkpoint.
-    assert {p.parent.name for p in results.glob("*/time_s")} == {"mdra-nocross", "mdra-nocross-knn", "pixels-knn"}
-    assert (results / "mdra-nocross" / "log.jsonl").exists() and not list(results.rglob("*.pth"))
+    assert {p.parent.name for p in results.glob("*/time_s")} == {"mdra-ressl", "mdra-ressl-knn", "mdra-ressl-hknn",
+                                                                 "pixels-knn"}
+    assert (results / "mdra-ressl" / "log.jsonl").exists() and not list(results.rglob("*.pth"))
     table = (results / "results.md").read_text()
-    assert "| ablation: no cross alignment, each view with its own relation (--no-cross) kNN | all, kNN | " in table
-    assert "| raw-pixel kNN (baseline) | all, kNN | " in table and "Pretraining `mdra-nocross` (1 epochs" in table
+    trial = "small-data trial: ReSSL's temperatures on CIFAR (--tau 0.1 --mu 0.04)"
+    assert f"| {trial} kNN | all, kNN | " in table
+    assert f"| {trial} kNN on held-out training images | held-out, kNN | " in table
+    assert "| raw-pixel kNN (baseline) | all, kNN | " in table and "Pretraining `mdra-ressl` (1 epochs" in table
 
-    # Another RESULTS folder, whose mdra-nocross is another command's finished record and whose pixels-knn is
-    # another command's failed one: the kNN of this mdra-nocross is not kept beside it; the failure is replaced.
+    # Another RESULTS folder, whose mdra-ressl is another command's finished record and whose pixels-knn is
+    # another command's failed one: the kNN of this mdra-ressl is not kept beside it; the failure is replaced.
     other = tmp_path / "other"
-    for row, files in (("mdra-nocross", {"time_s": "9", "log.jsonl": json.dumps({"event": "epoch", "epoch": 7})}),
+    for row, files in (("mdra-ressl", {"time_s": "9", "log.jsonl": json.dumps({"event": "epoch", "epoch": 7})}),
                        ("pixels-knn", {"failed": "", "elapsed_s": "3"})):
         (other / row).mkdir(parents=True)
         for name, text in {"command": f"python3 {row} --another", "hardware": "a GPU", **files}.items():
             (other / row / name).write_text(text)
     kept = [subprocess.run(["bash", str(SCRIPT), str(tmp_path / out)], capture_output=True, text=True, timeout=60,
                            env={**tiny_env(epochs=1), "ROWS": rows, "RESULTS": str(other)}) for out, rows in
-            (("a", "mdra-nocross-knn"), ("b", "pixels-knn"))]  # finished rows: nothing runs again
+            (("a", "mdra-ressl-knn"), ("b", "pixels-knn"))]  # finished rows: nothing runs again
     assert all(run.returncode == 0 for run in kept), kept[0].stdout + kept[1].stdout
     refused = kept[0].stdout
-    assert f"RESULTS: {other}/mdra-nocross holds another command's row (python3 mdra-nocross --another)" in refused
-    assert f"mdra-nocross-knn not kept: it uses {tmp_path}/a/mdra-nocross, which {other} does not hold" in refused
-    assert not (other / "mdra-nocross-knn").exists() and (other / "mdra-nocross" / "time_s").read_text() == "9"
+    assert f"RESULTS: {other}/mdra-ressl holds another command's row (python3 mdra-ressl --another)" in refused
+    assert f"mdra-ressl-knn not kept: it uses {tmp_path}/a/mdra-ressl, which {other} does not hold" in refused
+    assert not (other / "mdra-ressl-knn").exists() and (other / "mdra-ressl" / "time_s").read_text() == "9"
     assert (other / "pixels-knn" / "time_s").exists() and not (other / "pixels-knn" / "failed").exists()
 
 
@@ -249,6 +253,11 @@ def test_a_dry_run_prints_the_commands_of_the_chosen_rows_and_runs_nothing(tmp_p
         assert f"--arch resnet18 {flags} --epochs 200" in ablations[row] and f"{row}-knn" in ablations
     assert set(planned(ROWS="seeds", FT_LRS="0.1")) == {"mdra-seed1", "mdra-seed1-knn", "mdra-seed1-linear",
                                                         "mdra-g1-seed1", "mdra-g1-seed1-knn"}
+    preset = planned(ROWS="preset", HOLDOUT="500")  # the small-data trials: held-out images, never the test split
+    assert set(preset) == {"mdra", "mdra-seed1", "mdra-ressl", "mdra-ressl-seed1", "mdra-hknn", "mdra-seed1-hknn",
+                           "mdra-ressl-hknn", "mdra-ressl-seed1-hknn"}
+    assert "--arch resnet18 --tau 0.1 --mu 0.04 --seed 1 --epochs 200" in preset["mdra-ressl-seed1"]
+    assert all("--holdout 500" in command for row, command in preset.items() if row.endswith("-hknn"))
     assert not (tmp_path / "plan").exists()
 
 
