@@ -155,6 +155,33 @@ def text(path):
     return path.read_text().strip() if path.exists() else "?"
 
 
+# Issue 18's small-data trials (ROWS=preset): the setting that becomes the small-data preset if it beats the
+# patent's on held-out training images by more than the spread of two seeds.
+TRIALS = {"mdra-ressl": "ReSSL's temperatures (--tau 0.1 --mu 0.04)"}
+
+
+def trial_verdicts(done):
+    """A sentence per small-data trial whose held-out kNN rows (both seeds) and the patent's have finished:
+    the two settings' means and spreads of top-1, and whether the trial is ahead by more than either spread."""
+    def seeds(p):
+        rows = [f"{p}-hknn", f"{p}-seed1-hknn"]
+        return [done[row][0] for row in rows] if all(row in done for row in rows) else None
+
+    patent, lines = seeds("mdra"), []
+    for p, what in TRIALS.items():
+        trial = seeds(p)
+        if patent is None or trial is None:
+            continue
+        (a, b), (c, d) = patent, trial
+        gap, spread = (c + d) / 2 - (a + b) / 2, max(abs(a - b), abs(c - d))
+        verdict = ("ahead by more than the larger spread: it becomes the small-data preset" if gap > spread else
+                   "not ahead by more than the larger spread: the patent's setting stays")
+        lines.append(f"\nSmall-data trial, held-out kNN top-1 of seeds 0 and 1: the patent's setting {a:.2f} / "
+                     f"{b:.2f} (mean {(a + b) / 2:.2f}, spread {abs(a - b):.2f}), {what} {c:.2f} / {d:.2f} "
+                     f"(mean {(c + d) / 2:.2f}, spread {abs(c - d):.2f}): {gap:+.2f}, {verdict}.")
+    return lines
+
+
 def main(out):
     out = Path(out)
     lines = ["| row | labels | top-1 | top-5 | epochs | lr | wall time | hardware | command |",
@@ -179,6 +206,7 @@ def main(out):
             epochs = a_epochs if a_epochs == epoch_text else f"{a_epochs} / {epoch_text}"
             lines.append(f"| {what}, mean of seeds 0 and 1 | {labels} | {(a1 + b1) / 2:.2f} (spread {abs(a1 - b1):.2f}) "
                          f"| {(a5 + b5) / 2:.2f} | {epochs} | – | | | |")
+    lines += trial_verdicts(done)
     for name in PRETRAININGS:
         folder = out / name
         if (folder / "time_s").exists():

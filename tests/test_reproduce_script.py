@@ -157,6 +157,33 @@ def test_the_table_reports_both_seeds_and_their_mean(tmp_path):
     assert lines[first + 2] == "| MDRA (G = 4) kNN, mean of seeds 0 and 1 | all, kNN | 87.50 (spread 1.00) | 97.50 | 200 pretraining | – | | | |"
 
 
+def test_the_small_data_trial_is_the_preset_only_if_ahead_by_more_than_the_seed_spread(tmp_path):
+    def table(top1s):  # the held-out kNN of the patent's setting and of ReSSL's temperatures, two seeds each
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        for pretraining, top1 in zip(("mdra", "mdra-seed1", "mdra-ressl", "mdra-ressl-seed1"), top1s):
+            for folder in (out / pretraining, out / f"{pretraining}-hknn"):
+                folder.mkdir(parents=True)
+                for name, text in (("time_s", "10"), ("command", f"python3 {folder.name}"), ("hardware", "a GPU")):
+                    (folder / name).write_text(text)
+            (out / pretraining / "log.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 50}) + "\n")
+            (out / f"{pretraining}-hknn" / "knn.json").write_text(
+                json.dumps({"eval": "held-out", "results": {"20": {"top1": top1, "top5": 99.0}}}))
+        made = subprocess.run(["python3", str(SCRIPT.parent / "results_table.py"), str(out)], capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        return made.stdout
+
+    ahead = table([87.0, 87.5, 88.5, 88.0])  # means 87.25 and 88.25, spreads 0.5: 1.00 ahead
+    assert ("Small-data trial, held-out kNN top-1 of seeds 0 and 1: the patent's setting 87.00 / 87.50 (mean 87.25, "
+            "spread 0.50), ReSSL's temperatures (--tau 0.1 --mu 0.04) 88.50 / 88.00 (mean 88.25, spread 0.50): "
+            "+1.00, ahead by more than the larger spread: it becomes the small-data preset.") in ahead
+    assert "| small-data trial: ReSSL's temperatures on CIFAR (--tau 0.1 --mu 0.04) kNN on held-out training images, " \
+           "mean of seeds 0 and 1 | held-out, kNN | 88.25 (spread 0.50) |" in ahead
+    within = table([87.0, 88.5, 88.5, 88.0])  # 0.50 ahead, but the patent's seeds are 1.50 apart
+    assert ": +0.50, not ahead by more than the larger spread: the patent's setting stays." in within
+    assert "Small-data trial" not in table([87.0, 87.5, 88.5])  # mdra-ressl-seed1 not run: no verdict yet
+
+
 def test_the_committed_h100_table_is_what_its_logs_give():
     folder = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist-h100-80ep"
     made = subprocess.run(["python3", str(SCRIPT.parent / "results_table.py"), str(folder)], capture_output=True,
