@@ -674,6 +674,12 @@ def view_augmentations(info, img_size, solarize=0.0):
     return view1, view2
 
 
+def weak_view(view):
+    """ReSSL's weaker teacher view of a view's augmentation (--offline-view weak): its crop and flip, without
+    its colour jitter, greyscale, blur or solarize."""
+    return replace(view, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
 def view_transform(view):
     """A ViewAugmentation as torchvision transforms of a PIL image, for the CPU path. A step that never
     happens (probability 0) is left out: it would still draw a random number."""
@@ -723,10 +729,13 @@ class CentreCrops(Dataset):
 
 class TwoViews(Dataset):
     """Pretraining samples: indexed by (epoch, index), each seeds its own augmentation, so the views
-    depend only on (seed, epoch, index): not on workers, ranks, or whether the run was resumed."""
+    depend only on (seed, epoch, index): not on workers, ranks, or whether the run was resumed.
+    offline_views: the transforms of the offline encoder's own two views (--offline-view weak), drawn
+    after the two views, which they leave as they are; none: the offline encoder sees the two views."""
 
-    def __init__(self, images, view1, view2, seed):
+    def __init__(self, images, view1, view2, seed, offline_views=()):
         self.images, self.view1, self.view2, self.seed = images, view1, view2, seed
+        self.offline_views = tuple(offline_views)
 
     def __len__(self):
         return len(self.images)
@@ -735,7 +744,8 @@ class TwoViews(Dataset):
         epoch, index = key
         image, _, skipped = runtime.read_image(self.images, index)
         with runtime.sample_rng(runtime.sample_seed(self.seed, epoch, index)):
-            return self.view1(image), self.view2(image), len(skipped), "\n".join(skipped)
+            views = [view(image) for view in (self.view1, self.view2, *self.offline_views)]
+        return *views, len(skipped), "\n".join(skipped)
 
 
 class EpochSampler(Sampler):
@@ -776,7 +786,8 @@ def pretrain_loader(images, info, args, env, num_batches):
     """This rank's pretraining micro-batches; returns (loader, sampler, device_views).
 
     The loader yields (v1, v2, skipped, unread): per sample, the number of files read_image passed
-    over and their "path: why" lines (SkippedImages). With --gpu-aug its workers only read the files:
+    over and their "path: why" lines (SkippedImages); with --offline-view weak, (v1, v2, w1, w2, skipped,
+    unread), w1 and w2 the offline encoder's views. With --gpu-aug its workers only read the files:
     it yields (undecoded images, skipped, unread), and device_views(images, skipped, epoch, batch index)
     decodes and augments them on the device into (v1, v2, skipped). An in-memory data set is then held
     on the device instead, and the loader is a gpu_aug.ResidentImages, which gathers each micro-batch
@@ -793,7 +804,11 @@ def pretrain_loader(images, info, args, env, num_batches):
         dataset, collate = gpu_aug.UndecodedImages(images, jpeg_bytes=cuda), gpu_aug.collate_undecoded
     else:
         view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
-        dataset, collate, device_views = TwoViews(images, view1, view2, args.seed), None, None
+        offline_views = ()
+        if args.offline_view == "weak":  # both views' weak forms are the same: crop and flip alone
+            weak = view_transform(weak_view(view_augmentations(info, args.img_size)[0]))
+            offline_views = (weak, weak)
+        dataset, collate, device_views = TwoViews(images, view1, view2, args.seed, offline_views), None, None
     loader = runtime.data_loader(dataset, args.batch_size // env.world_size, args.workers, env.device, sampler=sampler,
                                  collate_fn=collate)
     return loader, sampler, device_views
@@ -822,15 +837,16 @@ def epoch_batches(loader, device_views, epoch, start_batch):
 RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("sync_bn", "one_pass", "cuda_graph", "keep_every", "knn_every", "knn_subset")
 
 
-def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
+def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True, offline_views=()):
     """One micro-batch: both branches, the loss, its backward (scaled for accumulation), then the
-    queue update. Returns (detached loss, the enqueued keys, the new queue pointer)."""
+    queue update. The offline encoder sees offline_views (--offline-view weak) if given, else v1 and v2.
+    Returns (detached loss, the enqueued keys, the new queue pointer)."""
     # DDP all-reduces gradients only when sync_grads: on the last micro-batch of an optimizer step.
     with (contextlib.nullcontext() if sync_grads or not isinstance(online, DDP) else online.no_sync()):
         with autocast:
             q1, q2 = online(v1, v2)
             with torch.no_grad():
-                k1, k2 = offline.both(v1, v2)
+                k1, k2 = offline.both(*(offline_views or (v1, v2)))
         loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
         scaler.scale(loss / args.accum_steps).backward()
     # The queue moves once per micro-batch, after the loss that used it.
@@ -969,14 +985,14 @@ class Pretraining:
             group["lr"] = float(self.lr_schedule[self.step])
         for micro in range(args.accum_steps):
             t0 = time.perf_counter()
-            v1, v2, skipped, unread = next(batches)
+            *views, skipped, unread = next(batches)
             self.data_time += time.perf_counter() - t0
             self.skips.add(skipped, unread)
-            v1 = v1.to(device, non_blocking=True, memory_format=self.memory_format)
-            v2 = v2.to(device, non_blocking=True, memory_format=self.memory_format)
+            v1, v2, *offline_views = (v.to(device, non_blocking=True, memory_format=self.memory_format) for v in views)
             loss, self.keys, self.queue_ptr = micro_step(self.trained, self.offline, self.queue, self.queue_ptr, v1, v2,
                                                          args, self.autocast, self.scaler,
-                                                         sync_grads=micro == args.accum_steps - 1)
+                                                         sync_grads=micro == args.accum_steps - 1,
+                                                         offline_views=offline_views)
             self.nonfinite |= ~torch.isfinite(loss)
             self.loss_sum += loss / args.accum_steps
             self.epoch_loss_sum += loss / args.accum_steps
@@ -1018,6 +1034,8 @@ def capture_refusal(args, env):
         return "fp16's loss scaling decides on the host whether to step"
     if args.compile and args.compile_backend == "cudagraphs":
         return "the cudagraphs compile backend captures graphs of its own"
+    if args.offline_view == "weak":
+        return "its input buffers hold two views, and --offline-view weak gives the offline encoder two more"
     return None
 
 
@@ -1407,6 +1425,10 @@ def get_parser():
     a("--cross", action=argparse.BooleanOptionalAction, default=True,
       help="cross alignment (spec section 3): each view's online relation is pulled towards the other view's "
            "offline one; --no-cross is an ablation that pulls it towards its own view's")
+    a("--offline-view", choices=["same", "weak"], default="same",
+      help="what the offline encoder sees: same, the online encoder's two views (spec section 3); weak, two views "
+           "of its own, cropped and flipped as the others but not coloured, greyed, blurred or solarized: ReSSL's "
+           "weaker teacher view, a small-data trial (with the CPU loader)")
     a("--solarize", type=runtime.finite_float, default=0.0,
       help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
@@ -1463,6 +1485,8 @@ def resolve_args(args, info, env):
         raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
     if args.sync_bn and env.world_size > 1 and not cuda:
         raise UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
+    if args.offline_view == "weak" and args.gpu_aug:
+        raise UsageError("--offline-view weak is made by the CPU loader; leave out --gpu-aug.")
     return args
 
 

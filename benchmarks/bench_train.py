@@ -441,7 +441,7 @@ class Loader:
     def __init__(self, root, args, device, gpu_aug):
         self.images, info = mdra.build_dataset(str(root), args.data_dir, "pretrain")
         loader_args = SimpleNamespace(img_size=args.img_size, solarize=0.0, batch_size=args.batch_size, seed=0,
-                                      workers=args.workers, gpu_aug=gpu_aug)
+                                      workers=args.workers, gpu_aug=gpu_aug, offline_view="same")
         env = runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
         self.num_batches = len(self.images) // args.batch_size
         if self.num_batches < 2:

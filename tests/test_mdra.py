@@ -400,6 +400,14 @@ def test_micro_step_enqueues_the_offline_keys_of_view_1_with_each_subspace_norma
     _, keys, ptr = mdra.micro_step(online, offline, queue, 8, v1, v2, args, contextlib.nullcontext(), scaler)
     assert ptr == 0 and torch.equal(queue[:8], before[:8])  # rows 8-15 were the oldest
     torch.testing.assert_close(queue[8:], expected, atol=1e-6, rtol=0)
+    # --offline-view weak: the offline encoder sees views of its own, and the queue takes those of the first.
+    w1, w2 = torch.rand(2, 8, 3, 8, 8).unbind(0)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(copy.deepcopy(offline)(w1).view(8, 4, 64), dim=2).flatten(1)
+    _, keys, ptr = mdra.micro_step(online, offline, queue, ptr, v1, v2, args, contextlib.nullcontext(), scaler,
+                                   offline_views=(w1, w2))
+    assert ptr == 8
+    torch.testing.assert_close(queue[:8], expected, atol=1e-6, rtol=0)
 
 
 def test_lars_leaves_a_zero_weight_to_plain_sgd():
@@ -444,6 +452,34 @@ def test_two_views_depend_only_on_seed_epoch_and_index():
     assert skipped == 0 and unread == "" and torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(a1, a2)
     assert not torch.equal(a1, views[(3, 5)][0])
+
+
+def test_weak_offline_views_are_cropped_and_flipped_but_not_recoloured_and_leave_the_two_views_alone():
+    # --offline-view weak, ReSSL's weaker teacher view: a one-colour image keeps its colour in every weak view
+    # (no jitter, greyscale, blur or solarize) where the two views recolour it in most samples; a two-tone
+    # image shows that the weak views are still cropped and flipped at random.
+    from PIL import Image
+    v1, v2 = mdra.pretrain_transforms(SMALL, 16, solarize=0.5)
+    weak = mdra.view_transform(mdra.weak_view(mdra.view_augmentations(SMALL, 16, solarize=0.5)[1]))
+    colour = torch.tensor([200, 40, 90]) / 255
+    plain = [(Image.new("RGB", (24, 24), (200, 40, 90)), 0)]
+    expected = ((colour - torch.tensor(SMALL.mean)) / torch.tensor(SMALL.std))[:, None, None].expand(3, 16, 16)
+    samples = [mdra.TwoViews(plain, v1, v2, 0, (weak, weak))[(epoch, 0)] for epoch in range(30)]
+    for sample in samples:
+        assert len(sample) == 6 and sample[4:] == (0, "")
+        for w in sample[2:4]:
+            torch.testing.assert_close(w, expected, atol=1e-6, rtol=0)
+    assert sum(not torch.allclose(s[0], expected, atol=1e-3) for s in samples) >= 15  # jitter p 0.8, grey p 0.2
+    for epoch, sample in enumerate(samples):  # drawn after the two views, which are as without them
+        alone = mdra.TwoViews(plain, v1, v2, 0)[(epoch, 0)]
+        assert torch.equal(alone[0], sample[0]) and torch.equal(alone[1], sample[1]) and alone[2:] == sample[4:]
+    halves = Image.new("RGB", (24, 24))
+    halves.paste((255, 255, 255), (0, 0, 12, 24))  # white on the left
+    two_tone = mdra.TwoViews([(halves, 0)], v1, v2, 0, (weak, weak))
+    weak_views = [two_tone[(epoch, 0)][2] for epoch in range(20)]
+    assert len({tuple(w[0].mean(0).tolist()) for w in weak_views}) >= 10  # crops of one half alone are alike
+    assert any(w[0, :, 0].mean() < w[0, :, -1].mean() for w in weak_views)  # white moved right: flipped
+    assert any(w[0, :, 0].mean() > w[0, :, -1].mean() for w in weak_views)
 
 
 IMAGENET = mdra.DataInfo("imagenet", 1000, [], 224, mdra.IMAGENET_MEAN, mdra.IMAGENET_STD, False)

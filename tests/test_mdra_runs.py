@@ -363,6 +363,31 @@ def test_the_ablations_train_and_a_checkpoint_from_before_their_flags_resumes(tm
     assert "resumed from" in capsys.readouterr().out
 
 
+def test_the_weak_offline_view_feeds_the_offline_encoder_resumes_exactly_and_is_a_setting_to_keep(
+        tmp_path, capsys, monkeypatch):
+    fed = []
+    real = mdra.micro_step
+
+    def watched(online, offline, queue, queue_ptr, v1, v2, *args, offline_views=(), **kwargs):
+        fed.append([w.shape == v1.shape and not torch.equal(w, v) for w, v in zip(offline_views, (v1, v2))])
+        return real(online, offline, queue, queue_ptr, v1, v2, *args, offline_views=offline_views, **kwargs)
+
+    monkeypatch.setattr(mdra, "micro_step", watched)
+    weak = ["--offline-view", "weak", "--epochs", "2"]
+    whole = load(run(tmp_path / "whole", *weak, "--max-steps", "3"))
+    assert fed == [[True, True]] * 3 and whole["args"]["offline_view"] == "weak"
+    run(tmp_path / "resumed", *weak, "--max-steps", "1")
+    resumed = load(run(tmp_path / "resumed", *weak, "--max-steps", "3"))
+    for key in ("online", "offline", "queue", "queue_ptr", "optimizer"):
+        assert_same_state(resumed[key], whole[key], key)
+    with pytest.raises(SystemExit):  # the offline encoder's views are part of the method: a setting to keep
+        run(tmp_path / "resumed", "--epochs", "2", "--max-steps", "4")
+    assert "--offline-view weak -> same" in capsys.readouterr().err
+    fed.clear()
+    same = load(run(tmp_path / "same", "--epochs", "2", "--max-steps", "1"))
+    assert fed == [[]] and same["args"]["offline_view"] == "same"
+
+
 def test_resuming_refuses_images_that_changed_under_the_same_flags(tmp_path, capsys):
     from PIL import Image
     root = tmp_path / "images"
@@ -534,6 +559,7 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--tau", "0"], "--tau 0.0 must be positive."),
     (["--momentum", "1.5"], "--momentum 1.5 is not in [0, 1]."),
     (["--synthetic-size", "-5"], "--synthetic-size must be at least 1."),
+    (["--offline-view", "weak", "--gpu-aug"], "--offline-view weak is made by the CPU loader; leave out --gpu-aug."),
     (["--img-size", "16", "--no-small-stem"],
      "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process (it downsamples 32x)"),
     (["--compile", "--compile-backend", "bogus"], "--compile-backend 'bogus' is not a torch.compile backend"),
