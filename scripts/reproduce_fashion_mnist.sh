@@ -4,20 +4,21 @@
 #   baselines: raw-pixel kNN, random-init kNN, supervised from scratch on the same 1% / 10% subsets;
 #   ablations, each one mdra.py flag: --groups 1 (relation alignment without subspaces), --sinkhorn-iters 0
 #   (no balance constraint), --no-predictor, --no-cross; and a second seed of MDRA and of G = 1;
-#   small-data trials, chosen on held-out training images: ReSSL's temperatures (--tau 0.1 --mu 0.04).
+#   small-data trials, chosen on held-out training images: ReSSL's temperatures (--tau 0.1 --mu 0.04), and
+#   with them its weaker teacher view (--offline-view weak).
 #
 #   scripts/reproduce_fashion_mnist.sh [OUT]          # OUT defaults to runs/fashion-mnist
 #   ROWS="ablations seeds" scripts/reproduce_fashion_mnist.sh [OUT]
 #
 # Rows: the pretrainings mdra, mdra-seed1, mdra-g1, mdra-g1-seed1, mdra-nobalance, mdra-nopredictor,
-# mdra-nocross, mdra-ressl, mdra-ressl-seed1; for each pretraining P the rows that use its backbone, P-knn,
-# P-ft1, P-ft10 (fine-tuned on 1% / 10% of the labels), P-linear and P-hknn (the kNN of HOLDOUT training
-# images against a bank of the others: eval_knn.py --holdout); the baselines pixels-knn, random-knn,
-# scratch1, scratch10. ROWS names the rows to run, and these sets of them: default (mdra and its four rows,
-# the baselines, mdra-g1 and mdra-g1-knn), ablations (the kNN of each ablation), seeds (mdra-seed1-knn,
-# mdra-seed1-linear, mdra-g1-seed1-knn), preset (the held-out kNN of mdra, mdra-ressl and their second
-# seeds: the small-data trials, which never see the test split). A row brings the pretraining whose
-# backbone it uses.
+# mdra-nocross, mdra-ressl, mdra-ressl-seed1, mdra-ressl-weak, mdra-ressl-weak-seed1; for each pretraining P
+# the rows that use its backbone, P-knn, P-ft1, P-ft10 (fine-tuned on 1% / 10% of the labels), P-linear and
+# P-hknn (the kNN of HOLDOUT training images against a bank of the others: eval_knn.py --holdout); the
+# baselines pixels-knn, random-knn, scratch1, scratch10. ROWS names the rows to run, and these sets of them:
+# default (mdra and its four rows, the baselines, mdra-g1 and mdra-g1-knn), ablations (the kNN of each
+# ablation), seeds (mdra-seed1-knn, mdra-seed1-linear, mdra-g1-seed1-knn), preset (the held-out kNN of mdra,
+# mdra-ressl, mdra-ressl-weak and their second seeds: the small-data trials, which never see the test
+# split). A row brings the pretraining whose backbone it uses.
 #
 # Every fine-tuning row (MDRA and from scratch alike) first fine-tunes once with each learning rate of
 # FT_LRS, evaluated on HOLDOUT training images outside its labelled subset, and then once more with the
@@ -53,11 +54,13 @@ COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKE
 
 # The pretraining rows and their mdra.py flags; scripts/results_table.py names them in the table.
 PRETRAININGS=(mdra mdra-seed1 mdra-g1 mdra-g1-seed1 mdra-nobalance mdra-nopredictor mdra-nocross mdra-ressl
-              mdra-ressl-seed1)
+              mdra-ressl-seed1 mdra-ressl-weak mdra-ressl-weak-seed1)
 declare -A PRETRAIN_ARGS=([mdra]="" [mdra-seed1]="--seed 1" [mdra-g1]="--groups 1" [mdra-g1-seed1]="--groups 1 --seed 1"
                           [mdra-nobalance]="--sinkhorn-iters 0" [mdra-nopredictor]="--no-predictor"
                           [mdra-nocross]="--no-cross" [mdra-ressl]="--tau 0.1 --mu 0.04"
-                          [mdra-ressl-seed1]="--tau 0.1 --mu 0.04 --seed 1")
+                          [mdra-ressl-seed1]="--tau 0.1 --mu 0.04 --seed 1"
+                          [mdra-ressl-weak]="--tau 0.1 --mu 0.04 --offline-view weak"
+                          [mdra-ressl-weak-seed1]="--tau 0.1 --mu 0.04 --offline-view weak --seed 1")
 USES=(knn ft1 ft10 linear hknn)  # the rows P-knn, P-ft1, P-ft10, P-linear, P-hknn of every pretraining P
 BASELINES=(pixels-knn random-knn scratch1 scratch10)
 
@@ -68,7 +71,8 @@ for name in ${ROWS:-default}; do
                  [ "${ABLATION:-1}" = 0 ] || selected+=(mdra-g1 mdra-g1-knn) ;;
         ablations) selected+=(mdra-g1-knn mdra-nobalance-knn mdra-nopredictor-knn mdra-nocross-knn) ;;
         seeds) selected+=(mdra-seed1-knn mdra-seed1-linear mdra-g1-seed1-knn) ;;
-        preset) selected+=(mdra-hknn mdra-seed1-hknn mdra-ressl-hknn mdra-ressl-seed1-hknn) ;;
+        preset) selected+=(mdra-hknn mdra-seed1-hknn mdra-ressl-hknn mdra-ressl-seed1-hknn mdra-ressl-weak-hknn
+                           mdra-ressl-weak-seed1-hknn) ;;
         *) selected+=("$name") ;;
     esac
 done

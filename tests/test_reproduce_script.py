@@ -281,9 +281,10 @@ def test_a_dry_run_prints_the_commands_of_the_chosen_rows_and_runs_nothing(tmp_p
     assert set(planned(ROWS="seeds", FT_LRS="0.1")) == {"mdra-seed1", "mdra-seed1-knn", "mdra-seed1-linear",
                                                         "mdra-g1-seed1", "mdra-g1-seed1-knn"}
     preset = planned(ROWS="preset", HOLDOUT="500")  # the small-data trials: held-out images, never the test split
-    assert set(preset) == {"mdra", "mdra-seed1", "mdra-ressl", "mdra-ressl-seed1", "mdra-hknn", "mdra-seed1-hknn",
-                           "mdra-ressl-hknn", "mdra-ressl-seed1-hknn"}
+    trials = ("mdra", "mdra-seed1", "mdra-ressl", "mdra-ressl-seed1", "mdra-ressl-weak", "mdra-ressl-weak-seed1")
+    assert set(preset) == {*trials, *(f"{p}-hknn" for p in trials)}
     assert "--arch resnet18 --tau 0.1 --mu 0.04 --seed 1 --epochs 200" in preset["mdra-ressl-seed1"]
+    assert "--arch resnet18 --tau 0.1 --mu 0.04 --offline-view weak --epochs 200" in preset["mdra-ressl-weak"]
     assert all("--holdout 500" in command for row, command in preset.items() if row.endswith("-hknn"))
     assert not (tmp_path / "plan").exists()
 
