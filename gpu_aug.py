@@ -546,20 +546,22 @@ def augment_crops(crops, plan, recipe):
 class DeviceTwoViews:
     """Decodes a micro-batch from UndecodedImages and makes its two views on device.
 
-    view1, view2: the two views' recipes (mdra.view_augmentations). The crops of both views are
-    augmented as one batch of 2B, each with the parameters of its own view's recipe: after the crop,
-    half the launches of augmenting each view on its own.
+    view1, view2: the two views' recipes (mdra.view_augmentations); offline_views: the recipes of the
+    offline encoder's own two views (--offline-view weak), made after them, or none. The crops of all
+    views are augmented as one batch, each with the parameters of its own view's recipe: after the crop,
+    a fraction of the launches of augmenting each view on its own.
     """
 
-    def __init__(self, view1, view2, seed, rank, world_size, device):
-        self.recipes = (view1, view2)
+    def __init__(self, view1, view2, seed, rank, world_size, device, offline_views=()):
+        self.recipes = (view1, view2, *offline_views)
         self.recipe = shared_recipe(self.recipes)
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
 
     def params(self, n, epoch, batch_index):
-        """The parameters of this rank's n images of global micro-batch batch_index, as [2n] rows: view 1's,
-        then view 2's. Each view's are drawn in turn for the whole global micro-batch, of which this rank
-        takes its rows."""
+        """The parameters of this rank's n images of global micro-batch batch_index, as [V n] rows, V the
+        number of views: view 1's, then view 2's (then the offline views'). Each view's are drawn in turn for
+        the whole global micro-batch, of which this rank takes its rows: a view's do not depend on those of
+        the views after it."""
         generator = torch.Generator().manual_seed(runtime.sample_seed(self.seed, epoch, batch_index))
         rows = slice(self.rank * n, (self.rank + 1) * n)
         views = [sample_params(recipe, n * self.world_size, generator) for recipe in self.recipes]
@@ -571,7 +573,8 @@ class DeviceTwoViews:
         return Prefetcher(self, batches, epoch, first_index)
 
     def __call__(self, images, skipped, epoch, batch_index):
-        """images, skipped: a batch of collate_undecoded. Returns (v1, v2, skipped) as the CPU loader."""
+        """images, skipped: a batch of collate_undecoded. Returns (v1, v2, skipped) as the CPU loader, or
+        (v1, v2, w1, w2, skipped) with the offline encoder's views."""
         if isinstance(images, torch.Tensor):
             images = images.to(self.device, non_blocking=True)
             heights = torch.full((len(images),), images.shape[-2])
@@ -581,13 +584,12 @@ class DeviceTwoViews:
             skipped = skipped + failed
             heights = torch.tensor([x.shape[-2] for x in images])
             widths = torch.tensor([x.shape[-1] for x in images])
-        params = self.params(len(images), epoch, batch_index)
-        boxes = crop_boxes(params, heights.repeat(2), widths.repeat(2), self.recipe.ratio)
+        params, views = self.params(len(images), epoch, batch_index), len(self.recipes)
+        boxes = crop_boxes(params, heights.repeat(views), widths.repeat(views), self.recipe.ratio)
         plan = augment_plan(params, self.recipe)
         boxes, plan = to_device((boxes, plan), self.device)
-        crops = resized_crops(images, boxes.view(2, -1, 4), self.recipe.size) / 255
-        v1, v2 = augment_crops(crops, plan, self.recipe).chunk(2)
-        return v1, v2, skipped
+        crops = resized_crops(images, boxes.view(views, -1, 4), self.recipe.size) / 255
+        return *augment_crops(crops, plan, self.recipe).chunk(views), skipped
 
 
 class HeldCrops:
@@ -669,7 +671,8 @@ class Prefetcher:
 
     batches: the loader's iterator over collate_undecoded batches; batch k of it is global micro-batch
     first_index + k of the epoch, which seeds its parameters as before, so the views are exactly
-    those the loop would have made itself. Yields (v1, v2, skipped, unread) ready for the current stream.
+    those the loop would have made itself. Yields (v1, v2, skipped, unread) ready for the current stream
+    ((v1, v2, w1, w2, skipped, unread) with the offline encoder's views).
     """
 
     _END = object()
@@ -727,13 +730,13 @@ class Prefetcher:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
-        (v1, v2, skipped, unread), done = item
+        (*views, skipped, unread), done = item
         if self.cuda:  # the current stream waits on the device, not the host, and keeps the memory alive
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
-            v1.record_stream(current)
-            v2.record_stream(current)
-        return v1, v2, skipped, unread
+            for view in views:
+                view.record_stream(current)
+        return *views, skipped, unread
 
     def close(self):
         """Stop the thread (a run that ends inside an epoch leaves batches unread)."""

@@ -789,26 +789,24 @@ def pretrain_loader(images, info, args, env, num_batches):
     over and their "path: why" lines (SkippedImages); with --offline-view weak, (v1, v2, w1, w2, skipped,
     unread), w1 and w2 the offline encoder's views. With --gpu-aug its workers only read the files:
     it yields (undecoded images, skipped, unread), and device_views(images, skipped, epoch, batch index)
-    decodes and augments them on the device into (v1, v2, skipped). An in-memory data set is then held
+    decodes and augments them on the device into (v1, v2, skipped) (or with w1, w2). An in-memory data set is then held
     on the device instead, and the loader is a gpu_aug.ResidentImages, which gathers each micro-batch
     there, without workers. epoch_batches gives any of them as (v1, v2, skipped, unread).
     """
     sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
     cuda = env.device.type == "cuda"
+    views = view_augmentations(info, args.img_size, args.solarize)
+    # --offline-view weak: the offline encoder's own two views, crop and flip alone (both views' weak forms are one)
+    offline_views = (weak_view(views[0]),) * 2 if args.offline_view == "weak" else ()
     if args.gpu_aug:
         import gpu_aug  # the optional device path lives in its own module
-        views = view_augmentations(info, args.img_size, args.solarize)
-        device_views = gpu_aug.DeviceTwoViews(*views, args.seed, env.rank, env.world_size, env.device)
+        device_views = gpu_aug.DeviceTwoViews(*views, args.seed, env.rank, env.world_size, env.device, offline_views)
         if isinstance(images, (ArrayImages, SyntheticImages)):
             return gpu_aug.ResidentImages(images.as_tensor(), sampler, env.device), sampler, device_views
         dataset, collate = gpu_aug.UndecodedImages(images, jpeg_bytes=cuda), gpu_aug.collate_undecoded
     else:
-        view1, view2 = pretrain_transforms(info, args.img_size, args.solarize)
-        offline_views = ()
-        if args.offline_view == "weak":  # both views' weak forms are the same: crop and flip alone
-            weak = view_transform(weak_view(view_augmentations(info, args.img_size)[0]))
-            offline_views = (weak, weak)
-        dataset, collate, device_views = TwoViews(images, view1, view2, args.seed, offline_views), None, None
+        view1, view2, *offline = map(view_transform, (*views, *offline_views))
+        dataset, collate, device_views = TwoViews(images, view1, view2, args.seed, offline), None, None
     loader = runtime.data_loader(dataset, args.batch_size // env.world_size, args.workers, env.device, sampler=sampler,
                                  collate_fn=collate)
     return loader, sampler, device_views
@@ -1428,7 +1426,7 @@ def get_parser():
     a("--offline-view", choices=["same", "weak"], default="same",
       help="what the offline encoder sees: same, the online encoder's two views (spec section 3); weak, two views "
            "of its own, cropped and flipped as the others but not coloured, greyed, blurred or solarized: ReSSL's "
-           "weaker teacher view, a small-data trial (with the CPU loader)")
+           "weaker teacher view, a small-data trial")
     a("--solarize", type=runtime.finite_float, default=0.0,
       help="probability of solarizing view 2 (off in the patent's recipe)")
     a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
@@ -1485,8 +1483,6 @@ def resolve_args(args, info, env):
         raise UsageError(f"--queue-size {args.queue_size} is not a multiple of the global batch {args.batch_size}.")
     if args.sync_bn and env.world_size > 1 and not cuda:
         raise UsageError("--sync-bn needs CUDA: SyncBatchNorm cannot synchronise ranks on the CPU.")
-    if args.offline_view == "weak" and args.gpu_aug:
-        raise UsageError("--offline-view weak is made by the CPU loader; leave out --gpu-aug.")
     return args
 
 

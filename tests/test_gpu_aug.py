@@ -526,6 +526,31 @@ def test_mdra_gpu_aug_holds_synthetic_data_on_the_device_and_resumes_exactly(tmp
     assert torch.equal(a["queue"], b["queue"])
 
 
+def test_the_offline_encoders_weak_views_come_after_the_two_views_cropped_and_flipped_but_not_recoloured(
+        tmp_path):
+    # --offline-view weak with --gpu-aug: the two views are those made without the weak ones (drawn after
+    # them), and a one-colour image keeps its colour in every weak view, where most strong ones recolour it.
+    augmentations = mdra.view_augmentations(SMALL, 12, solarize=0.5)
+    weak = mdra.weak_view(augmentations[0])
+    colours = torch.randint(0, 256, (8, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    images, skipped = colours[:, :, None, None].expand(8, 3, 20, 20).contiguous(), torch.zeros(8, dtype=torch.long)
+    alone = gpu_aug.DeviceTwoViews(*augmentations, 3, 0, 1, "cpu")(images, skipped, 2, 5)
+    views = gpu_aug.DeviceTwoViews(*augmentations, 3, 0, 1, "cpu", offline_views=(weak, weak))(images, skipped, 2, 5)
+    assert len(alone) == 3 and len(views) == 5 and views[4] is skipped
+    torch.testing.assert_close(views[0], alone[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(views[1], alone[1], rtol=0, atol=1e-6)
+    mean, std = torch.tensor(SMALL.mean)[:, None, None], torch.tensor(SMALL.std)[:, None, None]
+    expected = ((colours[:, :, None, None] / 255 - mean) / std).expand(8, 3, 12, 12)
+    for w in views[2:4]:
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-5)
+    recoloured = ((views[0] - expected).abs().flatten(1).amax(1) > 1e-3).sum()
+    assert recoloured >= 4  # colour jitter p 0.8, greyscale p 0.2
+    # And a run of mdra.py with them, its images held on the device.
+    ckpt = torch.load(mdra.main(["--data", "synthetic", "--synthetic-size", "32", "--max-steps", "1", *TINY,
+                                 "--offline-view", "weak", "--out-dir", str(tmp_path)]), weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["args"]["offline_view"] == "weak" and torch.isfinite(ckpt["queue"]).all()
+
+
 def test_mdra_gpu_aug_trains_on_an_image_folder_of_jpegs_with_a_worker(tmp_path, capsys):
     rng = np.random.default_rng(7)
     for i in range(16):

@@ -559,7 +559,6 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--tau", "0"], "--tau 0.0 must be positive."),
     (["--momentum", "1.5"], "--momentum 1.5 is not in [0, 1]."),
     (["--synthetic-size", "-5"], "--synthetic-size must be at least 1."),
-    (["--offline-view", "weak", "--gpu-aug"], "--offline-view weak is made by the CPU loader; leave out --gpu-aug."),
     (["--img-size", "16", "--no-small-stem"],
      "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process (it downsamples 32x)"),
     (["--compile", "--compile-backend", "bogus"], "--compile-backend 'bogus' is not a torch.compile backend"),
