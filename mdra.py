@@ -789,9 +789,10 @@ def pretrain_loader(images, info, args, env, num_batches):
     over and their "path: why" lines (SkippedImages); with --offline-view weak, (v1, v2, w1, w2, skipped,
     unread), w1 and w2 the offline encoder's views. With --gpu-aug its workers only read the files:
     it yields (undecoded images, skipped, unread), and device_views(images, skipped, epoch, batch index)
-    decodes and augments them on the device into (v1, v2, skipped) (or with w1, w2). An in-memory data set is then held
-    on the device instead, and the loader is a gpu_aug.ResidentImages, which gathers each micro-batch
-    there, without workers. epoch_batches gives any of them as (v1, v2, skipped, unread).
+    decodes and augments them on the device into (v1, v2, skipped), or (v1, v2, w1, w2, skipped). An
+    in-memory data set is then held on the device instead, and the loader is a gpu_aug.ResidentImages,
+    which gathers each micro-batch there, without workers. epoch_batches gives any of them as the CPU
+    loader's batches.
     """
     sampler = EpochSampler(len(images), args.batch_size, num_batches, env.world_size, env.rank, args.seed)
     cuda = env.device.type == "cuda"
