@@ -73,9 +73,7 @@ def features_from_images(args, env, bank_device):
     if args.holdout:  # the queries are training images that the bank leaves out, not the val split
         held_out = mdra.held_out_subset(bank_targets, [], args.holdout, args.seed)
         query_images, query_targets = Subset(bank_images, held_out), bank_targets[held_out]
-        in_bank = torch.ones(len(bank_images), dtype=torch.bool)
-        in_bank[held_out] = False
-        candidates = in_bank.nonzero().squeeze(1)
+        candidates = mdra.other_indices(len(bank_images), held_out)
     else:
         query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
         query_targets, candidates = torch.tensor(query_images.targets), torch.arange(len(bank_images))

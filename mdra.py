@@ -585,15 +585,20 @@ def per_class_draw(targets, counts, seed):
     return torch.cat(chosen).sort().values.tolist()
 
 
+def other_indices(n, indices):
+    """The indices of range(n) that are not in indices, in order, as a tensor."""
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[indices] = False
+    return kept.nonzero().squeeze(1)
+
+
 def held_out_subset(targets, labelled, size, seed):
     """Sorted indices of `size` training images outside the labelled subset, each class giving the same
     share of its images there (size * n_c / n, the largest remainders rounded up so that the shares add up
     to size), drawn apart from it: a validation set for choosing hyperparameters (as the field's 10k images
     held out of the ImageNet train split) that leaves the test split untouched."""
     targets = torch.as_tensor(targets)
-    rest = torch.ones(len(targets), dtype=torch.bool)
-    rest[labelled] = False
-    rest = rest.nonzero().squeeze(1)
+    rest = other_indices(len(targets), labelled)
     if not 0 < size <= len(rest):
         raise UsageError(f"--holdout {size} must be between 1 and the {len(rest)} training images it can hold out.")
     sizes = torch.bincount(targets[rest]).tolist()
