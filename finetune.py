@@ -279,10 +279,10 @@ def evaluate(model, loader, device, memory_format, autocast):
 # Fine-tuning (patent step 6) and the linear probe
 # ------------------------------------------------------------------------------------------------
 
-def resumed_args(out_dir):
-    """The settings of the run whose checkpoint is in out_dir; {} if there is none."""
+def resumed_checkpoint(out_dir):
+    """The checkpoint of the run that out_dir holds, read once for its settings and its state; None if none."""
     path = Path(out_dir) / "checkpoint.pth"
-    return runtime.load_out_dir_checkpoint(path, (CLASSIFIER_FORMAT,), "finetune.py")["args"] if path.is_file() else {}
+    return runtime.load_out_dir_checkpoint(path, (CLASSIFIER_FORMAT,), "finetune.py") if path.is_file() else None
 
 
 def resolve_sources(args, start, resumed):
@@ -332,9 +332,10 @@ def resolve_args(args, info, env, start):
     return args
 
 
-def finetune(args, env, start):
+def finetune(args, env, start, resumed=None):
     """Train the classifier on the labelled subset; returns the path of its checkpoint.
-    start: the pretraining checkpoint, or None for --random-init."""
+    start: the pretraining checkpoint, or None for --random-init; resumed: the checkpoint in --out-dir if the
+    caller has read it already (resumed_checkpoint), else it is read here."""
     out_dir = Path(args.out_dir)
     runtime.require_folder(out_dir, "--out-dir")
     runtime.on_main_rank(env, f"take --out-dir {out_dir}", runtime.lock_folder, out_dir, "--out-dir")
@@ -396,7 +397,8 @@ def finetune(args, env, start):
     if ckpt_path.exists():
         defaults = vars(get_parser().parse_args([]))
         ckpt = runtime.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, defaults, (CLASSIFIER_FORMAT,), data,
-                                              needs=("backbone", "head", "metrics"), writer="finetune.py")
+                                              needs=("backbone", "head", "metrics"), writer="finetune.py",
+                                              loaded=resumed)
         runtime.require_same_batchnorm_batch(ckpt, args.batch_size // env.world_size, ckpt_path)
         step = runtime.restore_checkpoint(ckpt, ckpt_path, {"backbone": (model.backbone, "the backbone"),
                                                             "head": (model.head, "the classifier head")},
@@ -704,8 +706,9 @@ def run(args):
     else:
         if start is not None:  # what fine-tuning reads of a pretraining checkpoint
             runtime.require_keys(start, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py")
-        args = resolve_sources(args, start, resumed_args(args.out_dir))
-        classifier_path, classifier = finetune(args, env, start), None
+        resumed = resumed_checkpoint(args.out_dir)
+        args = resolve_sources(args, start, resumed.get("args", {}) if resumed else {})
+        classifier_path, classifier = finetune(args, env, start, resumed), None
     if not (env.is_main and (args.export or args.predict)):
         return classifier_path
     classifier = classifier or runtime.load_checkpoint(classifier_path, formats=(CLASSIFIER_FORMAT,))

@@ -506,14 +506,16 @@ def load_out_dir_checkpoint(path, formats, writer):
                          f"give {writer} an --out-dir of its own.") from None
 
 
-def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None, needs=(), writer="mdra.py"):
+def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None, needs=(), writer="mdra.py",
+                           loaded=None):
     """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
     differs from the run's (the others define the model, the data, the schedule or the seed, so the run
     could not continue as the one it resumes), or if its images (data: their data_fingerprint) did.
     defaults: the parser's defaults. A setting the checkpoint lacks (a flag newer than it, or one a fork
     added) ran at its default; one whose default is None is chosen at run time and taken as it is now.
-    needs: the keys the run restores besides those of every training checkpoint; writer: the script."""
-    ckpt = load_out_dir_checkpoint(path, formats, writer)
+    needs: the keys the run restores besides those of every training checkpoint; writer: the script;
+    loaded: the checkpoint if the caller has read it from path already (load_out_dir_checkpoint)."""
+    ckpt = load_out_dir_checkpoint(path, formats, writer) if loaded is None else loaded
     require_keys(ckpt, path, ("args", "step", "optimizer", "scaler", *needs), writer)
     now = plain_values(args)
     saved = {**{k: now.get(k) if v is None else v for k, v in defaults.items()}, **ckpt["args"]}

@@ -310,14 +310,19 @@ def test_linear_probe_check_rejects_a_backbone_that_moved():
         finetune.check_backbone_unchanged(backbone, reference)
 
 
-def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(pretrained, tmp_path):
+def test_resuming_an_interrupted_run_gives_the_weights_of_an_uninterrupted_one(pretrained, tmp_path, monkeypatch):
     run = ["--ckpt", str(pretrained), *TINY, "--label-fraction", "0.25", "--epochs", "2",  # 2 steps per epoch
            "--lr-backbone", "0.03"]
     lr = ["--lr", "0.3"]  # as a run started when 0.3 was the default: resumed without --lr, it keeps its rate
     whole = load(finetune.main(run + lr + ["--out-dir", str(tmp_path / "whole")]))
     interrupted = load(finetune.main(run + lr + ["--out-dir", str(tmp_path / "parts"), "--max-steps", "3"]))
     assert interrupted["step"] == 3  # stopped inside the second epoch
+    read, load_checkpoint = [], runtime.load_checkpoint
+    monkeypatch.setattr(runtime, "load_checkpoint", lambda path, *a, **k: read.append(Path(path)) or
+                        load_checkpoint(path, *a, **k))
     resumed = load(finetune.main(run + ["--out-dir", str(tmp_path / "parts")]))
+    monkeypatch.undo()
+    assert read.count(tmp_path / "parts" / "checkpoint.pth") == 1  # its settings and its state, read once
     logged = [r["step"] for r in map(json.loads, (tmp_path / "parts" / "log.jsonl").read_text().splitlines())
               if "loss" in r and "event" not in r]
     assert logged == [1, 2, 3, 4]  # the second run trained only the missing step
