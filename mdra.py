@@ -340,6 +340,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 SYNTHETIC_CLASSES = 10
+SYNTHETIC_VAL_SEEDS = 10**9  # the first seed of synthetic evaluation images (load_synthetic)
 TRAIN_SPLITS = ("pretrain", "train")  # the splits of training images; the other one is "val"
 
 
@@ -490,12 +491,17 @@ def load_stl10(data_dir, split, **_):
 
 
 def load_synthetic(data_dir, split, synthetic_size, img_size):
-    """synthetic_size training images, or a quarter as many (at least one per class) to evaluate on."""
+    """synthetic_size training images, or a quarter as many (at least one per class) to evaluate on. Image i
+    is drawn from seed i, and an evaluation image from seed SYNTHETIC_VAL_SEEDS + i, so that no training
+    image is one of them."""
     if synthetic_size < 1:
         raise UsageError("--synthetic-size must be at least 1.")
+    if synthetic_size > SYNTHETIC_VAL_SEEDS:  # refused here rather than by the memory of its labels and names
+        raise UsageError(f"--synthetic-size must be at most {SYNTHETIC_VAL_SEEDS}: the evaluation images are drawn "
+                         f"from the seeds after that, so more training images would repeat them.")
     train = split in TRAIN_SPLITS
     size = synthetic_size if train else max(synthetic_size // 4, SYNTHETIC_CLASSES)
-    return SyntheticImages(size, img_size, offset=0 if train else 10**9)
+    return SyntheticImages(size, img_size, offset=0 if train else SYNTHETIC_VAL_SEEDS)
 
 
 @dataclass(frozen=True)

@@ -775,7 +775,7 @@ def add_shared_flags(parser, data_names, out_dir=None, from_checkpoint=False):
     a("--data-dir", default=default("data_dir"),
       help="where named data sets are read from or downloaded to" + help_default("data_dir"))
     a("--synthetic-size", type=int, default=default("synthetic_size"),
-      help="number of training images of --data synthetic" + help_default("synthetic_size"))
+      help="number of training images of --data synthetic (at most 10**9)" + help_default("synthetic_size"))
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")

@@ -559,6 +559,8 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--tau", "0"], "--tau 0.0 must be positive."),
     (["--momentum", "1.5"], "--momentum 1.5 is not in [0, 1]."),
     (["--synthetic-size", "-5"], "--synthetic-size must be at least 1."),
+    (["--synthetic-size", str(10**10)], "--synthetic-size must be at most 1000000000: the evaluation images are drawn "
+                                        "from the seeds after that, so more training images would repeat them."),
     (["--img-size", "16", "--no-small-stem"],
      "--img-size 16 is below 32, the smallest crop the ImageNet stem's network can process (it downsamples 32x)"),
     (["--compile", "--compile-backend", "bogus"], "--compile-backend 'bogus' is not a torch.compile backend"),
