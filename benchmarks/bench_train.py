@@ -10,7 +10,9 @@ One run prints one table (and writes it, a JSON line per row and the full log un
   as a fraction of a step;
 - data: mdra.py's loader (mdra.pretrain_loader: the real two-view augmentation and DataLoader settings)
   on an ImageFolder of JPEGs at ImageNet-like sizes that it generates (or --data), with --workers; with
-  --gpu-aug also the device path; against the step, to show which one is the bottleneck;
+  --gpu-aug also the device path; with --offline-views same weak, each also making the offline encoder's own
+  views (mdra.py --offline-view weak), against the same loader without them; against the step, to show which
+  one is the bottleneck;
 - e2e: the step of the first architecture fed by each loader, against the same step on synthetic data;
 - paths (only when named): mdra.py itself, run by its own command line (a process of its own per run
   on CUDA), on each path of PATHS (issue 17: both views in one pass, the data on the device, a
@@ -127,6 +129,9 @@ def get_parser():
     a("--workers", type=int)
     a("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
       help="also measure mdra.py --gpu-aug's loader and device augmentation")
+    a("--offline-views", nargs="+", choices=["same", "weak"], default=["same"],
+      help="the offline encoder's views of the data and e2e rows' loaders (mdra.py --offline-view): 'same weak' "
+           "measures each loader both ways, the weak-offline rows against the same loader's")
     a("--loss-batch", type=int)
     a("--loss-queue", type=int)
     a("--e2e-steps", type=int)
@@ -369,11 +374,11 @@ class TrainStep:
                                          accum_steps=args.accum_steps)
         self.accum_steps, self.device = args.accum_steps, device
 
-    def micro_step(self, v1, v2):
-        v1 = v1.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        v2 = v2.to(self.device, non_blocking=True, memory_format=self.memory_format)
+    def micro_step(self, v1, v2, *offline_views):
+        v1, v2, *offline_views = (v.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                                  for v in (v1, v2, *offline_views))
         _, _, self.queue_ptr = mdra.micro_step(self.online, self.offline, self.queue, self.queue_ptr, v1, v2,
-                                               self.loss_args, self.autocast, self.scaler)
+                                               self.loss_args, self.autocast, self.scaler, offline_views=offline_views)
 
     def optimizer_step(self):
         self.scaler.step(self.optimizer)
@@ -382,7 +387,8 @@ class TrainStep:
         mdra.ema_update(self.online, self.offline, 0.99)
 
     def __call__(self, batches):
-        """batches: a callable giving (v1, v2) for each micro-batch."""
+        """batches: a callable giving (v1, v2) for each micro-batch, or (v1, v2, w1, w2) with the offline
+        encoder's own views (--offline-view weak)."""
         for _ in range(self.accum_steps):
             self.micro_step(*batches())
         self.optimizer_step()
@@ -438,10 +444,10 @@ def make_image_folder(root, n, processes):
 class Loader:
     """mdra.py's pretraining loader for one process, with or without --gpu-aug; yields views on device."""
 
-    def __init__(self, root, args, device, gpu_aug):
+    def __init__(self, root, args, device, gpu_aug, offline_view="same"):
         self.images, info = mdra.build_dataset(str(root), args.data_dir, "pretrain")
         loader_args = SimpleNamespace(img_size=args.img_size, solarize=0.0, batch_size=args.batch_size, seed=0,
-                                      workers=args.workers, gpu_aug=gpu_aug, offline_view="same")
+                                      workers=args.workers, gpu_aug=gpu_aug, offline_view=offline_view)
         env = runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
         self.num_batches = len(self.images) // args.batch_size
         if self.num_batches < 2:
@@ -456,8 +462,8 @@ class Loader:
             self.sampler.set_epoch(self.epoch)
             epoch = mdra.epoch_batches(self.loader, self.device_views, self.epoch, 0)
             try:
-                for v1, v2, _, _ in epoch:  # the skipped counts and files
-                    yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+                for *views, _, _ in epoch:  # v1, v2 (and w1, w2 with weak offline views); the skipped counts and files
+                    yield tuple(v.to(self.device, non_blocking=True) for v in views)
             finally:  # a --gpu-aug prefetch thread stops with it
                 epoch.close()
             self.epoch += 1
@@ -616,13 +622,13 @@ def measure_data(report, loaders, args, device):
         what = f"loader {name}, {'held on the device' if held else f'{args.workers} workers'}, {args.size}"
         with failure_reported(report, "data", what):
             rate = loader_rate(loader, args.batch_size, args.workers, device)
-            report.add("data", what, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
+            report.add("data", what, loader=name, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
         if loader.device_views is not None:
             what = f"{name}: device work alone (decode + views)"
             with failure_reported(report, "data", what):
                 rate, ops = device_views_rate(loader, args.batch_size, device)
-                report.add("data", what, device_work=True, pairs_per_s=rate, ms=args.batch_size / rate * 1e3,
-                           host_ops=ops)
+                report.add("data", what, loader=name, device_work=True, pairs_per_s=rate,
+                           ms=args.batch_size / rate * 1e3, host_ops=ops)
 
 
 def measure_e2e(report, step, loaders, args, device):
@@ -646,8 +652,8 @@ def measure_e2e(report, step, loaders, args, device):
             if used > loader.num_batches:
                 note += (f"; crosses an epoch boundary ({loader.num_batches} micro-batches per epoch), whose "
                          f"restart a long epoch would pay far less often: give more --data-images")
-            report.add("e2e", what, pairs_per_s=rate, ms=pairs / rate * 1e3, window_rates=rates, data_wait=data_wait,
-                       note=note)
+            report.add("e2e", what, loader=name, pairs_per_s=rate, ms=pairs / rate * 1e3, window_rates=rates,
+                       data_wait=data_wait, note=note)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -902,6 +908,14 @@ def compare(rows, args):
             low, high = (min(row["window_rates"]) / reference["pairs_per_s"],
                          max(row["window_rates"]) / reference["pairs_per_s"])
             row["vs"] = f"{row['pairs_per_s'] / reference['pairs_per_s']:.2f}x (windows {low:.2f}–{high:.2f}x) the same step on synthetic data"
+    for row in rows:  # a loader with weak offline views against the same loader without them
+        same = row.get("loader", "").removesuffix(" weak-offline")
+        if "pairs_per_s" in row and same != row.get("loader", ""):
+            twin = next((r for r in rows if (r["section"], r.get("loader"), r.get("device_work")) ==
+                         (row["section"], same, row.get("device_work")) and "pairs_per_s" in r), None)
+            if twin:
+                ratio = f"{row['pairs_per_s'] / twin['pairs_per_s']:.2f}x the loader {same}"
+                row["vs"] = f"{row['vs']}; {ratio}" if row.get("vs") else ratio
 
 
 # ------------------------------------------------------------------------------------------------
@@ -987,10 +1001,11 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 kb = make_image_folder(generated, args.data_images, max(1, args.workers)) / 1e3
                 report.log(f"generated {args.data_images} JPEGs of {kb:.0f} kB on average in {time.perf_counter() - t0:.0f} s")
-            for gpu_aug in (False, True) if args.gpu_aug else (False,):
-                name = "gpu-aug" if gpu_aug else "cpu-aug"
+            for gpu_aug, offline_view in itertools.product((False, True) if args.gpu_aug else (False,),
+                                                           args.offline_views):
+                name = ("gpu-aug" if gpu_aug else "cpu-aug") + ("" if offline_view == "same" else " weak-offline")
                 with failure_reported(report, "data", f"loader {name}"):
-                    loaders[name] = Loader(root, args, device, gpu_aug)
+                    loaders[name] = Loader(root, args, device, gpu_aug, offline_view)
         if "data" in args.sections:
             measure_data(report, loaders, args, device)
         if "loss" in args.sections:

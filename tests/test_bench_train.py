@@ -105,6 +105,27 @@ def test_the_loader_of_a_named_data_set_is_measured(bench_train, tmp_path):
     assert "generated" not in (tmp_path / "log.txt").read_text()  # mdra.py's synthetic images, no JPEGs written
 
 
+def test_loaders_with_weak_offline_views_are_measured_against_the_same_loaders(bench_train, tmp_path):
+    args = bench_train.parse_args(["--data", "synthetic", "--img-size", "16", "--batch-size", "8", "--queue-size", "32",
+                                   "--workers", "0"])
+    for gpu_aug in (False, True):
+        same, weak = (next(bench_train.Loader("synthetic", args, torch.device("cpu"), gpu_aug, view).batches())
+                      for view in ("same", "weak"))
+        assert len(same) == 2 and len(weak) == 4  # v1, v2, then the offline encoder's w1, w2
+        assert all(torch.equal(a, b) for a, b in zip(same, weak))  # drawn after the two views, which stay
+        assert not torch.equal(weak[2], weak[0])
+    bench_train.main(["--sections", "data", "--data", "synthetic", "--img-size", "16", "--batch-size", "64",
+                      "--workers", "0", "--offline-views", "same", "weak", "--gpu-aug", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["loader"] for row in rows] == ["cpu-aug", "cpu-aug weak-offline", "gpu-aug", "gpu-aug",
+                                               "gpu-aug weak-offline", "gpu-aug weak-offline"]
+    table = (tmp_path / "table.md").read_text()
+    for row in rows[1], rows[4], rows[5]:  # each against the same loader's row of its kind
+        twin = next(r for r in rows if (r["loader"], r.get("device_work")) == (row["loader"].split()[0],
+                                                                                 row.get("device_work")))
+        assert f"| {row['pairs_per_s'] / twin['pairs_per_s']:.2f}x the loader {twin['loader']} |" in table
+
+
 def test_a_loaders_workers_stop_when_its_row_is_measured(bench_train, tmp_path):
     import multiprocessing
     bench_train.make_image_folder(tmp_path / "jpegs", 48, 1)
