@@ -280,7 +280,8 @@ def evaluate(model, loader, device, memory_format, autocast):
 # ------------------------------------------------------------------------------------------------
 
 def resumed_checkpoint(out_dir):
-    """The checkpoint of the run that out_dir holds, read once for its settings and its state; None if none."""
+    """The checkpoint of the run that out_dir holds, read once for its settings and its state (under the
+    out-dir's lock, so that no run writes it after); None if none."""
     path = Path(out_dir) / "checkpoint.pth"
     return runtime.load_out_dir_checkpoint(path, (CLASSIFIER_FORMAT,), "finetune.py") if path.is_file() else None
 
@@ -332,13 +333,11 @@ def resolve_args(args, info, env, start):
     return args
 
 
-def finetune(args, env, start, resumed=None):
-    """Train the classifier on the labelled subset; returns the path of its checkpoint.
-    start: the pretraining checkpoint, or None for --random-init; resumed: the checkpoint in --out-dir if the
-    caller has read it already (resumed_checkpoint), else it is read here."""
+def finetune(args, env, start, resumed):
+    """Train the classifier on the labelled subset in --out-dir, which the caller has locked; returns the path
+    of its checkpoint. start: the pretraining checkpoint, or None for --random-init; resumed: the checkpoint
+    in --out-dir (resumed_checkpoint), or None for a fresh run."""
     out_dir = Path(args.out_dir)
-    runtime.require_folder(out_dir, "--out-dir")
-    runtime.on_main_rank(env, f"take --out-dir {out_dir}", runtime.lock_folder, out_dir, "--out-dir")
     drawn_size = args.img_size or 32  # synthetic images are drawn at the size they will be used at
     train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
     runtime.require_two_classes(info.num_classes, args.data, "fine-tuning")
@@ -394,7 +393,7 @@ def finetune(args, env, start, resumed=None):
     step, metrics = 0, {}
     ckpt_path = out_dir / "checkpoint.pth"
     data = runtime.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
-    if ckpt_path.exists():
+    if resumed is not None:
         defaults = vars(get_parser().parse_args([]))
         ckpt = runtime.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, defaults, (CLASSIFIER_FORMAT,), data,
                                               needs=("backbone", "head", "metrics"), writer="finetune.py",
@@ -706,6 +705,8 @@ def run(args):
     else:
         if start is not None:  # what fine-tuning reads of a pretraining checkpoint
             runtime.require_keys(start, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py")
+        runtime.require_folder(args.out_dir, "--out-dir")
+        runtime.on_main_rank(env, f"take --out-dir {args.out_dir}", runtime.lock_folder, args.out_dir, "--out-dir")
         resumed = resumed_checkpoint(args.out_dir)
         args = resolve_sources(args, start, resumed.get("args", {}) if resumed else {})
         classifier_path, classifier = finetune(args, env, start, resumed), None
