@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
+import data
 import knn
 import mdra
 import runtime
@@ -67,15 +68,15 @@ def features_from_images(args, env, bank_device):
         given = getattr(args, name)  # None where left out: 0 or "" given is checked as given
         setattr(args, name, given if given is not None else saved.get(name) or default)
     args.img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or saved.get("img_size")
-    bank_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, args.img_size or 32)
+    bank_images, info = data.build_dataset(args.data, args.data_dir, "train", args.img_size or 32)
     runtime.require_two_classes(info.num_classes, args.data, "a kNN evaluation")
     bank_targets = torch.tensor(bank_images.targets)
     if args.holdout:  # the queries are training images that the bank leaves out, not the val split
-        held_out = mdra.held_out_subset(bank_targets, [], args.holdout, args.seed)
+        held_out = data.held_out_subset(bank_targets, [], args.holdout, args.seed)
         query_images, query_targets = Subset(bank_images, held_out), bank_targets[held_out]
-        candidates = mdra.other_indices(len(bank_images), held_out)
+        candidates = data.other_indices(len(bank_images), held_out)
     else:
-        query_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, args.img_size or 32)
+        query_images, _ = data.build_dataset(args.data, args.data_dir, "val", args.img_size or 32)
         query_targets, candidates = torch.tensor(query_images.targets), torch.arange(len(bank_images))
     args.img_size = args.img_size or info.native_size
     bank_indices = candidates[knn.bank_subset(len(candidates), args.knn_subset, args.seed)]
@@ -88,14 +89,14 @@ def features_from_images(args, env, bank_device):
         description += f", queries {args.holdout} train images held out of the bank (seed {args.seed})"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     net.to(env.device, memory_format=memory_format).eval()
-    transform = mdra.eval_transform(info, args.img_size)
+    transform = data.eval_transform(args.img_size, data.eval_resize(info, args.img_size), info.mean, info.std)
     extract = functools.partial(knn.extract_features, net, env=env, batch_size=args.batch_size, workers=args.workers,
                                 amp=args.amp, channels_last=args.channels_last)
     bank_shard = bank_indices[knn.shard(len(bank_indices), env)].tolist()
     query_shard = list(range(len(query_images))[knn.shard(len(query_images), env)])
-    bank = knn.gather_rows(extract(mdra.CentreCrops(Subset(bank_images, bank_shard), transform), out_device=bank_device,
+    bank = knn.gather_rows(extract(data.CentreCrops(Subset(bank_images, bank_shard), transform), out_device=bank_device,
                                    progress="train", then=len(query_shard)), env, args.chunk_mb)
-    queries = extract(mdra.CentreCrops(Subset(query_images, query_shard), transform), out_device=env.device,
+    queries = extract(data.CentreCrops(Subset(query_images, query_shard), transform), out_device=env.device,
                       progress="held-out" if args.holdout else "val")
     return bank, bank_targets[bank_indices], queries, query_targets, info.num_classes, description
 
@@ -261,8 +262,9 @@ def get_parser():
     a("--out", default=None, help="JSON file of the results; default: knn.json next to the checkpoint "
                                   "(knn_random-init.json, knn_pixels.json for the baselines; _held-out before .json "
                                   "with --holdout). It replaces an earlier result, never a file of another kind")
-    mdra.add_network_flags(p, from_checkpoint=True, small_stem=False)
-    runtime.add_shared_flags(p, mdra.SMALL_DATASETS, from_checkpoint=True)
+    mdra.add_network_flags(p, from_checkpoint=True)
+    runtime.add_data_flags(p, data.SMALL_DATASETS, from_checkpoint=True)
+    runtime.add_run_flags(p)
     return p
 
 

@@ -31,7 +31,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+import data
 import mdra
 import runtime
 from runtime import UsageError
@@ -118,7 +118,7 @@ def class_balanced_subset(targets, fraction, seed):
     """Sorted indices of fraction * n_c images (rounded half up, at least one) drawn from each class c
     by a seeded generator: every class gives the same share of its images; fraction 1 is the whole set."""
     sizes = torch.bincount(torch.as_tensor(targets)).tolist()
-    return mdra.per_class_draw(targets, [max(1, int(fraction * n + 0.5)) for n in sizes], seed)
+    return data.per_class_draw(targets, [max(1, int(fraction * n + 0.5)) for n in sizes], seed)
 
 
 def read_subset_file(path, names):
@@ -155,38 +155,11 @@ def read_subset_file(path, names):
 # Data: uint8 crops; the device turns them into [0, 1] floats (a quarter of the bytes to copy)
 # ------------------------------------------------------------------------------------------------
 
-def train_augmentation(info, img_size):
-    """The training transform, one definition for the CPU loader (train_transform) and --gpu-aug
-    (gpu_aug.HeldCrops): a random resized crop with the crop scales of mdra.py's pretraining, and a flip."""
-    return mdra.ViewAugmentation(size=(img_size, img_size), scale=(0.2, 1.0) if info.small else (0.08, 1.0),
-                                 flip_p=0.5)
-
-
 def train_transform(info, img_size):
-    """train_augmentation as torchvision transforms of a PIL image, to uint8."""
-    recipe = train_augmentation(info, img_size)
-    return T.Compose([T.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio,
+    """A random resized crop with the crop scales of mdra.py's pretraining, and a flip, to uint8."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0) if info.small else (0.08, 1.0),
                                           interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(recipe.flip_p), T.PILToTensor()])
-
-
-def held(images, indices):
-    """images[indices] of an in-memory data set (or a Subset of one) as uint8 [n, C, H, W] (C = 1 for grey
-    images) and their labels, for --gpu-aug to hold on the device."""
-    while isinstance(images, Subset):
-        indices, images = [images.indices[i] for i in indices], images.dataset
-    indices = list(indices)
-    return images.as_tensor(indices), [images.targets[i] for i in indices]
-
-
-def eval_transform(img_size, resize):
-    """Resize the shorter side, then the centre crop: mdra.eval_transform without its normalisation."""
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.PILToTensor()])
-
-
-def eval_resize(info, img_size):
-    return img_size if info.small else round(img_size * 256 / 224)  # 256 -> 224 for ImageNet-size data
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
 def to_unit_float(images, device, memory_format=torch.contiguous_format):
@@ -205,8 +178,8 @@ class AugmentedSubset(Dataset):
 
     def __getitem__(self, key):
         epoch, position = key
-        image, label, skipped = runtime.read_image(self.images, position)
-        with runtime.sample_rng(runtime.sample_seed(self.seed, epoch, position)):
+        image, label, skipped = data.read_image(self.images, position)
+        with data.sample_rng(data.sample_seed(self.seed, epoch, position)):
             return self.transform(image), label, len(skipped), "\n".join(skipped)
 
 
@@ -224,22 +197,26 @@ class FileHeaders(Dataset):
         try:
             with Image.open(self.paths[i]):
                 return ""
-        except runtime.READ_ERRORS as e:
-            return f"{self.paths[i]}: {runtime.read_error(e)}"
+        except data.READ_ERRORS as e:
+            return f"{self.paths[i]}: {data.read_error(e)}"
 
 
-def unopenable(images, indices, workers):
-    """The "path: why" of each of images[indices] that is a file PIL cannot open (none for images held in
-    memory). Headers only: decoding ImageNet's 50 000 validation images would take minutes before the
-    first epoch, so a file whose pixel data alone is damaged is still found by the evaluation."""
+def require_openable(images, indices, workers, env):
+    """Every rank raises the same error if any of images[indices] (each rank its own) is a file PIL cannot
+    open (none is, for images held in memory). Headers only: decoding ImageNet's 50 000 validation images
+    would take minutes before the first epoch, so a file whose pixel data alone is damaged is still found by
+    the evaluation."""
     base = images
     while isinstance(base, Subset):
         base = base.dataset
-    if not hasattr(base, "paths"):
-        return []
-    loader = DataLoader(FileHeaders([runtime.image_path(images, i) for i in indices]), batch_size=256,
-                        num_workers=workers, collate_fn=list, worker_init_fn=runtime.ignore_stop_signals)
-    return [why for batch in loader for why in batch if why]
+    unreadable = []
+    if hasattr(base, "paths"):
+        loader = DataLoader(FileHeaders([data.image_path(images, i) for i in indices]), batch_size=256,
+                            num_workers=workers, collate_fn=list, worker_init_fn=runtime.ignore_stop_signals)
+        unreadable = [why for batch in loader for why in batch if why]
+    total = runtime.all_reduce(torch.tensor(len(unreadable), device=env.device)).item()
+    if total:
+        raise unreadable_evaluation_error(total, unreadable)
 
 
 def unreadable_evaluation_error(total, unreadable):
@@ -266,9 +243,7 @@ def evaluate(model, loader, device, memory_format, autocast):
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         total += len(labels)
-    counts = torch.cat([hits_sum, torch.tensor([total, len(unreadable)], device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(counts)
+    counts = runtime.all_reduce(torch.cat([hits_sum, torch.tensor([total, len(unreadable)], device=device)]))
     top1, top5, total, unreadable_total = counts.tolist()
     if unreadable_total:
         raise unreadable_evaluation_error(unreadable_total, unreadable)
@@ -297,29 +272,26 @@ def resolve_sources(args, start, resumed):
     if args.data is None:
         args.data = resumed.get("data", pretrained.get("data", runtime.DATA_DEFAULTS["data"]))
     same_data = args.data == pretrained.get("data")
-    for name, default in (("data_dir", runtime.DATA_DEFAULTS["data_dir"]),
-                          ("synthetic_size", runtime.DATA_DEFAULTS["synthetic_size"]), ("img_size", None)):
+    for name, default in (("data_dir", runtime.DATA_DEFAULTS["data_dir"]), ("img_size", None)):
         if getattr(args, name) is None:
             fallback = pretrained.get(name, default) if same_data or name == "img_size" else default
             setattr(args, name, resumed.get(name, fallback))
     if args.lr is None:
-        args.lr = resumed.get("lr", SMALL_DATA_LR if args.data in mdra.SMALL_DATASETS else PATENT_LR)
+        named = args.data.partition(":")[0] in data.SMALL_DATASETS
+        args.lr = resumed.get("lr", SMALL_DATA_LR if named else PATENT_LR)
     return args
 
 
 def resolve_args(args, info, env, start):
     """Fill the defaults that depend on the checkpoint, data and device; check what cannot work."""
     if start is not None:  # the architecture is the pretrained one
-        for name in ("arch", "small_stem"):
-            given = getattr(args, name)
-            if given is not None and given != start[name]:
-                raise UsageError(f"--{name.replace('_', '-')} {given} does not match the checkpoint's "
-                                 f"{start[name]}; leave it out to use the checkpoint's.")
-            setattr(args, name, start[name])
+        if args.arch is not None and args.arch != start["arch"]:
+            raise UsageError(f"--arch {args.arch} does not match the checkpoint's {start['arch']}; leave it out to "
+                             "use the checkpoint's.")
+        args.arch = start["arch"]
     args.arch = args.arch or "resnet50"
     args.img_size = args.img_size or info.native_size
-    if args.small_stem is None:
-        args.small_stem = info.small or args.img_size <= 64
+    args.small_stem = start["small_stem"] if start is not None else info.small or args.img_size <= 64
     mdra.require_img_size(args.img_size, args.small_stem)
     runtime.resolve_speed_flags(args, env)
     if args.linear and args.lr_backbone is not None:
@@ -333,42 +305,32 @@ def resolve_args(args, info, env, start):
     return args
 
 
-def finetune(args, env, start, resumed):
-    """Train the classifier on the labelled subset in --out-dir, which the caller has locked; returns the path
-    of its checkpoint. start: the pretraining checkpoint, or None for --random-init; resumed: the checkpoint
-    in --out-dir (resumed_checkpoint), or None for a fresh run."""
-    out_dir = Path(args.out_dir)
+def labelled_data(args, env, start):
+    """(the training images, the labelled subset's indices in them, the evaluation images and their name,
+    what is known of the data, the resolved args): the labelled subset S2 (a --subset-file or a class-
+    balanced --label-fraction), evaluated on the validation split or on --holdout training images."""
     drawn_size = args.img_size or 32  # synthetic images are drawn at the size they will be used at
-    train_images, info = mdra.build_dataset(args.data, args.data_dir, "train", args.synthetic_size, drawn_size)
+    train_images, info = data.build_dataset(args.data, args.data_dir, "train", drawn_size)
     runtime.require_two_classes(info.num_classes, args.data, "fine-tuning")
-    if args.gpu_aug and not hasattr(train_images, "as_tensor"):
-        raise UsageError(f"--gpu-aug holds an in-memory data set on the device ({', '.join(mdra.SMALL_DATASETS)}); "
-                         f"the image folder {args.data} is read by the CPU loader: leave --gpu-aug out.")
     args = resolve_args(args, info, env, start)
-    device, cuda = env.device, env.device.type == "cuda"
-    log = runtime.Logger(out_dir, env.is_main)
-
     if args.subset_file:
         subset = read_subset_file(args.subset_file, train_images.names)
     else:
         subset = class_balanced_subset(train_images.targets, args.label_fraction or 1.0, args.seed)
-    if args.holdout:  # evaluate on training images the classifier never sees, not on the validation split
-        if len(subset) == len(train_images):  # all labels: the held-out images leave the labelled set
-            held_out = mdra.held_out_subset(train_images.targets, [], args.holdout, args.seed)
-            subset = sorted(set(subset) - set(held_out))
-        else:
-            held_out = mdra.held_out_subset(train_images.targets, subset, args.holdout, args.seed)
-        eval_images, eval_name = Subset(train_images, held_out), "held-out"
+    if not args.holdout:
+        return train_images, subset, data.build_dataset(args.data, args.data_dir, "val", drawn_size)[0], "val", info, args
+    # Evaluated on training images the classifier never sees, not on the validation split.
+    if len(subset) == len(train_images):  # all labels: the held-out images leave the labelled set
+        held_out = data.held_out_subset(train_images.targets, [], args.holdout, args.seed)
+        subset = sorted(set(subset) - set(held_out))
     else:
-        eval_images, _ = mdra.build_dataset(args.data, args.data_dir, "val", args.synthetic_size, drawn_size)
-        eval_name = "val"
-    steps_per_epoch = len(subset) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(f"the labelled subset has {len(subset)} images, fewer than one batch of "
-                         f"{args.batch_size}; lower --batch-size.")
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+        held_out = data.held_out_subset(train_images.targets, subset, args.holdout, args.seed)
+    return train_images, subset, Subset(train_images, held_out), "held-out", info, args
 
+
+def build_classifier(args, start, info, device, memory_format):
+    """The classifier (patent step 5) on device, its backbone the pretrained one (or random), and its SGD
+    optimizer: the backbone's learning rate is --lr-backbone's if given, and it has none when frozen."""
     torch.manual_seed(args.seed)  # the same new head (and random backbone) on every rank
     backbone, width = mdra.build_backbone(args.arch, args.small_stem)
     model = Classifier(backbone, width, info.num_classes, info.mean, info.std)
@@ -376,215 +338,191 @@ def finetune(args, env, start, resumed):
         runtime.load_strict(model.backbone, start["backbone"], f"the backbone in {args.ckpt}")
     if args.linear:
         model.backbone.requires_grad_(False)
-        reference = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
-
     groups = [dict(params=list(model.head.parameters()), lr=args.lr)]
     if not args.linear:
         groups.append(dict(params=list(model.backbone.parameters()),
                            lr=args.lr if args.lr_backbone is None else args.lr_backbone))
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    cosine = mdra.warmup_cosine(1.0, total_steps, 0)  # per step, from 1 to 0
-    amp_dtype = runtime.AMP_DTYPES[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return model, width, torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
-    step, metrics = 0, {}
-    ckpt_path = out_dir / "checkpoint.pth"
-    data = runtime.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
-    if resumed is not None:
-        defaults = vars(get_parser().parse_args([]))
-        ckpt = runtime.load_resume_checkpoint(ckpt_path, args, RESUME_MAY_CHANGE, defaults, (CLASSIFIER_FORMAT,), data,
-                                              needs=("backbone", "head", "metrics"), writer="finetune.py",
-                                              loaded=resumed)
-        runtime.require_same_batchnorm_batch(ckpt, args.batch_size // env.world_size, ckpt_path)
-        step = runtime.restore_checkpoint(ckpt, ckpt_path, {"backbone": (model.backbone, "the backbone"),
-                                                            "head": (model.head, "the classifier head")},
-                                          optimizer, scaler)
-        metrics = ckpt["metrics"]
-        log.print(f"resumed from {ckpt_path} at step {step}")
-    runtime.require_same_on_every_rank(env, runtime.resumed_state(step, data))
-    if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
-        names = "".join(train_images.names[i] + "\n" for i in subset)
-        with runtime.atomic_file(out_dir / "subset.txt", len(names.encode())) as tmp:
-            tmp.write_text(names)
 
-    model_raw = model
-    if args.compile:  # compiled in place, so state-dict keys stay plain
-        model.compile(backend=args.compile_backend)
-    if env.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+class FineTuning:
+    """A fine-tuning (or linear-probe) run in --out-dir, which the caller has locked: the classifier, its
+    optimizer, its data and its loop. start: the pretraining checkpoint, or None for --random-init; resumed:
+    the checkpoint in --out-dir (resumed_checkpoint), or None for a fresh run."""
 
-    # Augmentation is keyed by (seed, epoch, position), so no random state needs saving for resume.
-    labelled = Subset(train_images, subset)
-    runtime.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one clear error
-    sampler = mdra.EpochSampler(len(subset), args.batch_size, steps_per_epoch, env.world_size, env.rank, args.seed)
-    resize = eval_resize(info, args.img_size)
-    val_set = Subset(mdra.CentreCrops(eval_images, eval_transform(args.img_size, resize)),
-                     range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
-    val_loader = None
-    if args.gpu_aug:
-        import gpu_aug  # the optional device path lives in its own module
-        loader = gpu_aug.HeldCrops(*held(train_images, subset), train_augmentation(info, args.img_size), sampler,
-                                   args.seed, env.rank, env.world_size, device)
-        eval_tensor, eval_labels = held(eval_images, val_set.indices)
-        if eval_tensor.shape[-2:] == (args.img_size, args.img_size):  # the centre crop is the whole image
-            val_loader = gpu_aug.HeldImages(eval_tensor, eval_labels, args.batch_size // env.world_size, device)
-    else:
-        train_set = AugmentedSubset(labelled, train_transform(info, args.img_size), args.seed)
-        loader = runtime.data_loader(train_set, args.batch_size // env.world_size, args.workers, device, sampler=sampler)
-    if val_loader is None:
-        val_loader = runtime.data_loader(val_set, args.batch_size // env.world_size, args.workers, device)
+    def __init__(self, args, env, start, resumed):
+        train_images, subset, eval_images, self.eval_name, self.info, args = labelled_data(args, env, start)
+        self.args, self.env, self.start, device = args, env, start, env.device
+        self.log, self.ckpt_path = runtime.Logger(args.out_dir, env.is_main), Path(args.out_dir) / "checkpoint.pth"
+        self.steps_per_epoch = len(subset) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"the labelled subset has {len(subset)} images, fewer than one batch of "
+                             f"{args.batch_size}; lower --batch-size.")
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model, self.width, self.optimizer = build_classifier(args, start, self.info, device, self.memory_format)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self.fingerprint = runtime.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
+        ckpt = runtime.restart_from_checkpoint(
+            self.ckpt_path, args, get_parser(), RESUME_MAY_CHANGE, self.fingerprint, args.batch_size // env.world_size,
+            {"backbone": (self.model.backbone, "the backbone"), "head": (self.model.head, "the classifier head")},
+            self.optimizer, self.scaler, env, self.log, (CLASSIFIER_FORMAT,), ("metrics",), "finetune.py",
+            loaded=resumed)
+        self.step, self.metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
+        self.progress, self.eval_times, self.warned = runtime.Progress(device, self.step), [], False
+        if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
+            names = "".join(train_images.names[i] + "\n" for i in subset)
+            with runtime.atomic_file(Path(args.out_dir) / "subset.txt", len(names.encode())) as tmp:
+                tmp.write_text(names)
 
-    last_saved = step
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device, read only when logging or saving
+        labelled = Subset(train_images, subset)
+        data.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one sentence
+        self.sampler = data.EpochSampler(len(subset), args.batch_size, self.steps_per_epoch, env.world_size, env.rank,
+                                         args.seed)
+        self.loader = runtime.data_loader(AugmentedSubset(labelled, train_transform(self.info, args.img_size), args.seed),
+                                          args.batch_size // env.world_size, args.workers, device, sampler=self.sampler)
+        self.resize = data.eval_resize(self.info, args.img_size)
+        val_set = Subset(data.CentreCrops(eval_images, data.eval_transform(args.img_size, self.resize)),
+                         range(env.rank, len(eval_images), env.world_size))  # every image on exactly one rank
+        self.val_loader = runtime.data_loader(val_set, args.batch_size // env.world_size, args.workers, device)
+        self.eval_size = len(eval_images)
+        self.eval_epochs = [e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs]
+        runtime.announce(self.log, "finetune.py", env, args, labelled_images=len(subset))
+        self.log.print(
+            f"{'linear probe (frozen backbone)' if args.linear else 'fine-tuning'} of {args.arch} from "
+            f"{'random initialisation' if start is None else args.ckpt}: {len(subset)} of {len(train_images)} labelled "
+            f"images ({100 * len(subset) / len(train_images):.3g}%), {self.steps_per_epoch} steps per epoch of "
+            f"{args.batch_size}, {len(eval_images)} " + ("held-out training" if args.holdout else "validation")
+            + " images evaluated " + ("after every epoch" if args.eval_every == 1 else f"every {args.eval_every} epochs"))
+        require_openable(eval_images, val_set.indices, args.workers, env)  # before the first epoch, not after it
 
-    def check_finite(since):
-        runtime.raise_if_nonfinite(nonfinite, since, step, ckpt_path, "finetune.py", hint=" (try a lower --lr)")
+    def run(self):
+        """Train to the end (or --max-steps), check the linear probe's frozen backbone; returns the checkpoint."""
+        reference = {k: v.clone() for k, v in self.model.backbone.state_dict().items()} if self.args.linear else None
+        self.train()
+        if self.args.linear:
+            check_backbone_unchanged(self.model.backbone, reference)
+            self.log.print("linear probe: the backbone is bit-identical to the one it started from")
+        metrics = self.metrics
+        self.log.print(f"done: {self.step} steps" + (
+            f"; {metrics.get('eval', 'val')} top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
+            f"{metrics['epoch']}" if metrics else "") + f"; checkpoint: {self.ckpt_path.resolve()}")
+        return self.ckpt_path
 
-    def save():
-        nonlocal last_saved
-        check_finite(last_saved)  # never write weights a non-finite loss has touched
-        last_saved = step
+    def train(self):
+        """The epochs from self.step on: SGD with a cosine per step, a log line every --log-every steps, an
+        evaluation every --eval-every epochs and the checkpoint after each epoch."""
+        args, env, device, model_raw, progress = self.args, self.env, self.env.device, self.model, self.progress
+        model = model_raw
+        if args.compile:  # compiled in place, so state-dict keys stay plain
+            model.compile(backend=args.compile_backend)
+        if env.world_size > 1:
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        total_steps = args.epochs * self.steps_per_epoch
+        last_step = min(total_steps, args.max_steps or total_steps)
+        cosine = mdra.warmup_cosine(1.0, total_steps, 0)  # per step, from 1 to 0
+        base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        autocast = runtime.autocast(device, args.amp)
+        skips = data.SkippedImages(self.log)
+        runtime.defer_stop_signals()
+        ended = self.step // self.steps_per_epoch  # the epochs trained to their end
+        if self.step % self.steps_per_epoch == 0 and ended in self.eval_epochs and self.metrics.get("epoch") != ended:
+            # A stop signal or a crash after the epoch's last step came before its evaluation; the loop starts
+            # at the next epoch, so the evaluation is now (of the same weights).
+            self.evaluate_epoch(ended, autocast, None)
+            self.save()
+        for epoch in range(self.step // self.steps_per_epoch, args.epochs):
+            if self.step >= last_step:
+                break
+            self.sampler.set_epoch(epoch, start_batch=self.step % self.steps_per_epoch)
+            model.train()
+            if args.linear:
+                model_raw.backbone.eval()  # BatchNorm keeps the pretrained statistics
+            epoch_tic = time.perf_counter()
+            for images, labels, skipped, unread in runtime.timed(self.loader, progress):
+                skips.add(skipped, unread)
+                for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
+                    group["lr"] = base_lr * float(cosine[self.step])
+                with autocast:
+                    loss = F.cross_entropy(model(to_unit_float(images, device, self.memory_format)),
+                                           labels.to(device, non_blocking=True))
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                progress.add(loss.detach())
+                if self.step % args.log_every == 0 or self.step == last_step:
+                    self.log_window(epoch, base_lrs[0] * float(cosine[self.step - 1]), last_step, skips)
+                runtime.exit_if_stop_requested(env.control, self.save, self.log, self.step, self.ckpt_path)
+                if self.step % args.save_every == 0:
+                    self.save()
+                if self.step >= last_step:
+                    break
+            if self.step < (epoch + 1) * self.steps_per_epoch:  # --max-steps ended the run inside this epoch
+                break
+            if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
+                runtime.broadcast_buffers(model_raw)
+            if epoch + 1 in self.eval_epochs:
+                self.evaluate_epoch(epoch + 1, autocast, epoch_tic)
+                progress.tic += self.eval_times[-1]  # the training speed of the next log line leaves it out
+            self.save()
+        if progress.last_saved != self.step:
+            self.save()
 
-        def write():
-            runtime.save_checkpoint(runtime.checkpoint_state(
-                CLASSIFIER_FORMAT, args, step, steps_per_epoch, width, model_raw.backbone, optimizer, scaler, info,
-                data, args.batch_size // env.world_size, head=model_raw.head.state_dict(),
-                num_classes=info.num_classes, class_names=list(info.class_names), resize=resize, metrics=metrics),
-                ckpt_path)
-        runtime.on_main_rank(env, "write the checkpoint", write)
+    def log_window(self, epoch, lr, last_step, skips):
+        """The log line and record of the steps since the last one. The eta counts the evaluations still due at
+        the mean time of those done; before the first, at the training speed, an evaluated image costing a
+        third of a trained one (no backward pass) or, in the linear probe, as much."""
+        args, step = self.args, self.step
+        window = self.progress.window(step, args.batch_size, last_step, self.env, self.ckpt_path, "finetune.py",
+                                      hint=" (try a lower --lr)")
+        evals_left = sum(step <= e * self.steps_per_epoch <= last_step for e in self.eval_epochs)
+        eval_s = (sum(self.eval_times) / len(self.eval_times) if self.eval_times
+                  else self.eval_size / window["rate"] / (1 if args.linear else 3))
+        record = {"epoch": epoch + 1, "step": step, "loss": window["loss"], "lr": lr, "images_per_s": window["rate"],
+                  "data_wait": window["data_wait"], "eta_s": window["eta_s"] + evals_left * eval_s,
+                  "peak_mem_gb": window["peak_mem_gb"], "skipped_images": skips.total}
+        eta = str(datetime.timedelta(seconds=round(record["eta_s"])))
+        eta = "~" + eta if evals_left and not self.eval_times else eta  # an estimate until an evaluation is timed
+        self.log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{args.epochs * self.steps_per_epoch} loss "
+                       f"{record['loss']:.4f} lr {lr:.4g} {record['images_per_s']:.0f} img/s data "
+                       f"{100 * record['data_wait']:.0f}% eta {eta} mem {record['peak_mem_gb']:.2f}G"
+                       + (f" skipped {skips.total}" if skips.total else ""))
+        self.log.json(record)
+        chance = math.log(self.info.num_classes)
+        if record["loss"] > 2 * chance and not self.warned:  # e.g. the patent's lr 0.3 on 10 classes
+            self.warned = True
+            self.log.print(f"warning: the training loss {record['loss']:.2f} is over twice the chance level "
+                           f"ln {self.info.num_classes} = {chance:.2f}: the learning rate is likely too high for this "
+                           "data; try a lower --lr (--holdout chooses one without the test split).")
 
-    control = env.control  # a CPU channel for the stop flag (None in one process)
-    runtime.announce(log, "finetune.py", env, args, labelled_images=len(subset))
-    mode = "linear probe (frozen backbone)" if args.linear else "fine-tuning"
-    origin = "random initialisation" if start is None else args.ckpt
-    log.print(f"{mode} of {args.arch} from {origin}: {len(subset)} of {len(train_images)} labelled images "
-              f"({100 * len(subset) / len(train_images):.3g}%), {steps_per_epoch} steps per epoch of "
-              f"{args.batch_size}, {len(eval_images)} " + ("held-out training" if args.holdout else "validation")
-              + " images evaluated " + ("after every epoch" if args.eval_every == 1 else f"every {args.eval_every} epochs"))
-    if args.gpu_aug:
-        log.print(loader.summary() + ("; evaluation images too" if isinstance(val_loader, gpu_aug.HeldImages) else
-                                      "; evaluation images by the loader, as their centre crops resize them"))
-    unreadable = unopenable(eval_images, val_set.indices, args.workers)  # before the first epoch, not after it
-    unreadable_total = torch.tensor(len(unreadable), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(unreadable_total)  # so that every rank raises the same error
-    if unreadable_total.item():
-        raise unreadable_evaluation_error(unreadable_total.item(), unreadable)
-
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    loss_sum = torch.zeros((), device=device)  # since the last log line
-    skips = runtime.SkippedImages(log)
-    chance_loss, warned = math.log(info.num_classes), False
-    eval_epochs = [e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs]
-    eval_times = []  # seconds per evaluation, in this process
-
-    def evaluate_epoch(epoch, epoch_tic=None):
-        """Evaluate the network after epoch (counted from 1) and log it; returns the metrics. epoch_tic: when
-        the epoch's training began in this process (None: in an earlier one)."""
+    def evaluate_epoch(self, epoch, autocast, epoch_tic):
+        """Evaluate the network after epoch (counted from 1), log it and keep it as self.metrics. epoch_tic:
+        when the epoch's training began in this process (None: in an earlier one)."""
         eval_tic = time.perf_counter()
         try:
-            top1, top5, counted = evaluate(model_raw, val_loader, device, memory_format, autocast)
+            top1, top5, counted = evaluate(self.model, self.val_loader, self.env.device, self.memory_format, autocast)
         except UsageError:  # an unreadable image, on every rank: keep the epoch it evaluated
-            save()
+            self.save()
             raise
-        eval_times.append(time.perf_counter() - eval_tic)
-        evaluated = {"epoch": epoch, "top1": top1, "top5": top5, "eval": eval_name, "eval_images": counted}
-        log.print(f"epoch {epoch}/{args.epochs} {eval_name} top-1 {top1:.2f} top-5 {top5:.2f} ({counted} images)")
-        log.json({"event": "epoch", **evaluated, "step": step,
-                  **({"resumed": True} if epoch_tic is None else {"time_s": time.perf_counter() - epoch_tic})})
-        return evaluated
+        self.eval_times.append(time.perf_counter() - eval_tic)
+        self.metrics = {"epoch": epoch, "top1": top1, "top5": top5, "eval": self.eval_name, "eval_images": counted}
+        self.log.print(f"epoch {epoch}/{self.args.epochs} {self.eval_name} top-1 {top1:.2f} top-5 {top5:.2f} "
+                       f"({counted} images)")
+        self.log.json({"event": "epoch", **self.metrics, "step": self.step,
+                       **({"resumed": True} if epoch_tic is None else {"time_s": time.perf_counter() - epoch_tic})})
 
-    runtime.defer_stop_signals()
-    ended = step // steps_per_epoch  # the epochs trained to their end
-    if step % steps_per_epoch == 0 and ended in eval_epochs and metrics.get("epoch") != ended:
-        # A stop signal or a crash after the epoch's last step came before its evaluation; the loop starts
-        # at the next epoch, so the evaluation is now (of the same weights).
-        metrics = evaluate_epoch(ended)
-        save()
-    tic, data_time, logged_step = time.perf_counter(), 0.0, step
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        model.train()
-        if args.linear:
-            model_raw.backbone.eval()  # BatchNorm keeps the pretrained statistics
-        epoch_tic = t0 = time.perf_counter()
-        for images, labels, skipped, unread in loader:
-            data_time += time.perf_counter() - t0
-            skips.add(skipped, unread)
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base_lr * float(cosine[step])
-            labels = labels.to(device, non_blocking=True)
-            with autocast:
-                loss = F.cross_entropy(model(to_unit_float(images, device, memory_format)), labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss = loss.detach()
-            nonfinite |= ~torch.isfinite(loss)
-            loss_sum += loss
-
-            if step % args.log_every == 0 or step == last_step:
-                check_finite(logged_step)
-                if dist.is_initialized():
-                    dist.all_reduce(loss_sum)
-                elapsed, steps = time.perf_counter() - tic, step - logged_step
-                images_per_s = steps * args.batch_size / elapsed
-                # The evaluations still due count at the mean time of those done; before the first, at the
-                # training speed, an evaluated image costing a third of a trained one (no backward pass)
-                # or, in the linear probe, as much.
-                evals_left = sum(step <= e * steps_per_epoch <= last_step for e in eval_epochs)
-                eval_s = (sum(eval_times) / len(eval_times) if eval_times
-                          else len(eval_images) / images_per_s / (1 if args.linear else 3))
-                record = {"epoch": epoch + 1, "step": step, "loss": loss_sum.item() / env.world_size / steps,
-                          "lr": base_lrs[0] * float(cosine[step - 1]), "images_per_s": images_per_s,
-                          "data_wait": data_time / elapsed,
-                          "eta_s": elapsed / steps * (last_step - step) + evals_left * eval_s,
-                          "peak_mem_gb": runtime.peak_memory_gb(device), "skipped_images": skips.total}
-                eta = str(datetime.timedelta(seconds=round(record["eta_s"])))
-                eta = "~" + eta if evals_left and not eval_times else eta  # an estimate until an evaluation is timed
-                log.print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
-                          f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
-                          f"data {100 * record['data_wait']:.0f}% eta {eta} "
-                          f"mem {record['peak_mem_gb']:.2f}G" + (f" skipped {skips.total}" if skips.total else ""))
-                log.json(record)
-                if record["loss"] > 2 * chance_loss and not warned:  # e.g. the patent's lr 0.3 on 10 classes
-                    warned = True
-                    log.print(f"warning: the training loss {record['loss']:.2f} is over twice the chance level "
-                              f"ln {info.num_classes} = {chance_loss:.2f}: the learning rate is likely too high for "
-                              "this data; try a lower --lr (--holdout chooses one without the test split).")
-                loss_sum.zero_()
-                tic, data_time, logged_step = time.perf_counter(), 0.0, step
-            runtime.exit_if_stop_requested(control, save, log, step, ckpt_path)
-            if step % args.save_every == 0:
-                save()
-            if step >= last_step:
-                break
-            t0 = time.perf_counter()
-
-        if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run inside this epoch
-            break
-        if env.world_size > 1:  # each rank's last batch moved its own BatchNorm statistics
-            runtime.broadcast_buffers(model_raw)
-        if epoch + 1 in eval_epochs:
-            metrics = evaluate_epoch(epoch + 1, epoch_tic)
-            tic += eval_times[-1]  # the training speed of the next log line leaves it out
-        save()
-
-    if last_saved != step:
-        save()
-    if args.linear:
-        check_backbone_unchanged(model_raw.backbone, reference)
-        log.print("linear probe: the backbone is bit-identical to the one it started from")
-    log.print(f"done: {step} steps" + (f"; {metrics.get('eval', 'val')} top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} after epoch "
-                                        f"{metrics['epoch']}" if metrics else "") + f"; checkpoint: {ckpt_path.resolve()}")
-    return ckpt_path
+    def save(self):
+        """Write the classifier checkpoint (rank 0); never weights that a non-finite loss has touched."""
+        args, info, progress = self.args, self.info, self.progress
+        progress.check_finite(progress.last_saved, self.step, self.ckpt_path, "finetune.py", hint=" (try a lower --lr)")
+        progress.last_saved = self.step
+        runtime.save_on_main(self.env, lambda: runtime.checkpoint_state(
+            CLASSIFIER_FORMAT, args, self.step, self.steps_per_epoch, self.width, self.model.backbone, self.optimizer,
+            self.scaler, info, self.fingerprint, args.batch_size // self.env.world_size, head=self.model.head.state_dict(),
+            num_classes=info.num_classes, class_names=list(info.class_names), resize=self.resize, metrics=self.metrics),
+            self.ckpt_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,14 +575,14 @@ def image_files(paths):
 
 def open_image(path):
     with Image.open(path) as image:
-        return runtime.rgb(image)
+        return data.rgb(image)
 
 
 @torch.no_grad()
 def predict(model, files, ckpt, device, batch_size):
     """Print each image's five most probable classes with their probabilities. A file that cannot be
     read is named on stderr with the reason, the others are classified, and then their count is an error."""
-    transform = eval_transform(ckpt["img_size"], ckpt["resize"])
+    transform = data.eval_transform(ckpt["img_size"], ckpt["resize"])
     model.to(device)
     unreadable = 0
     for first in range(0, len(files), batch_size):
@@ -655,7 +593,7 @@ def predict(model, files, ckpt, device, batch_size):
             try:
                 images.append(transform(open_image(path)))
                 paths.append(path)
-            except runtime.READ_ERRORS as e:
+            except data.READ_ERRORS as e:
                 print(f"{path}: cannot be read ({e})", file=sys.stderr)
                 unreadable += 1
         if not paths:
@@ -674,20 +612,9 @@ def predict(model, files, ckpt, device, batch_size):
 # ------------------------------------------------------------------------------------------------
 
 def run(args):
-    if args.export:  # checked now: the export comes after the training
-        runtime.require_folder(Path(args.export).parent, "--export's folder")
-        if Path(args.export).is_dir():
-            raise UsageError(f"--export {args.export} is a folder; give a file name, "
-                             f"e.g. {Path(args.export) / 'classifier.pt'}.")
-    if args.export and Path(args.export).suffix not in (".pt", ".pt2"):
-        raise UsageError(f"--export {args.export} must end in .pt (TorchScript) or .pt2 (torch.export).")
-    if bool(args.ckpt) == args.random_init:
-        raise UsageError("give either --ckpt (a pretraining or fine-tuned checkpoint) or --random-init.")
-    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
-        raise UsageError(f"--label-fraction {args.label_fraction} is not in (0, 1].")
-    if args.label_fraction is not None and args.subset_file:
-        raise UsageError("give --label-fraction or --subset-file, not both.")
-    runtime.require_at_least(1, args, "batch_size")  # here too: --predict of a classifier skips resolve_args
+    """Fine-tune (or resume fine-tuning), then --export or --predict with the classifier; or, given a fine-tuned
+    checkpoint, only --export or --predict."""
+    check_flags(args)
     predict_files = image_files(args.predict) if args.predict else None  # before training, which may be long
     env = runtime.setup_distributed(args.device)
     start = runtime.load_checkpoint(args.ckpt, formats=("mdra", CLASSIFIER_FORMAT)) if args.ckpt else None
@@ -705,21 +632,37 @@ def run(args):
     else:
         if start is not None:  # what fine-tuning reads of a pretraining checkpoint
             runtime.require_keys(start, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py")
-        runtime.require_folder(args.out_dir, "--out-dir")
-        runtime.on_main_rank(env, f"take --out-dir {args.out_dir}", runtime.lock_folder, args.out_dir, "--out-dir")
+        runtime.take_out_dir(args.out_dir, env)
         resumed = resumed_checkpoint(args.out_dir)
         args = resolve_sources(args, start, resumed.get("args", {}) if resumed else {})
-        classifier_path, classifier = finetune(args, env, start, resumed), None
-    if not (env.is_main and (args.export or args.predict)):
-        return classifier_path
-    classifier = classifier or runtime.load_checkpoint(classifier_path, formats=(CLASSIFIER_FORMAT,))
-    model = load_classifier(classifier, classifier_path)
-    if args.export:
-        export(model, args.export, classifier)
-        print(f"exported the classifier of {classifier_path} to {args.export}")
-    if args.predict:
-        predict(model, predict_files, classifier, env.device, args.batch_size)
+        classifier_path, classifier = FineTuning(args, env, start, resumed).run(), None
+    if env.is_main and (args.export or args.predict):
+        classifier = classifier or runtime.load_checkpoint(classifier_path, formats=(CLASSIFIER_FORMAT,))
+        model = load_classifier(classifier, classifier_path)
+        if args.export:
+            export(model, args.export, classifier)
+            print(f"exported the classifier of {classifier_path} to {args.export}")
+        if args.predict:
+            predict(model, predict_files, classifier, env.device, args.batch_size)
     return classifier_path
+
+
+def check_flags(args):
+    """What the flags alone say cannot work, before any work."""
+    if args.export:  # checked now: the export comes after the training
+        runtime.require_folder(Path(args.export).parent, "--export's folder")
+        if Path(args.export).is_dir():
+            raise UsageError(f"--export {args.export} is a folder; give a file name, "
+                             f"e.g. {Path(args.export) / 'classifier.pt2'}.")
+        if Path(args.export).suffix not in (".pt", ".pt2"):
+            raise UsageError(f"--export {args.export} must end in .pt2 (torch.export) or .pt (TorchScript).")
+    if bool(args.ckpt) == args.random_init:
+        raise UsageError("give either --ckpt (a pretraining or fine-tuned checkpoint) or --random-init.")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise UsageError(f"--label-fraction {args.label_fraction} is not in (0, 1].")
+    if args.label_fraction is not None and args.subset_file:
+        raise UsageError("give --label-fraction or --subset-file, not both.")
+    runtime.require_at_least(1, args, "batch_size")  # here too: --predict of a classifier skips resolve_args
 
 
 def refuse_unused_flags(args):
@@ -740,8 +683,9 @@ def get_parser():
         description="Fine-tune (or linearly probe) an MDRA backbone with a linear classifier on a labelled "
                     "subset, export it, classify images (defaults: the patent's 100 epochs of SGD at lr 0.3; "
                     "0.03 on small data sets). --out-dir also gets subset.txt, the labelled images; a run resumed "
-                    "there keeps, left out, its --data, --data-dir, --synthetic-size, --img-size and --lr.")
-    a = p.add_argument
+                    "there keeps, left out, its --data, --data-dir, --img-size and --lr.")
+    tuning = p.add_argument_group("fine-tuning and the linear probe")
+    a = tuning.add_argument
     a("--ckpt", default=None,
       help="a pretraining checkpoint (mdra.py) to fine-tune, or a fine-tuned one to --export or --predict with")
     a("--random-init", action="store_true", help="start from random weights: the supervised-from-scratch baseline")
@@ -767,17 +711,15 @@ def get_parser():
     a("--lr-backbone", type=runtime.finite_float, default=None,
       help="a separate learning rate for the backbone when fine-tuning (e.g. 10x lower than --lr)")
     a("--weight-decay", type=runtime.finite_float, default=0.0, help="SGD weight decay")
-    a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
-      help="hold an in-memory data set (" + ", ".join(mdra.SMALL_DATASETS) + ") on the device as uint8 and make "
-           "each batch's crops and flips there, in batches, without loader workers (gpu_aug.HeldCrops; crops resized "
-           "bilinearly with area averaging, not bicubically); evaluation images too where their centre crop is the "
-           "whole image. Off until a GPU measurement shows it faster")
-    a("--export", default=None, metavar="PATH",
-      help="write the classifier for use without this code: .pt (TorchScript) or .pt2 (torch.export)")
-    a("--predict", nargs="+", default=None, metavar="PATH",
-      help="image files or folders to classify: prints each one's top-5 classes with probabilities")
-    mdra.add_network_flags(p, from_checkpoint=True)
-    runtime.add_shared_flags(p, mdra.SMALL_DATASETS, out_dir="runs/finetune", from_checkpoint=True)
+    mdra.add_network_flags(tuning, from_checkpoint=True)
+    classify = p.add_argument_group("the classifier")
+    classify.add_argument("--export", default=None, metavar="PATH",
+                          help="write the classifier for use without this code: .pt2 (torch.export) or .pt "
+                               "(TorchScript, which PyTorch has deprecated)")
+    classify.add_argument("--predict", nargs="+", default=None, metavar="PATH",
+                          help="image files or folders to classify: prints each one's top-5 classes with probabilities")
+    runtime.add_data_flags(p.add_argument_group("data"), data.SMALL_DATASETS, from_checkpoint=True)
+    runtime.add_run_flags(p.add_argument_group("run and resume"), out_dir="runs/finetune")
     return p
 
 

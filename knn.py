@@ -1,19 +1,22 @@
 """Weighted k-nearest-neighbour classification of features (MDRA_SPEC.md sections 7 and 9), shared by
-eval_knn.py and mdra.py's in-training monitor (--knn-every): the vote, its accuracy, and the features of
-a data set extracted one shard per rank and gathered.
+eval_knn.py and mdra.py's in-training monitor (--knn-every): the vote, its accuracy, the features of a
+data set extracted one shard per rank and gathered, and the monitor itself.
 
 Each query takes the k most cosine-similar bank features, which vote for their class with weight
 exp(s / T), T = 0.07, as in DINO's eval_knn.py; unlike it, shards are gathered without padded
 duplicates, the similarity is chunked by a memory budget, and the bank may live in host memory.
 """
 import datetime
+import functools
 import math
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
+import data
 import runtime
 from runtime import UsageError
 
@@ -151,7 +154,7 @@ def extract_features(net, crops, env, batch_size, workers, amp, channels_last, o
     counts `then` more images to extract after these at the same speed (the val split after the bank)."""
     loader = runtime.data_loader(crops, batch_size, workers, env.device, persistent=False,
                                  generator=torch.Generator().manual_seed(0))  # its seed draw must not touch the global RNG
-    autocast = torch.autocast(env.device.type, dtype=runtime.AMP_DTYPES[amp], enabled=runtime.AMP_DTYPES[amp] is not None)
+    autocast = runtime.autocast(env.device, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     features, done, tic, report_every = None, 0, time.perf_counter(), max(1, len(loader) // 10)
     unreadable = None
@@ -221,3 +224,57 @@ def bank_subset(n, size, seed):
     if 0 < size < n:
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
     return torch.arange(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# The monitor of mdra.py --knn-every
+# ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def monitor_datasets(data_name, data_dir, img_size):
+    """Built once per run: listing an ImageFolder of a million files takes a while."""
+    bank_images, info = data.build_dataset(data_name, data_dir, "train", img_size)
+    query_images, _ = data.build_dataset(data_name, data_dir, "val", img_size)
+    return bank_images, query_images, info
+
+
+def require_monitor_data(args):
+    """One sentence before training, rather than after its first epoch, if the monitor cannot run."""
+    _, _, info = monitor_datasets(args.data, args.data_dir, args.img_size)
+    runtime.require_two_classes(info.num_classes, args.data, "--knn-every's kNN monitor",
+                                " (pretraining itself needs no labels: leave --knn-every out)")
+
+
+def monitor(backbone, args, env):
+    """Weighted kNN (k = MONITOR_K, or the bank size if smaller) of the backbone during pretraining:
+    {"top1@20": %, "top5@20": %}.
+
+    args: mdra.py's resolved arguments (data, data_dir, img_size, knn_subset, batch_size, workers, amp,
+    channels_last, seed); env: its runtime.DistEnv. Every rank must call it. The bank is --knn-subset
+    train images (a subset seeded by --seed, or all) kept in host memory, so it never competes with
+    training for GPU memory. The backbone runs in eval mode (BatchNorm running statistics, which it
+    therefore does not update) and gets its modes back; nothing here draws from the global random
+    generators, so training continues exactly as without the monitor.
+    """
+    bank_images, query_images, info = monitor_datasets(args.data, args.data_dir, args.img_size)
+    bank_indices = bank_subset(len(bank_images), args.knn_subset, args.seed)
+    k = min(MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank
+    query_indices = torch.arange(len(query_images))[shard(len(query_images), env)]
+    transform = data.eval_transform(args.img_size, data.eval_resize(info, args.img_size), info.mean, info.std)
+    extract = functools.partial(extract_features, backbone, env=env, batch_size=max(1, args.batch_size // env.world_size),
+                                workers=args.workers, amp=args.amp, channels_last=args.channels_last)
+    modes = [(module, module.training) for module in backbone.modules()]
+    backbone.eval()
+    try:
+        bank_shard = bank_indices[shard(len(bank_indices), env)].tolist()
+        bank = gather_rows(extract(data.CentreCrops(Subset(bank_images, bank_shard), transform), out_device="cpu"), env)
+        queries = extract(data.CentreCrops(Subset(query_images, query_indices.tolist()), transform),
+                          out_device=env.device)
+    finally:
+        for module, training in modes:
+            module.training = training
+    bank_labels = torch.tensor(bank_images.targets)[bank_indices]
+    query_labels = torch.tensor(query_images.targets)[query_indices]
+    (top1, top5), = knn_accuracy(bank, bank_labels, queries, query_labels, info.num_classes, [k], 0.07,
+                                 DEFAULT_CHUNK_MB, env).values()
+    return {f"top1@{k}": top1, f"top5@{k}": top5}

@@ -1,10 +1,10 @@
 """The machinery that mdra.py, eval_knn.py and finetune.py share, so that each is written once:
 processes and devices (torchrun, NCCL / gloo), run_main and UsageError, stop signals, logging and the
-git SHA, checkpoint and file writing with the resume guard and the out-dir lock, reading images and
-seeding each sample's augmentation, and the command-line flags and checks every script takes.
+git SHA, checkpoint and file writing with the resume guard and the out-dir lock, a training loop's
+running figures, and the command-line flags and checks every script takes.
 
-Nothing here is the method, and nothing here imports the scripts: imports point one way,
-finetune.py / eval_knn.py -> mdra.py (the method, networks and data) -> knn.py, gpu_aug.py -> runtime.py.
+Nothing here is the method, and nothing here imports the project's other modules: imports point one way,
+finetune.py / eval_knn.py -> mdra.py (the method) -> knn.py, gpu_aug.py -> data.py -> runtime.py.
 """
 import argparse
 import contextlib
@@ -12,6 +12,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -25,14 +26,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, UnidentifiedImageError
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 
@@ -185,6 +185,20 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
+# DDP that does not broadcast the BatchNorm buffers in forward: each rank keeps its own statistics. torch 2.14
+# renamed the switch, and warns at the old name; the new one also broadcasts them once, when DDP wraps the
+# network, where every rank's are equal (the same initialisation or checkpoint): that changes nothing.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+
+
+def ddp(module, env, buffers=True):
+    """module wrapped in DDP on env's device (gradients all-reduced into their buckets); without buffers, each
+    rank keeps its own BatchNorm statistics: none are broadcast in forward."""
+    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True, **({} if buffers else NO_FORWARD_BUFFER_SYNC))
+
+
 def broadcast_buffers(module):
     """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves (without
     SyncBatchNorm, each rank's BatchNorm running statistics are its own)."""
@@ -258,11 +272,6 @@ def in_turns(load):
         raise error
     return result
 
-
-# PyTorch's CUDA graphs allow no other CUDA work in the process, on any thread, while a capture is underway:
-# a thread that launches device work beside the training loop (gpu_aug's prefetch thread) holds this lock
-# while it does, and a capture holds it throughout (once a run: the pause costs nothing).
-DEVICE_WORK_LOCK = threading.Lock()
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -342,6 +351,24 @@ class Logger:
         if self.active:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def logged_steps(path):
+    """The step records of log.jsonl behind the weights a run ends with, in step order. A run's start
+    record names the step it began at: a fresh run (step 0) drops what an earlier run left in the
+    folder, and a resumed one the steps logged after the checkpoint it resumed from."""
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    records = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when a run was killed
+            continue
+        if record.get("event") == "start":  # logs written before start records named a step keep everything
+            records = {step: r for step, r in records.items() if step <= record.get("step", math.inf)}
+        elif "event" not in record:
+            records[record["step"]] = record
+    return [records[step] for step in sorted(records)]
 
 
 def git_sha():
@@ -506,21 +533,27 @@ def load_out_dir_checkpoint(path, formats, writer):
                          f"give {writer} an --out-dir of its own.") from None
 
 
-def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), data=None, needs=(), writer="mdra.py",
-                           loaded=None):
+def load_resume_checkpoint(path, args, parser, may_change, formats=("mdra",), data=None, needs=(), writer="mdra.py",
+                           retired=None, loaded=None):
     """The checkpoint an earlier run left in --out-dir, refused if any setting but those in may_change
     differs from the run's (the others define the model, the data, the schedule or the seed, so the run
     could not continue as the one it resumes), or if its images (data: their data_fingerprint) did.
-    defaults: the parser's defaults. A setting the checkpoint lacks (a flag newer than it, or one a fork
-    added) ran at its default; one whose default is None is chosen at run time and taken as it is now.
-    needs: the keys the run restores besides those of every training checkpoint; writer: the script;
-    loaded: the checkpoint if the caller has read it from path already (load_out_dir_checkpoint)."""
+    parser: the script's; a setting the checkpoint lacks (a flag newer than it, or one a fork added) ran at
+    its default, and one whose default is None is chosen at run time and taken as it is now. A setting of
+    the checkpoint that the parser no longer has is ignored, unless retired gives the value it must have
+    had (one that the code still trains as). needs: the keys the run restores besides those of every
+    training checkpoint; writer: the script; loaded: the checkpoint if the caller has read it from path."""
     ckpt = load_out_dir_checkpoint(path, formats, writer) if loaded is None else loaded
     require_keys(ckpt, path, ("args", "step", "optimizer", "scaler", *needs), writer)
-    now = plain_values(args)
-    saved = {**{k: now.get(k) if v is None else v for k, v in defaults.items()}, **ckpt["args"]}
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
-               for k in sorted(saved.keys() | now.keys()) if k not in may_change and saved.get(k) != now.get(k)]
+    now, defaults = plain_values(args), vars(parser.parse_args([]))
+    gone = [f"--{k.replace('_', '-')} {v}" for k, v in (retired or {}).items() if ckpt["args"].get(k, v) != v]
+    if gone:
+        raise UsageError(f"{path} was trained with {', '.join(gone)}, a setting this version no longer has; "
+                         "resume it with the version that wrote it.")
+    saved = {k: now.get(k) if v is None else v for k, v in defaults.items()}
+    saved.update((k, v) for k, v in ckpt["args"].items() if k in defaults)
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now.get(k)}"
+               for k in sorted(saved) if k not in may_change and saved[k] != now.get(k)]
     if changed:
         raise UsageError(f"{path} comes from a different run ({', '.join(changed)}); "
                          "use another --out-dir or the same settings.")
@@ -529,6 +562,31 @@ def load_resume_checkpoint(path, args, may_change, defaults, formats=("mdra",), 
         then, now = saved_data["images"], data["images"]
         differ = f"{then} then, {now} now" if then != now else f"{now} then and now, under other names"
         raise UsageError(f"{path} comes from a run on other images ({differ}); use another --out-dir or the same images.")
+    return ckpt
+
+
+def restart_from_checkpoint(path, args, parser, may_change, data, batchnorm_batch, modules, optimizer, scaler, env,
+                            log, formats=("mdra",), needs=(), writer="mdra.py", retired=None, loaded=None):
+    """Resume the run whose checkpoint is at path, if there is one (DINO's restart_from_checkpoint): check that
+    it is this run (load_resume_checkpoint, and BatchNorm over as many images), load modules ({key: (module,
+    what it is)}) strictly, the optimizer and the scaler. Returns the checkpoint, for the parts the caller
+    restores itself, or None for a fresh run. Every rank checks that all resumed the same step on the same
+    images (data: their data_fingerprint)."""
+    ckpt = None
+    if loaded is not None or Path(path).is_file():
+        ckpt = load_resume_checkpoint(path, args, parser, may_change, formats, data, (*modules, *needs), writer,
+                                      retired, loaded)
+        then = ckpt.get("batchnorm_batch", batchnorm_batch)  # checkpoints written before this check have none
+        if then != batchnorm_batch:
+            raise UsageError(f"{path} was trained with BatchNorm over {then} images at a time and this run would use "
+                             f"{batchnorm_batch} (another number of ranks); resume as it ran.")
+        for key, (module, what) in modules.items():
+            load_strict(module, ckpt[key], f"{what} in {path}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        log.print(f"resumed from {path} at step {ckpt['step']}")
+    require_same_on_every_rank(env, resumed_state(ckpt["step"] if ckpt else 0, data))
     return ckpt
 
 
@@ -542,24 +600,15 @@ def checkpoint_state(fmt, args, step, steps_per_epoch, feature_dim, backbone, op
             "data": data, "batchnorm_batch": batchnorm_batch}
 
 
-def restore_checkpoint(ckpt, path, modules, optimizer, scaler):
-    """Load a resumed run's modules ({key: (module, what it is)}), optimizer and scaler from its
-    checkpoint, strictly; returns the step it had reached."""
-    for key, (module, what) in modules.items():
-        load_strict(module, ckpt[key], f"{what} in {path}")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    return int(ckpt["step"])
-
-
-def require_same_batchnorm_batch(ckpt, now, path):
-    """BatchNorm normalises over each rank's images unless SyncBatchNorm does so over all ranks': a
-    resumed run on another number of ranks (or with --sync-bn changed) would train another way."""
-    then = ckpt.get("batchnorm_batch", now)  # checkpoints written before this check have none
-    if then != now:
-        raise UsageError(f"{path} was trained with BatchNorm over {then} images at a time and this run would use "
-                         f"{now} (another number of ranks, or --sync-bn changed); resume as it ran.")
+def save_on_main(env, make_state, path, copy_to=None):
+    """Write the checkpoint make_state() on rank 0 (and the same to copy_to, a copy that stays); a full disk is
+    one sentence on every rank."""
+    def write():
+        state = make_state()
+        save_checkpoint(state, path)
+        if copy_to is not None:
+            save_checkpoint(state, copy_to)
+    on_main_rank(env, "write the checkpoint", write)
 
 
 def require_folder(path, flag):
@@ -614,91 +663,12 @@ def lock_folder(path, flag):
     HELD_LOCKS.append(lock)
 
 
-# ------------------------------------------------------------------------------------------------
-# Reading images and seeding samples
-# ------------------------------------------------------------------------------------------------
-
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
-
-
-NAMED_SKIPS = 5  # unreadable training images named in the log per run; any further ones are only counted
-
-
-def image_path(images, index):
-    """Where images[index] is, for a message: an ImageFolder file's path as the user can open it (under
-    --data, as given), else the image's name (an index), through Subset wrappers."""
-    while isinstance(images, torch.utils.data.Subset):
-        images, index = images.dataset, images.indices[index]
-    return images.paths[index] if hasattr(images, "paths") else images.names[index]
-
-
-def read_error(error):
-    """Why a file could not be read, in a few words, from what reading it raised (one of READ_ERRORS)."""
-    if isinstance(error, Image.DecompressionBombError):
-        return f"over PIL's pixel limit of {2 * Image.MAX_IMAGE_PIXELS} pixels"
-    if isinstance(error, OSError) and error.errno is not None:  # from the file system, not from PIL
-        return f"cannot be opened ({error.strerror})"
-    if isinstance(error, UnidentifiedImageError):  # its message shows only a file object
-        return "corrupt or not an image (of no format PIL knows)"
-    return f"corrupt or not an image ({type(error).__name__}: {error})"
-
-
-def read_image(images, index):
-    """images[index], or the next readable one if that file cannot be read. Returns (image, label,
-    skipped), skipped the files passed over, each as "path: why", so that the caller can count and
-    name them instead of dying on them. The scripts call it once before training, so that a data set
-    of which no image can be read is one clear error."""
-    skipped = []
-    for offset in range(len(images)):
-        at = (index + offset) % len(images)
-        try:
-            image, label = images[at]
-            return image, label, skipped
-        except READ_ERRORS as e:
-            skipped.append(f"{image_path(images, at)}: {read_error(e)}")
-    raise UsageError(f"none of the {len(images)} images of the data set can be read, e.g. {skipped[0]}.")
-
-
-class SkippedImages:
-    """The training images read_image passed over, as the loaders report them with each batch: the
-    number (counts, a tensor) and, from the workers, the files (unread: per sample, its "path: why"
-    lines). The first NAMED_SKIPS files are named in the log, the rest only counted."""
-
-    def __init__(self, log):
-        self.log, self.total, self.named = log, 0, 0
-
-    def add(self, counts, unread):
-        self.total += int(counts.sum())
-        for line in "\n".join(text for text in unread if text).splitlines():
-            self.named += 1
-            if self.named <= NAMED_SKIPS:
-                self.log.print(f"skipped unreadable training image {line}")
-            elif self.named == NAMED_SKIPS + 1:
-                self.log.print(f"skipped more than {NAMED_SKIPS} unreadable training images: "
-                               "from here on they are only counted (skipped in the log lines)")
-
-
-def rgb(image):
-    """Any PIL image as RGB. 16- and 32-bit integer greys (mode I;16, I) are scaled to 8 bits first,
-    as if 65535 were white: convert("RGB") would clip everything above 255 to white."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64) / 257
-        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
-    return image.convert("RGB")
-
-
-def sample_seed(seed, epoch, index):
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
-
-
-@contextlib.contextmanager
-def sample_rng(seed):
-    """The CPU generator, which the transforms draw from, seeded for one sample and restored after.
-    Only that one: torch.manual_seed also queues a CUDA seeding, formatting a stack trace each time in a
-    loader worker, where CUDA is not initialised (about 80 us, a tenth of a 28-px pair's two views)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
+def take_out_dir(path, env, flag="--out-dir"):
+    """A training run's output folder, made if needed, proven writable and locked by rank 0 (lock_folder)."""
+    path = Path(path)
+    require_folder(path, flag)
+    on_main_rank(env, f"take {flag} {path}", lock_folder, path, flag)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -753,30 +723,27 @@ RUN_FLAGS = ("data_dir", "out_dir", "device", "workers", "compile", "compile_bac
 
 
 # The data flags' defaults, which the evaluations fall back to where the checkpoint names no data.
-DATA_DEFAULTS = {"data": "fashion-mnist", "data_dir": "data", "synthetic_size": 1024}
+DATA_DEFAULTS = {"data": "fashion-mnist", "data_dir": "data"}
 
 
-def add_shared_flags(parser, data_names, out_dir=None, from_checkpoint=False):
-    """The flags every script takes, defined once: the data, the device and its speed settings, the seed;
-    with out_dir (the training scripts' default folder), compile, the run's folder, its length and how often
-    it logs and saves. from_checkpoint: the data flags default to the checkpoint's (the evaluations), else
-    to DATA_DEFAULTS."""
-    a = parser.add_argument
-
-    def default(name):
-        return None if from_checkpoint else DATA_DEFAULTS[name]
-
-    def help_default(name):
-        return f"; default: the checkpoint's for its data, else {DATA_DEFAULTS[name]}" if from_checkpoint else ""
-
+def add_data_flags(group, data_names, from_checkpoint=False):
+    """--data, --data-dir and --workers, as every script takes them; from_checkpoint: the data defaults to the
+    checkpoint's (the evaluations), else to DATA_DEFAULTS."""
+    a = group.add_argument
+    default = (lambda name: None) if from_checkpoint else DATA_DEFAULTS.get
+    fallback = "; default: the checkpoint's, else {}" if from_checkpoint else ""
     a("--data", default=default("data"),
       help="ImageFolder root (its train/, and val/ to evaluate on) or one of: " + ", ".join(data_names)
-           + (f"; default: the checkpoint's, else {DATA_DEFAULTS['data']}" if from_checkpoint else ""))
+           + " (synthetic:N for N images, default 1024)" + fallback.format(DATA_DEFAULTS["data"]))
     a("--data-dir", default=default("data_dir"),
-      help="where named data sets are read from or downloaded to" + help_default("data_dir"))
-    a("--synthetic-size", type=int, default=default("synthetic_size"),
-      help="number of training images of --data synthetic (at most 10**9)" + help_default("synthetic_size"))
+      help="where named data sets are read from or downloaded to" + fallback.format(DATA_DEFAULTS["data_dir"]))
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+
+
+def add_run_flags(group, out_dir=None):
+    """--device, --amp, --channels-last and --seed, as every script takes them; with out_dir (the training
+    scripts' default folder), compile, the run's folder, its length and how often it logs and saves."""
+    a = group.add_argument
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
@@ -823,6 +790,74 @@ def announce(log, prog, env, args, **record):
     log.json({"event": "start", "git": sha, "world_size": env.world_size, "device": str(env.device),
               "args": plain_values(args), **record})
     return sha
+
+
+def autocast(device, amp):
+    """The autocast context of --amp on device (a no-op for off)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=AMP_DTYPES[amp] is not None)
+
+
+class Progress:
+    """A training loop's running figures, kept on the device between the host syncs of logging and saving:
+    the loss summed since the last log line and over the epoch, and whether any loss was non-finite; on
+    the host, the time and the wait for data since the last log line. A resumed run takes the epoch's loss
+    so far from its checkpoint (ckpt), so that its epoch record is the mean of all the epoch's steps."""
+
+    def __init__(self, device, step, ckpt=None):
+        self.loss = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.logged_step = self.last_saved = step
+        self.tic = self.epoch_tic = time.perf_counter()
+        self.data_time = 0.0
+        saved = (ckpt or {}).get("epoch_loss")  # none in checkpoints from before it was kept
+        self.epoch_loss = torch.full((), saved["sum"] if saved else 0.0, device=device)
+        self.epoch_from = saved["from"] if saved else step
+
+    def start_epoch(self, step, first_step):
+        """An epoch starts at first_step; a run resumed inside it (step > first_step) keeps its loss so far."""
+        self.epoch_tic = time.perf_counter()
+        if step == first_step:
+            self.epoch_loss.zero_()
+            self.epoch_from = step
+
+    def add(self, loss):
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.loss += loss
+        self.epoch_loss += loss
+
+    def check_finite(self, since, step, ckpt_path, prog, hint=""):
+        raise_if_nonfinite(self.nonfinite, since, step, ckpt_path, prog, hint)
+
+    def window(self, step, items_per_step, last_step, env, ckpt_path, prog, hint=""):
+        """The figures of the steps since the last call (every rank's mean loss), then a new window:
+        {"loss", "rate" (items/s), "data_wait" (its share of the time), "eta_s", "peak_mem_gb"}."""
+        self.check_finite(self.logged_step, step, ckpt_path, prog, hint)
+        elapsed, steps = time.perf_counter() - self.tic, step - self.logged_step
+        record = {"loss": (all_reduce(self.loss.clone()) / env.world_size / steps).item(),
+                  "rate": steps * items_per_step / elapsed, "data_wait": self.data_time / elapsed,
+                  "eta_s": elapsed / steps * (last_step - step), "peak_mem_gb": peak_memory_gb(env.device)}
+        self.loss.zero_()
+        self.tic, self.data_time, self.logged_step = time.perf_counter(), 0.0, step
+        return record
+
+    def epoch_state(self, env):
+        """The epoch's loss so far over every rank, for the checkpoint (a collective: every rank calls it)."""
+        return {"sum": (all_reduce(self.epoch_loss.clone()) / env.world_size).item(), "from": self.epoch_from}
+
+    def epoch_mean(self, step, env):
+        return self.epoch_state(env)["sum"] / (step - self.epoch_from)
+
+
+def timed(batches, progress):
+    """The batches, the time spent waiting for each added to progress.data_time."""
+    iterator = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(iterator, None)
+        progress.data_time += time.perf_counter() - t0
+        if batch is None:
+            return
+        yield batch
 
 
 def data_loader(dataset, batch_size, workers, device, persistent=True, **kwargs):
