@@ -268,11 +268,10 @@ def load_synthetic(data_dir, split, size, img_size):
     """size training images (--data synthetic:SIZE; 1024 for synthetic), or a quarter as many (at least one per
     class) to evaluate on. Image i is drawn from seed i, and an evaluation image from seed
     SYNTHETIC_VAL_SEEDS + i, so that no training image is one of them."""
-    if not (size or "1024").isdigit() or not 1 <= int(size or 1024) <= SYNTHETIC_VAL_SEEDS:
-        # at most 10**9, rather than running out of memory for labels and names
-        raise UsageError(f"--data synthetic:{size} must give between 1 and {SYNTHETIC_VAL_SEEDS} images: the "
-                         "evaluation images are drawn from the seeds after that.")
-    train, size = split in TRAIN_SPLITS, int(size or 1024)
+    size = "1024" if size is None else size
+    if not size.isdigit() or not 1 <= int(size) <= SYNTHETIC_VAL_SEEDS:  # not more: the evaluation images' seeds
+        raise UsageError(f"--data synthetic:{size} must give between 1 and {SYNTHETIC_VAL_SEEDS} images.")
+    train, size = split in TRAIN_SPLITS, int(size)
     size = size if train else max(size // 4, SYNTHETIC_CLASSES)
     return SyntheticImages(size, img_size, offset=0 if train else SYNTHETIC_VAL_SEEDS)
 
@@ -315,7 +314,7 @@ def build_dataset(data, data_dir, split, img_size=32):
     entry = DATA_SETS.get(name) if name == "synthetic" or not sized else None
     if entry is None:
         return image_folder(data, split in TRAIN_SPLITS)
-    load = functools.partial(entry.load, data_dir, split, size=size, img_size=img_size)
+    load = functools.partial(entry.load, data_dir, split, size=size if sized else None, img_size=img_size)
     # A download writes into --data-dir, which ranks writing at once would corrupt: they take turns.
     images = runtime.in_turns(lambda: downloaded(data, data_dir, load)) if entry.downloads else load()
     return images, DataInfo(data, len(images.classes), images.classes, entry.native_size or img_size,

@@ -449,7 +449,8 @@ def train(args):
         runtime.save_on_main(env, lambda: runtime.checkpoint_state(
             "mdra", args, step, steps_per_epoch, width, online.encoder.backbone, optimizer, scaler, info,
             fingerprint, batchnorm_batch, online=online.state_dict(), offline=offline.state_dict(),
-            queue=queue.cpu(), queue_ptr=queue_ptr, epoch_loss=epoch_loss), ckpt_path, keep)
+            queue=queue.cpu(), queue_ptr=queue_ptr, epoch_loss=epoch_loss, rng=runtime.rng_states(device)),
+            ckpt_path, keep)
 
     data.read_image(images, 0)  # here, not in a loader worker: a data set with no readable image is one sentence
     loader, sampler = pretrain_loader(images, info, args, env, steps_per_epoch * args.accum_steps)

@@ -546,7 +546,8 @@ def load_resume_checkpoint(path, args, parser, may_change, formats=("mdra",), da
     ckpt = load_out_dir_checkpoint(path, formats, writer) if loaded is None else loaded
     require_keys(ckpt, path, ("args", "step", "optimizer", "scaler", *needs), writer)
     now, defaults = plain_values(args), vars(parser.parse_args([]))
-    gone = [f"--{k.replace('_', '-')} {v}" for k, v in (retired or {}).items() if ckpt["args"].get(k, v) != v]
+    gone = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k, v in (retired or {}).items()
+            if ckpt["args"].get(k, v) != v]
     if gone:
         raise UsageError(f"{path} was trained with {', '.join(gone)}, a setting this version no longer has; "
                          "resume it with the version that wrote it.")
@@ -598,6 +599,12 @@ def checkpoint_state(fmt, args, step, steps_per_epoch, feature_dim, backbone, op
             "backbone": backbone.state_dict(), **parts, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "mean": list(info.mean), "std": list(info.std), "img_size": args.img_size,
             "data": data, "batchnorm_batch": batchnorm_batch}
+
+
+def rng_states(device):
+    """The random generators' states, kept in a checkpoint for the record: a resumed run needs none of them,
+    as its randomness is a function of the seed and the step."""
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
 
 
 def save_on_main(env, make_state, path, copy_to=None):
