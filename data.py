@@ -427,6 +427,16 @@ def separable_gaussian_blur(image, kernel_size, sigma):
     return x if image.is_floating_point() else x.round().to(image.dtype)
 
 
+def epoch_order(size, seed, epoch):
+    """The data order of (seed, epoch): for epoch 0 the permutation torch draws from seed, as every version
+    had it; for later epochs numpy's, drawn from the pair itself. Earlier versions seeded epoch e with seed + e
+    (seed 1 saw seed 0's orders an epoch later), and torch's generator keeps only 32 bits of its seed, too few
+    to give every pair its own."""
+    if epoch == 0:
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(size))
+
+
 class EpochSampler(Sampler):
     """Yields (epoch, index) for this rank's part of each global micro-batch.
 
@@ -455,7 +465,7 @@ class EpochSampler(Sampler):
     def batches(self, device="cpu"):
         """This rank's indices of each micro-batch from start_batch on, as tensors on device (the
         epoch's permutation is copied there once)."""
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).to(device)
+        order = epoch_order(self.size, self.seed, self.epoch).to(device)
         for b in range(self.start_batch, self.num_batches):
             first = b * self.global_batch + self.rank * self.local_batch
             yield order[first:first + self.local_batch]

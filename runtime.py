@@ -694,10 +694,11 @@ def finite_float(text):
 
 
 def seed_int(text):
-    """argparse type: a seed torch.manual_seed takes, 0 <= seed < 2**63."""
+    """argparse type: a seed below 2**32. torch's CPU generator keeps only the lowest 32 bits of its seed:
+    seeds 1 and 2**32 + 1 would draw the same weights."""
     value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 2**63 - 1")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 2**32 - 1")
     return value
 
 

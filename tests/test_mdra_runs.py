@@ -508,7 +508,7 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--hidden-dim", "0"], "--hidden-dim must be at least 1."),
     (["--arch", "resnet10-wide"], "--arch resnet10-wide is not a torchvision ResNet"),
     (["--compile", "--compile-backend", "bogus"], "--compile-backend 'bogus' is not a torch.compile backend"),
-    (["--seed", str(2**63)], f"argument --seed: {2**63} is not between 0 and 2**63 - 1"),  # torch's seeds are 64-bit
+    (["--seed", str(2**32)], f"argument --seed: {2**32} is not between 0 and 2**32 - 1"),  # torch keeps 32 bits
     (["--lr", "1e300"], "argument --lr: 1e300 is beyond float32's range"),
 ])
 def test_bad_input_is_one_sentence_and_exit_status_2(tmp_path, capsys, extra, message):
