@@ -361,6 +361,8 @@ class FineTuning:
                              f"{args.batch_size}; lower --batch-size.")
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model, self.width, self.optimizer = build_classifier(args, start, self.info, device, self.memory_format)
+        # The cosine's base rates, taken before a resumed optimizer state brings back the last step's rates.
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         self.fingerprint = runtime.data_fingerprint([train_images.names[i] for i in subset])  # the labelled images
         ckpt = runtime.restart_from_checkpoint(
@@ -421,7 +423,7 @@ class FineTuning:
         total_steps = args.epochs * self.steps_per_epoch
         last_step = min(total_steps, args.max_steps or total_steps)
         cosine = mdra.warmup_cosine(1.0, total_steps, 0)  # per step, from 1 to 0
-        base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        base_lrs = self.base_lrs
         autocast = runtime.autocast(device, args.amp)
         skips = data.SkippedImages(self.log)
         runtime.defer_stop_signals()
@@ -632,7 +634,7 @@ def run(args):
     else:
         if start is not None:  # what fine-tuning reads of a pretraining checkpoint
             runtime.require_keys(start, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py")
-        runtime.take_out_dir(args.out_dir, env)
+        runtime.take_out_dir(args.out_dir, env, data=data.image_folder_root(args.data))
         resumed = resumed_checkpoint(args.out_dir)
         args = resolve_sources(args, start, resumed.get("args", {}) if resumed else {})
         classifier_path, classifier = FineTuning(args, env, start, resumed).run(), None

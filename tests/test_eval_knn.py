@@ -4,22 +4,31 @@ import contextlib
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import time
+import traceback
 import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import data
 import eval_knn
 import knn
 import mdra
 import runtime
 
-# Two epochs, so that a monitor after epoch 1 could still disturb epoch 2. 8 px keeps resnet18 fast.
-PRETRAIN = ["--data", "synthetic", "--synthetic-size", "24", "--img-size", "8", "--arch", "resnet18",
+# The smallest network that proves what these tests prove: 8 channels after the stem, 64 features.
+ARCH, FEATURES = "resnet10-w8", 8 * 8
+# Two epochs, so that a monitor after epoch 1 could still disturb epoch 2.
+PRETRAIN = ["--data", "synthetic:24", "--img-size", "8", "--arch", ARCH, "--hidden-dim", "32",
             "--batch-size", "16", "--queue-size", "16", "--epochs", "2", "--workers", "0"]
 
 
@@ -190,18 +199,72 @@ def test_tied_votes_count_as_the_average_over_every_order_of_the_tied_classes():
     assert knn.count_correct(collapsed, torch.arange(10)) == {1: pytest.approx(1.0), 5: pytest.approx(5.0)}
 
 
-def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path, gloo_ranks):
+def run_as_rank(argv, rank, world_size, port):
+    """eval_knn.main(argv) as one rank of a gloo group, with the environment torchrun gives a rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    eval_knn.main(argv)
+
+
+@contextlib.contextmanager
+def forked_ranks(argv, processes, timeout=120):
+    """eval_knn.main(argv) as `processes` gloo ranks, each a fork of this process: a fresh interpreter per
+    rank would spend seconds importing torch. (os.fork, not multiprocessing: run_main kills the children
+    multiprocessing knows of, as loader workers.) The body runs meanwhile; then every rank must end with
+    status 0. Their output and tracebacks go to this test's captured output."""
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pids = []
+    for rank in range(processes):
+        pid = os.fork()
+        if pid == 0:  # the rank, which must never return into pytest
+            # Loader workers this process may have are not the rank's to kill (as multiprocessing's own children).
+            multiprocessing.process._children.clear()
+            status = 1
+            try:
+                run_as_rank(argv, rank, processes, port)
+                status = 0
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        pids.append(pid)
+    statuses = {}
+    try:
+        yield
+        deadline = time.monotonic() + timeout
+        # Until all have ended, or one has failed: the others would wait for it in a collective.
+        while len(statuses) < processes and time.monotonic() < deadline and not any(statuses.values()):
+            for pid in set(pids) - set(statuses):
+                ended, status = os.waitpid(pid, os.WNOHANG)
+                if ended:
+                    statuses[pid] = os.waitstatus_to_exitcode(status)
+            time.sleep(0.02)
+    finally:
+        for pid in set(pids) - set(statuses):
+            why = "killed after another rank failed" if any(statuses.values()) else "killed at the time limit"
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            statuses[pid] = why
+    assert [statuses[pid] for pid in pids] == [0] * processes
+
+
+def test_two_gloo_ranks_give_exactly_the_single_process_result(checkpoint, tmp_path):
     # 45 train and 11 val images: both split unevenly over 2 ranks (23 + 22, 6 + 5).
-    common = ["--ckpt", str(checkpoint), "--synthetic-size", "45", "--k", "1", "5", "20", "--workers", "0"]
-    two = gloo_ranks(["eval_knn.py", *common, "--save-features", tmp_path / "two", "--out", tmp_path / "two.json"], 2)
-    eval_knn.main(common + ["--save-features", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")])
-    two.wait(timeout=300)
+    common = ["--ckpt", str(checkpoint), "--data", "synthetic:45", "--k", "1", "5", "20", "--workers", "0"]
+    with forked_ranks([*common, "--save-features", str(tmp_path / "two"), "--out", str(tmp_path / "two.json")], 2):
+        eval_knn.main(common + ["--save-features", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")])
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     assert two["world_size"] == 2 and (two["n_train"], two["n_test"]) == (45, 11)
     assert two["results"] == one["results"]
     for split, rows in (("train", 45), ("val", 11)):
         single, gathered = (torch.load(tmp_path / run / f"{split}.pth", weights_only=True) for run in ("one", "two"))
-        assert gathered["features"].shape == single["features"].shape == (rows, 512)  # no padded duplicates
+        assert gathered["features"].shape == single["features"].shape == (rows, FEATURES)  # no padded duplicates
         assert torch.equal(gathered["labels"], single["labels"])
         # Rank order reproduces image order; batches of other sizes may only round differently.
         torch.testing.assert_close(gathered["features"], single["features"], rtol=1e-5, atol=1e-6)
@@ -219,7 +282,7 @@ def test_baselines_run_end_to_end_and_saved_features_give_the_same_result(checkp
                           "--out", str(tmp_path / "reloaded.json")]) == pixels
     random_init = eval_knn.main(common + ["--random-init", "--out", str(tmp_path / "random.json")])
     record = json.loads((tmp_path / "random.json").read_text())
-    assert record["features"].startswith("resnet18, random init") and set(record["results"]) == {"5", "20"}
+    assert record["features"].startswith(f"{ARCH}, random init") and set(record["results"]) == {"5", "20"}
     assert set(random_init) == {5, 20}
 
 
@@ -244,13 +307,13 @@ def test_loaded_features_refuse_flags_that_would_mislabel_them_and_files_of_two_
 def test_holdout_queries_the_training_images_that_the_bank_leaves_out(tmp_path):
     # Settings are chosen without the test split: --holdout N queries the N training images that finetune.py
     # --holdout N holds out of all labels, against a bank of the others (of which --knn-subset draws).
-    common = ["--data", "synthetic", "--synthetic-size", "40", "--img-size", "8", "--pixels", "--k", "1", "5",
+    common = ["--data", "synthetic:40", "--img-size", "8", "--pixels", "--k", "1", "5",
               "--workers", "0"]
     eval_knn.main(common + ["--save-features", str(tmp_path / "all"), "--out", str(tmp_path / "all.json")])
     held = eval_knn.main(common + ["--holdout", "12", "--save-features", str(tmp_path / "held"),
                                    "--out", str(tmp_path / "held.json")])
     whole = torch.load(tmp_path / "all" / "train.pth", weights_only=True)
-    held_out = mdra.held_out_subset(whole["labels"], [], 12, seed=0)
+    held_out = data.held_out_subset(whole["labels"], [], 12, seed=0)
     rest = sorted(set(range(40)) - set(held_out))
     bank, queries = (torch.load(tmp_path / "held" / f"{split}.pth", weights_only=True) for split in ("train", "val"))
     for part, indices in ((queries, held_out), (bank, rest)):
@@ -293,7 +356,7 @@ def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, capsys, workers)
 
 
 def test_knn_subset_draws_the_bank_as_the_monitor_does_and_keeps_its_labels(tmp_path):
-    common = ["--data", "synthetic", "--synthetic-size", "24", "--img-size", "8", "--pixels", "--k", "3",
+    common = ["--data", "synthetic:24", "--img-size", "8", "--pixels", "--k", "3",
               "--workers", "0"]
     eval_knn.main(common + ["--save-features", str(tmp_path / "all"), "--out", str(tmp_path / "all.json")])
     eval_knn.main(common + ["--knn-subset", "10", "--seed", "3", "--save-features", str(tmp_path / "part"),
@@ -310,7 +373,7 @@ def test_knn_subset_draws_the_bank_as_the_monitor_does_and_keeps_its_labels(tmp_
 def test_the_progress_lines_give_an_eta_that_counts_the_val_images_still_to_come(tmp_path, monkeypatch, capsys):
     clock = itertools.count()
     monkeypatch.setattr(knn, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))  # 1 s a reading
-    eval_knn.main(["--data", "synthetic", "--synthetic-size", "48", "--img-size", "8", "--pixels", "--k", "3",
+    eval_knn.main(["--data", "synthetic:48", "--img-size", "8", "--pixels", "--k", "3",
                    "--workers", "0", "--batch-size", "4", "--out", str(tmp_path / "knn.json")])  # 12 val images
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("train:", "val:"))]
     assert lines == ([f"train: {4 * k}/48 images of rank 0 in {k} s, eta 0:00:{15 - k:02d} "
@@ -350,7 +413,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_any_work
     read_only.mkdir()
     (read_only / "checkpoint.pth").write_bytes(b"")  # refused before it is read
     make_read_only(read_only)
-    monkeypatch.setattr(mdra, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
+    monkeypatch.setattr(data, "build_dataset", lambda *args: pytest.fail("the data was listed first"))
     monkeypatch.setattr(runtime, "load_checkpoint", lambda *args, **kwargs: pytest.fail("the checkpoint was read first"))
     flags, subject = {
         "beside --ckpt": (["--ckpt", str(read_only / "checkpoint.pth")],
@@ -377,14 +440,14 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
     elif problem == "empty folder":
         path = tmp_path
     else:
-        path, extra = checkpoint, ["--arch", "resnet34"]
+        path, extra = checkpoint, ["--arch", "resnet10-w16"]  # as narrow a network, of another width
     with pytest.raises(SystemExit) as exit_info:
         eval_knn.main(["--ckpt", str(path), *extra, "--k", "20", "--workers", "0"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("eval_knn.py: error: ") and "\n" not in err and "Traceback" not in err
     assert {"garbage": "not a readable checkpoint", "wrong format": "format 'dino'",
-            "arch mismatch": "--arch resnet34 does not match",
+            "arch mismatch": "--arch resnet10-w16 does not match",
             "run folder": f"checkpoint {path} is a folder; give the checkpoint file in it, {checkpoint}.",
             "empty folder": f"checkpoint {path} is a folder, not a checkpoint file."}[problem] in err
 
@@ -393,7 +456,7 @@ def test_bad_checkpoints_are_refused_with_one_sentence(problem, checkpoint, tmp_
                                              (["--workers", "-1"], "--workers must be at least 0."),
                                              (["--k", "0"], "every --k at least 1."),
                                              (["--temperature", "0.01"], "--temperature 0.01 is below 0.012"),
-                                             (["--synthetic-size", "0"], "--synthetic-size must be at least 1."),
+                                             (["--data", "synthetic:0"], "--data synthetic:0 must give between 1 and "),
                                              (["--holdout", "-1"], "--holdout must be at least 0."),
                                              (["--holdout", "25"], "--holdout 25 must be between 1 and the 24 training "
                                                                    "images it can hold out."),
@@ -417,22 +480,22 @@ def test_out_replaces_an_earlier_result_but_never_another_kind_of_file(checkpoin
     assert checkpoint.read_bytes() == before
     earlier = tmp_path / "knn.json"
     earlier.write_text(' {"results": "an earlier run\'s"}\n')
-    eval_knn.main(["--pixels", "--data", "synthetic", "--synthetic-size", "32", "--img-size", "8", "--k", "5",
+    eval_knn.main(["--pixels", "--data", "synthetic:32", "--img-size", "8", "--k", "5",
                    "--workers", "0", "--out", str(earlier)])
     assert set(json.loads(earlier.read_text())["results"]) == {"5"}
 
 
 def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
-    args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=25,
+    args = argparse.Namespace(data="synthetic:40", data_dir="data", img_size=8, knn_subset=25,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
     env = runtime.DistEnv(0, 1, 0, torch.device("cpu"))
-    backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
+    backbone, _ = mdra.build_backbone(ARCH, small_stem=True)
     backbone.train()
     backbone.layer2.eval()  # a mixed state must come back as it was, not as train() everywhere
     modes = [m.training for m in backbone.modules()]
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     rng = torch.get_rng_state()
-    result = mdra.knn_monitor(backbone, args, env)
+    result = knn.monitor(backbone, args, env)
     assert set(result) == {"top1@20", "top5@20"} and all(0 <= v <= 100 for v in result.values())
     assert [m.training for m in backbone.modules()] == modes
     assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())  # BatchNorm statistics too
@@ -440,11 +503,11 @@ def test_monitor_restores_modes_and_touches_neither_weights_nor_global_rng():
 
 
 def test_monitor_labels_its_bank_subset_with_the_subsets_own_labels():
-    args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=80, img_size=8, knn_subset=50,
+    args = argparse.Namespace(data="synthetic:80", data_dir="data", img_size=8, knn_subset=50,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
     pixels = torch.nn.Flatten()  # the synthetic classes are far apart in pixel space
-    result = mdra.knn_monitor(pixels, args, runtime.DistEnv(0, 1, 0, torch.device("cpu")))
-    assert result["top1@20"] >= 80  # chance is 25%; labels of other images than the subset's fall to it
+    result = knn.monitor(pixels, args, runtime.DistEnv(0, 1, 0, torch.device("cpu")))
+    assert result["top1@20"] >= 80  # chance is 10%; labels of other images than the subset's fall to it
 
 
 def test_knn_accuracy_gives_each_ks_top1_and_top5_as_ranking_the_reference_votes_does():
@@ -463,10 +526,10 @@ def test_knn_accuracy_gives_each_ks_top1_and_top5_as_ranking_the_reference_votes
 
 
 def test_monitor_with_a_bank_smaller_than_k_votes_with_the_whole_bank():
-    args = argparse.Namespace(data="synthetic", data_dir="data", synthetic_size=40, img_size=8, knn_subset=5,
+    args = argparse.Namespace(data="synthetic:40", data_dir="data", img_size=8, knn_subset=5,
                               batch_size=16, workers=0, amp="off", channels_last=False, seed=0)
-    backbone, _ = mdra.build_backbone("resnet18", small_stem=True)
-    result = mdra.knn_monitor(backbone, args, runtime.DistEnv(0, 1, 0, torch.device("cpu")))
+    backbone, _ = mdra.build_backbone(ARCH, small_stem=True)
+    result = knn.monitor(backbone, args, runtime.DistEnv(0, 1, 0, torch.device("cpu")))
     assert set(result) == {"top1@5", "top5@5"}
 
 
