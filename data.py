@@ -307,6 +307,11 @@ DATA_SETS = {
 SMALL_DATASETS = tuple(DATA_SETS)  # the names --data takes besides an ImageFolder root
 
 
+def image_folder_root(data):
+    """The folder of images that --data names, or None for a named data set."""
+    return None if data is None or data.partition(":")[0] in DATA_SETS else data
+
+
 def build_dataset(data, data_dir, split, img_size=32):
     """The images of a --data name or ImageFolder root for split (see DATA_SETS), and what is known
     about them (a DataInfo). synthetic images are drawn at img_size."""

@@ -106,13 +106,9 @@ def load_features(directory, env, bank_device):
     parts = []
     for name in ("train", "val"):
         path = Path(directory) / f"{name}.pth"
-        try:
-            part = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a missing, truncated or foreign file
-            part = type(e).__name__
-        if not (isinstance(part, dict) and {"features", "labels", "num_classes", "description"} <= part.keys()):
-            raise UsageError(f"{path} is not a feature file written by --save-features "
-                             f"({part if isinstance(part, str) else 'other contents'}).")
+        part = read_feature_file(path)
+        if isinstance(part, str):
+            raise UsageError(f"{path} is not a feature file written by --save-features ({part}).")
         parts.append(part)
     train, val = parts
     if train["description"] != val["description"] or train["num_classes"] != val["num_classes"]:
@@ -121,6 +117,16 @@ def load_features(directory, env, bank_device):
     queries = val["features"][knn.shard(len(val["labels"]), env)].to(env.device)
     return (train["features"].to(bank_device), train["labels"], queries, val["labels"], train["num_classes"],
             f"{train['description']}, loaded from {directory}")
+
+
+def read_feature_file(path):
+    """A file of --save-features as its dict, else why it is not one (a missing, truncated or foreign file)."""
+    try:
+        part = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        return type(e).__name__
+    keys = {"features", "labels", "num_classes", "description"}
+    return part if isinstance(part, dict) and keys <= part.keys() else "other contents"
 
 
 def save_features(directory, bank, bank_labels, queries, query_labels, num_classes, description):
@@ -144,13 +150,36 @@ def default_out(args):
     return Path(args.load_features or "runs") / name
 
 
-def starts_as_json_object(path):
-    """Whether the file begins as the JSON results this script writes do: '{', after any white space."""
+def is_result(path):
+    """Whether path holds a result this script wrote (report): a JSON object of its features and results."""
     try:
-        with open(path, "rb") as f:
-            return f.read(64).lstrip().startswith(b"{")
-    except OSError:  # unreadable: not to be replaced either
+        record = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
         return False
+    return isinstance(record, dict) and {"features", "results"} <= record.keys()
+
+
+def check_outputs(args):
+    """Where the results (and --save-features' files) will go, checked before the work: over nothing but what
+    this script wrote, never over one of its inputs, never among the user's images. Returns the --out path."""
+    out = Path(args.out) if args.out else default_out(args)
+    if args.out and out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder; give a file name, e.g. {out / 'knn.json'}.")
+    images = data.image_folder_root(args.data)
+    saved = [Path(args.load_features) / f"{name}.pth" for name in ("train", "val")] if args.load_features else []
+    inputs = [args.ckpt] * bool(args.ckpt) + saved
+    runtime.require_outside(out, images, "--out")
+    runtime.require_replaceable(out, "--out", is_result, "a kNN result of eval_knn.py", inputs)
+    if args.out or out.parent.exists() or not (args.ckpt or args.load_features):  # not the folder of a mistyped input
+        runtime.require_folder(out.parent, "--out's folder" if args.out else "the default --out's folder")
+    if args.save_features:
+        runtime.require_outside(args.save_features, images, "--save-features")
+        runtime.require_folder(args.save_features, "--save-features")
+        for name in ("train", "val"):
+            runtime.require_replaceable(Path(args.save_features) / f"{name}.pth", "--save-features'",
+                                        lambda path: not isinstance(read_feature_file(path), str),
+                                        "a feature file of eval_knn.py", inputs)
+    return out
 
 
 def evaluate(args):
@@ -160,16 +189,7 @@ def evaluate(args):
     if args.bank_device == "cuda" and not cuda:
         raise UsageError("--bank-device cuda needs the evaluation itself on a GPU (--device cuda).")
     bank_device = torch.device("cpu") if args.bank_device == "cpu" else env.device
-    out = Path(args.out) if args.out else default_out(args)  # checked now: the results are written after all the work
-    if args.out and out.is_dir():
-        raise UsageError(f"--out {args.out} is a folder; give a file name, e.g. {out / 'knn.json'}.")
-    if out.is_file() and not starts_as_json_object(out):  # e.g. --out naming the checkpoint
-        raise UsageError(f"--out {out} exists and is not a kNN result (a JSON file); it is not overwritten: "
-                         "give another file name.")
-    if args.out or out.parent.exists() or not (args.ckpt or args.load_features):  # not the folder of a mistyped input
-        runtime.require_folder(out.parent, "--out's folder" if args.out else "the default --out's folder")
-    if args.save_features:
-        runtime.require_folder(args.save_features, "--save-features")
+    check_outputs(args)  # now: the results are written after all the work
     if args.load_features:  # what made the features is in the folder; these would only mislabel the results
         given = [f"--{name.replace('_', '-')}" for name in ("ckpt", "arch", "random_init", "pixels", "data", "img_size",
                                                              "knn_subset", "holdout") if getattr(args, name)]

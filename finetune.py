@@ -24,10 +24,12 @@ import argparse
 import datetime
 import json
 import math
+import os
 import shlex
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -555,29 +557,48 @@ def export(model, path, ckpt):
             torch.export.save(program, tmp, extra_files=meta)
 
 
+def is_export(path):
+    """Whether path is a classifier that export wrote: an archive of torch.export or TorchScript holding the
+    classifier.json it adds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/extra/classifier.json") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def image_files(paths):
-    """The given files, and the image files under the given folders in sorted order: each file once,
-    where it first comes (a file named and inside a named folder is classified once)."""
-    files = {}  # resolved path -> the path as given
+    """The given files, and the image files under the given folders (data.image_paths, the rule of data folders):
+    each file once, where it first comes (a file named and inside a named folder is classified once). A named
+    file that the rule does not take as an image, or that is no regular file, is an error saying why."""
+    files, taken = [], set()  # taken: real paths
     if any(not str(path) for path in paths):  # Path("") would be the working directory
         raise UsageError("--predict got an empty path.")
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-        elif path.is_file():
-            found = [path]
-        else:
-            raise UsageError(f"--predict {path} does not exist.")
-        for file in found:
-            files.setdefault(file.resolve(), file)
+            files += map(Path, data.image_paths(path, taken))
+            continue
+        try:
+            kind = data.special_file(path)
+        except FileNotFoundError:
+            raise UsageError(f"--predict {path} is a link to {os.readlink(path)}, which does not exist."
+                             if path.is_symlink() else f"--predict {path} does not exist.") from None
+        except OSError as e:
+            raise UsageError(f"--predict {path} cannot be looked at ({e.strerror}).") from None
+        if kind:
+            raise UsageError(f"--predict {path} is {kind}, not an image file.")
+        if path.name.startswith("."):
+            raise UsageError(f"--predict {path} is a hidden file (its name starts with \".\"), which is not data "
+                             "in a folder either; rename it to classify it.")
+        if not data.is_image_name(path.name):
+            raise UsageError(f"--predict {path} is not named as an image: {path.suffix or 'no extension'} is not "
+                             "an extension of a format PIL reads (.jpg, .png, .gif, .tif, .webp and others).")
+        if os.path.realpath(path) not in taken:
+            taken.add(os.path.realpath(path))
+            files.append(path)
     if not files:
         raise UsageError(f"--predict {' '.join(map(str, paths))} holds no image files.")
-    return list(files.values())
-
-
-def open_image(path):
-    with Image.open(path) as image:
-        return data.rgb(image)
+    return files
 
 
 @torch.no_grad()
@@ -658,6 +679,9 @@ def check_flags(args):
                              f"e.g. {Path(args.export) / 'classifier.pt2'}.")
         if Path(args.export).suffix not in (".pt", ".pt2"):
             raise UsageError(f"--export {args.export} must end in .pt2 (torch.export) or .pt (TorchScript).")
+        runtime.require_outside(args.export, data.image_folder_root(args.data), "--export")
+        runtime.require_replaceable(args.export, "--export", is_export, "a classifier exported by finetune.py",
+                                    inputs=[args.ckpt] * bool(args.ckpt))
     if bool(args.ckpt) == args.random_init:
         raise UsageError("give either --ckpt (a pretraining or fine-tuned checkpoint) or --random-init.")
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:

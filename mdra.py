@@ -406,7 +406,10 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
 
 def train(args):
     env = runtime.setup_distributed(args.device)
-    out_dir = runtime.take_out_dir(args.out_dir, env)
+    out_dir = runtime.take_out_dir(args.out_dir, env, data=data.image_folder_root(args.data))
+    for kept in out_dir.glob("checkpoint_epoch*.pth"):  # --keep-every's copies are written over only if ours
+        runtime.require_replaceable(kept, "--out-dir's", lambda path: runtime.is_checkpoint(path, ("mdra",)),
+                                    "a checkpoint of mdra.py")
     images, info = data.build_dataset(args.data, args.data_dir, "pretrain", args.img_size or 32)
     args = resolve_args(args, info, env)
     if args.knn_every:  # the monitor needs labelled train and val images: fail now, not after an epoch
@@ -436,6 +439,12 @@ def train(args):
                                            scaler, env, log, needs=("queue", "queue_ptr"), retired=RETIRED_SETTINGS)
     step = ckpt["step"] if ckpt else 0
     if ckpt:
+        if ckpt["queue"].shape != queue.shape:  # copy_ would broadcast a single row over the whole queue
+            raise UsageError(f"{ckpt_path}: queue is shaped {list(ckpt['queue'].shape)}, not {list(queue.shape)} "
+                             "as this run's.")
+        if ckpt["queue_ptr"] % args.batch_size:  # enqueue writes whole batches, which never wrap
+            raise UsageError(f"{ckpt_path}: queue_ptr is {ckpt['queue_ptr']}, not a multiple of the batch of "
+                             f"{args.batch_size} keys that enqueue writes.")
         queue.copy_(ckpt["queue"])
         queue_ptr = int(ckpt["queue_ptr"])
     progress = runtime.Progress(device, step, ckpt)

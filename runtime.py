@@ -71,18 +71,28 @@ def out_of_memory(error):
 def run_main(train_fn, argv, parser, memory_flags="--batch-size"):
     """Parse arguments and run; a UsageError becomes one sentence on stderr and exit status 2, running
     out of memory one sentence that names memory_flags (the flags that size it) and exit status 1, and a
-    stop signal that a training loop deferred (defer_stop_signals) exit status 128 + the signal."""
+    stop signal exit status 128 + the signal: at once before a training loop (the run's temporary files and
+    a lock it just made removed), at the end of its step once the loop deferred it (defer_stop_signals)."""
     args = parser.parse_args(argv)
     STOP_SIGNALS.clear()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNAL_NUMBERS}
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # as Python's SIGINT handler does: an exception, so clean-ups run
+        if previous[sig] is signal.SIG_DFL:
+            signal.signal(sig, stop_now)
+    stdout_errors = getattr(sys.stdout, "errors", None)
+    if hasattr(sys.stdout, "reconfigure"):  # file names that the file system allows but UTF-8 does not
+        sys.stdout.reconfigure(errors="backslashreplace")
     # Only the message is kept: the traceback would keep the loaders, and their workers, alive.
-    message, status = None, 0
+    message, status, finished = None, 0, False
     try:
         result = train_fn(args)
+        finished = True
     except UsageError as e:
         message, status = f"error: {e}", 2
     except KeyboardInterrupt:
         message, status = "interrupted", 128 + signal.SIGINT
+    except Stopped as e:
+        message, status = f"stopped by {signal.Signals(e.signum).name}", 128 + e.signum
     except Exception as e:  # a crash ends with its traceback and status 1, after the teardown below
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if (memory := out_of_memory(e)) is not None:  # its traceback would say nothing more to act on
@@ -96,9 +106,11 @@ def run_main(train_fn, argv, parser, memory_flags="--batch-size"):
         if message:  # first: under NCCL the teardown may wait for ranks still inside a collective
             print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
         kill_loader_workers()
-        _close_held_locks()
+        _close_held_locks(failed=not finished)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors=stdout_errors)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # the control group with it
         global _CONTROL
@@ -123,10 +135,10 @@ def kill_loader_workers():
 
 
 def ignore_stop_signals(worker_id=None):
-    """Data-loading workers ignore SIGTERM / SIGINT: schedulers signal the whole process group, and
-    the training loop must outlive its workers long enough to save a checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Data-loading workers ignore the stop signals: schedulers signal the whole process group (a dropped SSH
+    session its SIGHUP), and the training loop must outlive its workers long enough to save a checkpoint."""
+    for sig in STOP_SIGNAL_NUMBERS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,11 +298,24 @@ def peak_memory_gb(device):
 # Stop signals
 # ------------------------------------------------------------------------------------------------
 
-STOP_SIGNALS = []  # SIGTERM / SIGINT received while deferred; the training loops save and exit at the next step
+STOP_SIGNAL_NUMBERS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: what a dropped SSH session sends
+STOP_SIGNALS = []  # stop signals received while deferred; the training loops save and exit at the next step
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP before a training loop defers them: the run ends at once, through its clean-ups."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_now(signum, frame):
+    raise Stopped(signum)
 
 
 def defer_stop_signals():
-    """From here on, SIGTERM and SIGINT only ask the training loop to save and stop after the current
+    """From here on, SIGTERM, SIGINT and SIGHUP only ask the training loop to save and stop after the current
     step (run_main hands the handlers back). Before the loop they act at once: a run stopped while it
     lists its data or waits for its peers has nothing to save.
 
@@ -298,13 +323,13 @@ def defer_stop_signals():
     job that a script starts in the background (`mdra.py ... &`) ignores SIGINT, so that a Ctrl-C
     meant for the foreground does not stop it; SIGTERM still does."""
     STOP_SIGNALS.clear()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNAL_NUMBERS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
 
 
 def stop_requested(group=None):
-    """True on every rank once any rank got SIGTERM or SIGINT (group: a gloo group, no GPU sync)."""
+    """True on every rank once any rank got a stop signal (group: a gloo group, no GPU sync)."""
     flag = torch.tensor([len(STOP_SIGNALS)])
     if group is not None:
         dist.all_reduce(flag, group=group)
@@ -312,8 +337,8 @@ def stop_requested(group=None):
 
 
 def exit_if_stop_requested(control, save, log, step, ckpt_path):
-    """After an optimizer step of a training loop: once any rank got SIGTERM or SIGINT, save the
-    checkpoint and exit with status 128 + the signal."""
+    """After an optimizer step of a training loop: once any rank got a stop signal, save the checkpoint and
+    exit with status 128 + the signal."""
     if stop_requested(control):
         save()
         log.print(f"stopped by a signal at step {step}; checkpoint: {Path(ckpt_path).resolve()}")
@@ -334,11 +359,14 @@ def raise_if_nonfinite(nonfinite, since, step, ckpt_path, prog, hint=""):
 # ------------------------------------------------------------------------------------------------
 
 class Logger:
-    """Console lines and <out-dir>/log.jsonl, from rank 0 only."""
+    """Console lines and <out-dir>/log.jsonl, from rank 0 only. A log.jsonl that this project did not write is
+    refused, not added to."""
 
     def __init__(self, out_dir, active):
         self.active = active
         self.path = Path(out_dir) / "log.jsonl"
+        if active:
+            require_replaceable(self.path, "--out-dir's", is_log, "a log.jsonl of this project")
 
     def print(self, *msg):
         if self.active:
@@ -349,20 +377,35 @@ class Logger:
 
     def json(self, record):
         if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # the out-dir deleted or replaced while the run writes
+                raise UsageError(f"cannot write {self.path} ({e.strerror}); the run's folder changed under it.") from None
+
+
+def is_log(path):
+    """Whether path begins as every log.jsonl of this project: with a run's start record."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16)
+    try:
+        return json.loads(first).get("event") == "start"
+    except (ValueError, AttributeError):
+        return False
 
 
 def logged_steps(path):
     """The step records of log.jsonl behind the weights a run ends with, in step order. A run's start
     record names the step it began at: a fresh run (step 0) drops what an earlier run left in the
     folder, and a resumed one the steps logged after the checkpoint it resumed from."""
-    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []
     records = {}
     for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short when a run was killed
+            continue
+        if not isinstance(record, dict) or "step" not in record:  # a line of someone else's
             continue
         if record.get("event") == "start":  # logs written before start records named a step keep everything
             records = {step: r for step, r in records.items() if step <= record.get("step", math.inf)}
@@ -436,9 +479,9 @@ def atomic_file(path, size):
     half-written file never replaces a good one. The temporary file is removed whatever goes wrong, and a
     full disk is one sentence (size: about how many bytes the file takes)."""
     path = Path(path)
-    # One per writer (two processes never share one), ending as path does: torch.export.save warns about
-    # (and means to refuse) a file whose name does not end in .pt2.
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # One per writer (two processes never share one), naming it (remove_debris), ending as path does:
+    # torch.export.save warns about (and means to refuse) a file whose name does not end in .pt2.
+    tmp = path.with_name(f"{path.stem}.{socket.gethostname()}@{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -448,6 +491,8 @@ def atomic_file(path, size):
             os.close(fd)
         os.replace(tmp, path)
     except Exception as e:
+        if not path.parent.is_dir():  # deleted while the run wrote
+            raise UsageError(f"cannot write {path}: its folder {path.parent} no longer exists.") from None
         full = out_of_space(e, path.parent, size - (tmp.stat().st_size if tmp.exists() else 0))
         tmp.unlink(missing_ok=True)  # before counting what is free: it would keep the disk full
         if not full:
@@ -486,7 +531,99 @@ def load_checkpoint(path, formats=("mdra",)):
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise UsageError(f"{path} is a version {version} checkpoint and this code reads versions up to "
                          f"{CHECKPOINT_VERSION}; update the code to load it.")
+    validate_checkpoint(ckpt, path)
     return ckpt
+
+
+def _int(v, least=0, below=math.inf):
+    return type(v) is int and least <= v < below  # type(): a bool is an int, but no count
+
+
+def _finite(x, above=-math.inf):
+    return type(x) in (int, float) and above < x < math.inf  # NaN fails every comparison
+
+
+WEIGHT_FIELDS = ("backbone", "online", "offline", "head")
+_WEIGHTS = (lambda v, c: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                     for k, t in v.items()), "a dict of tensors by name")
+# The fields of a checkpoint (spec section 8) as load_checkpoint checks those present, in this order: name ->
+# (whether value v of checkpoint c is valid, what it must be: text, or a function of c). A check that reads
+# another field comes after it (valid then) and passes where it is absent: require_keys refuses that.
+CHECKPOINT_FIELDS = {
+    "arch": (lambda v, c: isinstance(v, str), "a string"),
+    "small_stem": (lambda v, c: isinstance(v, bool), "True or False"),
+    "feature_dim": (lambda v, c: _int(v, 1), "an integer >= 1"),
+    "args": (lambda v, c: isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("data", "data_dir")),
+             "a dict whose data and data_dir are strings"),
+    "epoch": (lambda v, c: _int(v), "an integer >= 0"),
+    "step": (lambda v, c: _int(v), "an integer >= 0"),
+    **dict.fromkeys(WEIGHT_FIELDS, _WEIGHTS),
+    "queue": (lambda v, c: isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 2 and len(v) > 0,
+              "a 2-d float tensor"),
+    "queue_ptr": (lambda v, c: "queue" not in c or _int(v, 0, len(c["queue"])),
+                  lambda c: f"an integer from 0 to {len(c['queue']) - 1}, a row of the queue"),
+    "optimizer": (lambda v, c: isinstance(v, dict), "a dict"),
+    "scaler": (lambda v, c: v == {} or isinstance(v, dict) and _finite(v.get("scale"), 0)
+               and all(map(_finite, v.values()))
+               and {"growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} <= v.keys(),
+               "empty or a GradScaler's state of finite numbers"),
+    "epoch_loss": (lambda v, c: v is None or isinstance(v, dict) and _finite(v.get("sum"))
+                   and _int(v.get("from"), 0, c.get("step", math.inf) + 1),
+                   "None or a dict of a finite sum and the step it sums from, at most step"),
+    "mean": (lambda v, c: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_finite, v)),
+             "three finite numbers"),
+    "std": (lambda v, c: isinstance(v, (list, tuple)) and len(v) == 3 and all(_finite(x, 0) for x in v),
+            "three finite numbers > 0"),
+    "img_size": (lambda v, c: _int(v, 8), "an integer >= 8, the smallest crop any network processes"),
+    "resize": (lambda v, c: "img_size" not in c or _int(v, c["img_size"]),
+               lambda c: f"an integer >= img_size ({c['img_size']})"),
+    "num_classes": (lambda v, c: _int(v, 2), "an integer >= 2"),
+    "class_names": (lambda v, c: "num_classes" not in c or isinstance(v, list) and len(v) == c["num_classes"]
+                    and all(isinstance(name, str) for name in v),
+                    lambda c: f"a list of num_classes ({c['num_classes']}) strings"),
+    "metrics": (lambda v, c: isinstance(v, dict) and (not v or all(_finite(v.get(k))
+                                                                   for k in ("epoch", "top1", "top5"))),
+                "a dict, empty or with the epoch, top1 and top5"),
+    "data": (lambda v, c: isinstance(v, dict) and v.keys() == {"images", "names_sha256"} and _int(v["images"])
+             and isinstance(v["names_sha256"], str) and re.fullmatch("[0-9a-f]{64}", v["names_sha256"]),
+             "a dict of the number of images and their names' SHA-256"),
+    "batchnorm_batch": (lambda v, c: _int(v, 1), "an integer >= 1"),
+}
+
+
+def _described(v):
+    """What a checkpoint field is, briefly: its value if short, else its kind and size."""
+    if isinstance(v, torch.Tensor):
+        return f"a {str(v.dtype).removeprefix('torch.')} tensor of shape {list(v.shape)}"
+    sized = isinstance(v, (dict, list, tuple, str))
+    text = repr(v) if not sized or len(v) <= 5 else ""  # no repr of a whole state dict
+    if 0 < len(text) <= 60:
+        return text
+    return f"a {type(v).__name__} of length {len(v)}" if sized else f"a {type(v).__name__}"
+
+
+def validate_checkpoint(ckpt, path):
+    """Refuse a checkpoint whose fields (CHECKPOINT_FIELDS) are of the wrong type, size or range, or whose
+    weights are not all finite, in one sentence naming the field or the tensors: a hand-edited or foreign
+    file fails here, not deep inside a script or, worse, as a silent wrong answer."""
+    for field, (valid, must) in CHECKPOINT_FIELDS.items():
+        if field in ckpt and not valid(ckpt[field], ckpt):
+            raise UsageError(f"{path}: {field} is {_described(ckpt[field])}, "
+                             f"not {must(ckpt) if callable(must) else must}.")
+    tensors = {f"{field}.{name}": t for field in WEIGHT_FIELDS for name, t in ckpt.get(field, {}).items()}
+    tensors.update({"queue": ckpt["queue"]} if "queue" in ckpt else {})
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"{path} holds non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} "
+                         f"({len(bad)} tensor{'s' if len(bad) > 1 else ''}); it cannot be used.")
+
+
+def is_checkpoint(path, formats):
+    """Whether path is a checkpoint of one of formats; only its record is read, not its tensors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("format") in formats
+    except Exception:  # torch raises many types for a foreign file
+        return False
 
 
 def require_keys(ckpt, path, keys, writer):
@@ -512,8 +649,10 @@ def load_strict(module, state_dict, what):
 
 
 def data_fingerprint(names):
-    """What a resumed run checks its images against: how many, and a hash of their names in order."""
-    return {"images": len(names), "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    """What a resumed run checks its images against: how many, and a hash of their names in order (the bytes
+    of the file system's names, UTF-8 or not)."""
+    return {"images": len(names),
+            "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()}
 
 
 def resumed_state(step, data):
@@ -583,12 +722,34 @@ def restart_from_checkpoint(path, args, parser, may_change, data, batchnorm_batc
                              f"{batchnorm_batch} (another number of ranks); resume as it ran.")
         for key, (module, what) in modules.items():
             load_strict(module, ckpt[key], f"{what} in {path}")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(optimizer, ckpt["optimizer"], path)
         if ckpt["scaler"]:  # empty unless the interrupted run used --amp fp16
             scaler.load_state_dict(ckpt["scaler"])
         log.print(f"resumed from {path} at step {ckpt['step']}")
     require_same_on_every_rank(env, resumed_state(ckpt["step"] if ckpt else 0, data))
     return ckpt
+
+
+def load_optimizer(optimizer, state, path):
+    """optimizer.load_state_dict, refused in one sentence where the state is not one of this optimizer: torch
+    checks only how many parameters each group has, and a setting of another kind or a momentum of another
+    shape would fail at the first step, a non-finite one make every weight NaN."""
+    def kinds(group):
+        return {k: "number" if type(v) in (int, float) else type(v) for k, v in group.items() if k != "params"}
+    own = [kinds(group) for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # left as it was
+        own = None
+    tensors = [(p, t) for p, s in optimizer.state.items() for t in s.values() if isinstance(t, torch.Tensor)]
+    if (own is None or any(t.dim() and t.shape != p.shape for p, t in tensors)
+            or any(not mine.items() <= kinds(group).items() for mine, group in zip(own, optimizer.param_groups))):
+        raise UsageError(f"{path}: optimizer is not a state of this run's optimizer (another network's or "
+                         "optimizer's); it cannot be resumed.")
+    numbers = [v for group in optimizer.param_groups for v in group.values() if type(v) in (int, float)]
+    if not (all(map(math.isfinite, numbers))
+            and all(torch.isfinite(t).all() for _, t in tensors if t.is_floating_point())):
+        raise UsageError(f"{path}: optimizer holds non-finite values; it cannot be resumed.")
 
 
 def checkpoint_state(fmt, args, step, steps_per_epoch, feature_dim, backbone, optimizer, scaler, info, data,
@@ -620,10 +781,12 @@ def save_on_main(env, make_state, path, copy_to=None):
 
 def require_folder(path, flag):
     """An output folder, made if needed and proven writable by a temporary file: a path taken by a file,
-    a read-only file system or a folder without permission is one clear error before any work."""
+    a read-only file system or a folder without permission is one clear error before any work. Returns
+    whether it was made here."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a folder.")
+    made = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -632,24 +795,58 @@ def require_folder(path, flag):
         tempfile.NamedTemporaryFile(dir=path).close()
     except OSError as e:
         raise UsageError(f"{flag} {path} is not writable ({e.strerror}).") from None
+    return made
 
 
-HELD_LOCKS = []  # the open lock files of lock_folder; run_main closes them, which releases the locks
+def require_replaceable(path, flag, ours, what, inputs=()):
+    """An output file may be written only where none is, or over one this tool wrote (ours(path): known by its
+    content) that is not one of its inputs; anything else is one sentence naming it, before any work. what:
+    what ours recognises, for the sentence."""
+    path = Path(path)
+    if any(path.exists() and Path(given).exists() and os.path.samefile(path, given) for given in inputs):
+        raise UsageError(f"{flag} {path} is also what this run reads; it is not written over: give another path.")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name.")
+    try:
+        foreign = path.exists() and not (path.is_file() and ours(path))
+    except OSError:  # unreadable: not to be replaced either
+        foreign = True
+    if foreign:
+        raise UsageError(f"{flag} {path} exists and is not {what}; it is not written over: give another path or "
+                         "move it away.")
 
 
-def _close_held_locks():
+HELD_LOCKS = []  # (open lock file, its path if this run made it, its folder if this run made it), from lock_folder
+
+
+def _close_held_locks(failed=False):
+    """Release the locks (run_main, at a run's end); after a failed start, remove the lock file and the folder
+    that the run made and left with nothing else in them."""
     while HELD_LOCKS:
-        HELD_LOCKS.pop().close()
+        lock, made_file, made_folder = HELD_LOCKS.pop()
+        lock.close()
+        try:
+            if failed and made_file and [p.name for p in made_file.parent.iterdir()] == ["run.lock"]:
+                made_file.unlink()
+                if made_folder:
+                    made_folder.rmdir()
+        except OSError:  # the folder went away or changed meanwhile: nothing of this run's to remove
+            pass
 
 
 os.register_at_fork(after_in_child=_close_held_locks)  # a loader worker would keep a killed run's lock alive
 
 
-def lock_folder(path, flag):
+def lock_folder(path, flag, made_folder=False):
     """Refuse a second run on an output folder while one runs in it: an exclusive flock on <path>/run.lock,
     which the kernel releases when the process ends, by kill -9 too, or when run_main returns. The file
-    names the holder (pid, host, start, command), so that the refusal can name it."""
-    lock = open(Path(path) / "run.lock", "a+")
+    names the holder (pid, host, start, command), so that the refusal can name it. made_folder: whether the
+    run made path (a failed start removes it again)."""
+    lock_path = Path(path) / "run.lock"
+    require_replaceable(lock_path, f"{flag}'s", lambda p: p.stat().st_size == 0 or LOCK_RECORD.match(p.read_text(
+        errors="replace")), "a run.lock of this project")
+    made = not lock_path.exists()
+    lock = open(lock_path, "a+", errors="surrogateescape")  # a command line of any bytes
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -667,15 +864,51 @@ def lock_folder(path, flag):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}: "
                f"{shlex.join(sys.argv)}\n")
     lock.flush()
-    HELD_LOCKS.append(lock)
+    HELD_LOCKS.append((lock, lock_path if made else None, Path(path) if made_folder else None))
 
 
-def take_out_dir(path, env, flag="--out-dir"):
-    """A training run's output folder, made if needed, proven writable and locked by rank 0 (lock_folder)."""
+LOCK_RECORD = re.compile(r"pid \d+ on .*, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: ")
+TEMPORARY = re.compile(r"\.(?:(?P<host>[^/]+)@)?(?P<pid>\d+)\.tmp(\.[^.]+)?$")  # atomic_file's; no host before
+
+
+def take_out_dir(path, env, flag="--out-dir", data=None):
+    """A training run's output folder, made if needed, proven writable and locked by rank 0 (lock_folder),
+    which then removes the temporary files of runs killed while they wrote there. data: the ImageFolder
+    the run reads (None for a named data set), inside which it writes nothing."""
     path = Path(path)
-    require_folder(path, flag)
-    on_main_rank(env, f"take {flag} {path}", lock_folder, path, flag)
+    require_outside(path, data, flag)
+    made = require_folder(path, flag)
+    on_main_rank(env, f"take {flag} {path}", lock_folder, path, flag, made)
+    if env.is_main:
+        remove_debris(path)
     return path
+
+
+def require_outside(path, folder, flag):
+    """Nothing the tools make lands among the user's images: path must not be inside folder (an ImageFolder
+    the run reads; None for a named data set)."""
+    if folder is not None and Path(folder).is_dir() and Path(folder).resolve() in (Path(path).resolve(),
+                                                                                   *Path(path).resolve().parents):
+        raise UsageError(f"{flag} {path} is inside the images of --data {folder}; give a path outside them.")
+
+
+def remove_debris(folder):
+    """Remove the temporary files (atomic_file's) that processes of this host, no longer alive, left in
+    folder; never a live process's."""
+    for tmp in Path(folder).glob("*.tmp*"):
+        found = TEMPORARY.search(tmp.name)
+        if found and found["host"] in (None, socket.gethostname()) and not alive(int(found["pid"])):
+            tmp.unlink(missing_ok=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -673,13 +673,12 @@ def test_a_forked_process_such_as_a_loader_worker_does_not_keep_the_lock_of_a_ru
         os._exit(0)
     try:
         assert os.read(ready, 7) == b"started"
-        runtime.HELD_LOCKS.pop().close()  # the run ends, or is killed, while its worker lives on for a moment
+        runtime._close_held_locks()  # the run ends, or is killed, while its worker lives on for a moment
         runtime.lock_folder(tmp_path, "--out-dir")
     finally:
         os.kill(worker, signal.SIGKILL)
         os.waitpid(worker, 0)
-        while runtime.HELD_LOCKS:
-            runtime.HELD_LOCKS.pop().close()
+        runtime._close_held_locks()
 
 
 def test_an_out_dir_on_a_file_system_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
