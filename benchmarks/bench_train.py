@@ -1,26 +1,24 @@
-"""Where the time of MDRA pretraining goes: the training step, the data pipeline and the loss.
+"""Where the time of MDRA pretraining goes: the training step, the data pipeline, the loss, and mdra.py's paths.
 
 One run prints one table (and writes it, a JSON line per row and the full log under --out):
-- step: mdra.py's training step (mdra.micro_step, then the LARS step and the EMA update) on synthetic
-  device-resident images, for each architecture and configuration {eager, compiled} x {fp32, bf16} x
-  {nchw, cl (channels_last)}, optionally with both views in one pass (-1pass: mdra.py --one-pass): image
-  pairs/s, peak memory, model FLOPs per pair (counted with FlopCounterMode) and, on CUDA, the achieved
-  fraction of a bf16 matmul peak measured in the same run;
+- step: mdra.py's training step (mdra.micro_step, then the LARS step and the EMA update, on the networks of
+  mdra.networks as mdra.compiled leaves them) on synthetic device-resident images, for each architecture and
+  configuration {eager, compiled} x {fp32, bf16} x {nchw, cl (channels_last)}: image pairs/s, peak memory,
+  model FLOPs per pair (counted with FlopCounterMode) and, on CUDA, the achieved fraction of a bf16 matmul
+  peak measured in the same run;
 - loss: mdra_loss forward and backward, and its Sinkhorn part, at --loss-batch x --loss-queue x --groups,
   as a fraction of a step;
 - data: mdra.py's loader (mdra.pretrain_loader: the real two-view augmentation and DataLoader settings)
   on an ImageFolder of JPEGs at ImageNet-like sizes that it generates (or --data), with --workers; with
-  --gpu-aug also the device path; with --offline-views same weak, each also making the offline encoder's own
-  views (mdra.py --offline-view weak), against the same loader without them; against the step, to show which
-  one is the bottleneck;
+  --gpu-aug also the views made on the device (an in-memory data set: --data fashion-mnist, synthetic, ...);
+  against the step, to show which one is the bottleneck;
 - e2e: the step of the first architecture fed by each loader, against the same step on synthetic data;
 - paths (only when named): mdra.py itself, run by its own command line (a process of its own per run
-  on CUDA), on each path of PATHS (issue 17: both views in one pass, the data on the device, a
-  captured step, compiled, all new together) against today's path, the reference: pairs/s and the
-  share of the time waited for data, read from its log.jsonl over the log windows after the first, on
-  synthetic images for each --path-cases and end to end on Fashion-MNIST (seconds per epoch too); and
-  the host operations per optimizer step (mdra.Pretraining built in this process, counted with the
-  PyTorch profiler over all threads).
+  on CUDA), on each path of PATHS (the views made on the device, compiled, both) against the reference
+  (eager, the CPU loader): pairs/s and the share of the time waited for data, read from its log.jsonl
+  over the log windows after the first, end to end on Fashion-MNIST (seconds per epoch too) and on
+  synthetic images for each --path-cases; and the host operations per optimizer step (mdra.py's loop
+  set up in this process, counted with the PyTorch profiler).
 
 Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on the GPU); the data
 and end-to-end rates are taken in the steady state, after the workers' first round of batches (e2e:
@@ -30,16 +28,15 @@ training loop does not wait for it.
 A measurement that fails becomes a row saying why; --time-limit skips compilations that would not fit.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
-    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100; --time-limit skips compiled rows that would not fit
+    python benchmarks/bench_train.py --preset h100 --out runs/bench   # one H100
     python benchmarks/bench_train.py --device cuda --archs resnet50 --configs compiled-bf16-cl \\
-        --batch-size 128 --sections step e2e --data /path/to/imagenet/train --gpu-aug
-    python benchmarks/bench_train.py --preset h100 --sections paths --time-limit 300   # the paths on one GPU
+        --batch-size 128 --sections step e2e --data /path/to/imagenet/train
+    python benchmarks/bench_train.py --preset h100 --sections paths --time-limit 300   # mdra.py's paths on one GPU
 """
 import argparse
 import contextlib
 import datetime
 import gc
-import itertools
 import json
 import math
 import multiprocessing
@@ -62,24 +59,22 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import mdra  # noqa: E402  (the repository root is on the path only from here)
+import data  # noqa: E402  (the repository root is on the path only from here)
+import mdra  # noqa: E402
 import runtime  # noqa: E402
 
-# The paths of mdra.py that the paths section compares (issue 17), each as the mdra.py flags that select
-# it. The reference comes first: today's path, each view its own pass, the CPU loader, eager, uncaptured.
-# A "--no-X" that this mdra.py lacks is what it does anyway and is left out; a "--X" it lacks skips the path.
+# The paths of mdra.py that the paths section compares, each as the mdra.py flags that select it. The
+# reference comes first: the CPU loader, eager.
 PATHS = {
-    "reference": ["--no-one-pass", "--no-gpu-aug", "--no-cuda-graph", "--no-compile"],
-    "one-pass": ["--one-pass", "--no-gpu-aug", "--no-cuda-graph", "--no-compile"],       # both views as one batch
-    "device-data": ["--no-one-pass", "--gpu-aug", "--no-cuda-graph", "--no-compile"],    # the views made on the device
-    "captured": ["--no-one-pass", "--no-gpu-aug", "--cuda-graph", "--no-compile"],       # the step as CUDA graphs
-    "compiled": ["--no-one-pass", "--no-gpu-aug", "--no-cuda-graph", "--compile"],       # torch.compile
-    "captured-compiled": ["--no-one-pass", "--no-gpu-aug", "--cuda-graph", "--compile"],  # compiled, then captured
-    "all-new": ["--one-pass", "--gpu-aug", "--cuda-graph", "--no-compile"],
+    "reference": ["--no-gpu-aug", "--no-compile"],
+    "device-data": ["--gpu-aug", "--no-compile"],  # the views made on the device (gpu_aug.py)
+    "compiled": ["--no-gpu-aug", "--compile"],     # torch.compile
+    "all": ["--gpu-aug", "--compile"],
 }
 
 PRESETS = {
@@ -87,14 +82,13 @@ PRESETS = {
                 configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
                 data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8,
                 paths=[name for name in PATHS if "--compile" not in PATHS[name]],  # inductor compiles for minutes here
-                path_cases=["resnet18:16:8:1", "resnet50:32:2:1", "resnet50:32:4:1"], path_windows=1,
+                path_cases=["resnet18:16:8:1", "resnet50:32:4:1"], path_windows=1,
                 fmnist_case="resnet18:16:4:1", fmnist_steps=2, host_ops_case="resnet18:16:8", host_ops_steps=1),
     "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
-                 configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "eager-bf16-cl-1pass",
-                          "compiled-bf16-cl"],
-                 warmup=5, steps=10, repeats=3, data_images=16384, workers=16, gpu_aug=True,
+                 configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "compiled-bf16-cl"],
+                 warmup=5, steps=10, repeats=3, data_images=16384, workers=16,
                  loss_batch=512, loss_queue=65536, e2e_steps=60, time_limit=420,
-                 path_cases=["resnet18:28:256:40", "resnet50:224:64:20", "resnet50:224:512:4"], path_windows=3,
+                 path_cases=["resnet18:28:256:40", "resnet50:32:256:20", "resnet50:96:128:10"], path_windows=3,
                  fmnist_case="resnet18:28:256:39", fmnist_steps=312, host_ops_case="resnet18:28:256", host_ops_steps=5),
 }
 SECTIONS = ("step", "loss", "data", "e2e", "paths")
@@ -107,31 +101,28 @@ def get_parser():
     a("--device", choices=["cpu", "cuda"])
     a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:4]),
       help="paths runs only when named: its runs of mdra.py take minutes on a GPU")
-    a("--archs", nargs="+", help="torchvision ResNets; the first one is the reference of the data and e2e rows "
+    a("--archs", nargs="+", help="mdra.py --arch names; the first one is the reference of the data and e2e rows "
                                  "(the loss rows are related to each)")
     a("--img-size", type=mdra.crop_size,
-      help="crop size (a small stem at <= 64 px, as in mdra.py). " + mdra.IMG_SIZE_MINIMUM)
+      help="crop size (a small stem at <= 64 px, as in mdra.py for an ImageFolder). " + mdra.IMG_SIZE_MINIMUM)
     a("--batch-size", type=int, help="micro-batch of one GPU (the ImageNet recipe: 512 over 8 GPUs = 64)")
     a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
     a("--queue-size", type=int, help="N of the step's loss")
     a("--groups", type=int, default=4)
-    a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT[-1pass] with MODE eager|compiled, DTYPE fp32|bf16, LAYOUT "
-                                   "nchw|cl, and -1pass for mdra.py --one-pass (both views in one batch); the first "
-                                   "is the baseline of the speed-up column")
+    a("--hidden-dim", type=int, default=4096, help="mdra.py --hidden-dim, of the steps and the paths' runs")
+    a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT with MODE eager|compiled, DTYPE fp32|bf16 and LAYOUT "
+                                   "nchw|cl; the first is the baseline of the speed-up column")
     a("--compile-backend", default="inductor")
     a("--warmup", type=int, help="untimed steps after the first (which compiles, and is never timed)")
     a("--steps", type=int, help="steps per timed repeat")
     a("--repeats", type=int, help="timed repeats; the median is reported")
     a("--data", help="an existing ImageFolder, or a data set name of mdra.py (e.g. fashion-mnist, with "
-                     "--data-dir), to read instead of generated JPEGs")
+                     "--data-dir, or synthetic:N), to read instead of generated JPEGs")
     a("--data-dir", default="data", help="where mdra.py's named data sets are read from")
     a("--data-images", type=int, help="JPEGs to generate (enough for several rounds of all workers)")
     a("--workers", type=int)
-    a("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
-      help="also measure mdra.py --gpu-aug's loader and device augmentation")
-    a("--offline-views", nargs="+", choices=["same", "weak"], default=["same"],
-      help="the offline encoder's views of the data and e2e rows' loaders (mdra.py --offline-view): 'same weak' "
-           "measures each loader both ways, the weak-offline rows against the same loader's")
+    a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
+      help="also measure mdra.py --gpu-aug's views, made on the device (needs an in-memory --data)")
     a("--loss-batch", type=int)
     a("--loss-queue", type=int)
     a("--e2e-steps", type=int)
@@ -140,16 +131,15 @@ def get_parser():
                                                    "less than --compile-allowance would be left (0: no limit)")
     a("--compile-allowance", type=float, default=150)
     a("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
-      help="paths of the paths section (PATHS; the cpu preset leaves compiled out: inductor takes minutes there); "
-           "the reference is always measured, as the vs column's baseline")
+      help="paths of the paths section (PATHS; the cpu preset leaves the compiled ones out: inductor takes "
+           "minutes there); the reference is always measured, as the vs column's baseline")
     a("--path-cases", nargs="*", help="ARCH:PX:PAIRS[:STEPS], each run on synthetic images: mdra.py --arch ARCH "
-                                      "--img-size PX (small stem at <= 64 px, queue 4096, else 65536) --batch-size "
+                                      "--img-size PX (a small data set: the small stem, queue 4096) --batch-size "
                                       "PAIRS, logged every STEPS optimizer steps (default --path-log-every)")
     a("--path-log-every", type=int, default=20)
     a("--path-windows", type=int, help="timed log windows of each run, after its first (the start: workers, "
-                                       "cuDNN's autotuning, a compilation or capture)")
-    a("--fmnist-case", help="ARCH:PX:PAIRS[:STEPS] of the Fashion-MNIST rows (mdra.py --data fashion-mnist), "
-                            "run on the reference and all-new paths")
+                                       "cuDNN's autotuning, a compilation)")
+    a("--fmnist-case", help="ARCH:PX:PAIRS[:STEPS] of the Fashion-MNIST rows (mdra.py --data fashion-mnist)")
     a("--fmnist-steps", type=int, help="optimizer steps of each Fashion-MNIST run (0: no such rows); at 256 pairs "
                                        "an epoch is 234")
     a("--host-ops-case", help="ARCH:PX:PAIRS of the rows that count host operations per optimizer step")
@@ -173,8 +163,12 @@ def parse_args(argv=None):
         parser.error("--device cuda was given but no CUDA GPU is available")
     if args.queue_size % args.batch_size:
         parser.error(f"--queue-size {args.queue_size} is not a multiple of --batch-size {args.batch_size}")
-    if {"data", "e2e"} & set(args.sections) and args.data is None and args.data_images < 2 * args.batch_size:
+    loaders = {"data", "e2e"} & set(args.sections)
+    if loaders and args.data is None and args.data_images < 2 * args.batch_size:
         parser.error(f"--data-images {args.data_images} is fewer than two batches of {args.batch_size}")
+    if loaders and args.gpu_aug and (args.data or "").partition(":")[0] not in data.SMALL_DATASETS:
+        parser.error("--gpu-aug makes the views of an in-memory data set on the device: give --data one of "
+                     + ", ".join(data.SMALL_DATASETS) + " (JPEGs are read by the loader)")
     args.paths = list(dict.fromkeys(["reference", *args.paths]))
     args.path_cases = [parse_case(text, args.path_log_every, parser) for text in args.path_cases]
     args.fmnist_case = parse_case(args.fmnist_case, args.path_log_every, parser)
@@ -188,17 +182,20 @@ class StepConfig:
     compiled: bool
     bf16: bool
     channels_last: bool
-    one_pass: bool = False  # mdra.py --one-pass
 
 
 def parse_config(text):
     parts = text.split("-")
-    choices = (("eager", "compiled"), ("fp32", "bf16"), ("nchw", "cl"), ("1pass",))
-    if len(parts) not in (3, 4) or any(part not in allowed for part, allowed in zip(parts, choices)):
-        raise SystemExit(f"bench_train.py: error: configuration {text!r} is not MODE-DTYPE-LAYOUT[-1pass], "
-                         "e.g. eager-fp32-nchw or compiled-bf16-cl-1pass")
-    mode, dtype, layout = parts[:3]
-    return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl", len(parts) == 4)
+    choices = (("eager", "compiled"), ("fp32", "bf16"), ("nchw", "cl"))
+    if len(parts) != 3 or any(part not in allowed for part, allowed in zip(parts, choices)):
+        raise SystemExit(f"bench_train.py: error: configuration {text!r} is not MODE-DTYPE-LAYOUT, "
+                         "e.g. eager-fp32-nchw or compiled-bf16-cl")
+    mode, dtype, layout = parts
+    return StepConfig(mode == "compiled", dtype == "bf16", layout == "cl")
+
+
+# Synthetic images and Fashion-MNIST are small data sets to mdra.py: the small stem and this queue.
+PATH_QUEUE = 4096
 
 
 @dataclass(frozen=True)
@@ -210,14 +207,6 @@ class Case:
     batch_size: int
     log_every: int
 
-    @property
-    def small_stem(self):
-        return self.img_size <= 64  # as mdra.py chooses it for small images
-
-    @property
-    def queue_size(self):
-        return 4096 if self.small_stem else 65536  # mdra.py's small-data and ImageNet recipes
-
     def __str__(self):
         return f"{self.arch} {self.img_size}px b{self.batch_size}"
 
@@ -228,14 +217,14 @@ def parse_case(text, log_every, parser):
         arch, img_size, batch_size, *rest = parts
         case = Case(arch, int(img_size), int(batch_size), int(rest[0]) if rest else log_every)
     except ValueError:
-        parser.error(f"case {text!r} is not ARCH:PX:PAIRS[:STEPS], e.g. resnet18:28:256 or resnet50:224:64:30")
+        parser.error(f"case {text!r} is not ARCH:PX:PAIRS[:STEPS], e.g. resnet18:28:256 or resnet50:96:64:30")
     if len(parts) > 4 or min(case.batch_size, case.log_every) < 1:
         parser.error(f"case {text!r} is not ARCH:PX:PAIRS[:STEPS] with PAIRS and STEPS at least 1")
-    if case.img_size < mdra.min_img_size(case.small_stem):
-        parser.error(f"case {text!r}: {case.img_size} px is below {mdra.min_img_size(case.small_stem)}, the smallest "
-                     "crop of its stem")
-    if case.queue_size % case.batch_size:
-        parser.error(f"case {text!r}: its queue of {case.queue_size} is not a multiple of {case.batch_size} pairs")
+    if case.img_size < mdra.min_img_size(small_stem=True):
+        parser.error(f"case {text!r}: {case.img_size} px is below {mdra.min_img_size(small_stem=True)}, the smallest "
+                     "crop of the small stem")
+    if PATH_QUEUE % case.batch_size:
+        parser.error(f"case {text!r}: its queue of {PATH_QUEUE} is not a multiple of {case.batch_size} pairs")
     return case
 
 
@@ -346,52 +335,52 @@ def free_memory(device):
 # The step, exactly mdra.py's
 # ------------------------------------------------------------------------------------------------
 
+def one_process(device):
+    return runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+
+
+def step_args(arch, config, args):
+    """mdra.py's arguments of a step of the step section: its defaults (the method, the optimizer) with
+    this benchmark's sizes and the configuration's speed flags."""
+    argv = ["--arch", arch, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+            "--accum-steps", str(args.accum_steps), "--queue-size", str(args.queue_size), "--groups", str(args.groups),
+            "--hidden-dim", str(args.hidden_dim), "--amp", "bf16" if config.bf16 else "off",
+            "--channels-last" if config.channels_last else "--no-channels-last",
+            "--compile" if config.compiled else "--no-compile", "--compile-backend", args.compile_backend]
+    margs = mdra.get_parser().parse_args(argv)
+    margs.small_stem = args.img_size <= 64  # as mdra.py chooses it for an ImageFolder
+    return margs
+
+
 class TrainStep:
-    """A model, queue, LARS optimizer and EMA set up as mdra.train sets them up; calling it runs one
-    optimizer step of accum_steps micro-batches (mdra.micro_step), as mdra.train's loop does."""
+    """The networks, queue, LARS optimizer and EMA of mdra.train, set up as it sets them up from margs (mdra.py's
+    resolved arguments); calling it runs one optimizer step of accum_steps micro-batches (mdra.micro_step), as
+    mdra.train's loop does."""
 
-    def __init__(self, arch, config, args, device):
-        torch.manual_seed(0)
-        self.online, self.offline, _ = mdra.build_model(arch, small_stem=args.img_size <= 64)
-        if config.one_pass:
-            mdra.both_views_in_one_pass(self.online)
-            mdra.both_views_in_one_pass(self.offline)
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.online.to(device, memory_format=self.memory_format)
-        self.offline.to(device, memory_format=self.memory_format)
-        self.queue = mdra.init_queue(args.queue_size, args.groups, 0).to(device)
-        self.queue_ptr = 0
-        lr = 0.3 * args.batch_size * args.accum_steps / 256
-        self.optimizer = mdra.LARS(mdra.lars_param_groups(self.online, 1e-6), lr=lr, momentum=0.9)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 need no loss scaling
-        if config.compiled:
-            self.online.encoder.compile(backend=args.compile_backend)
-            self.online.predictor.compile(backend=args.compile_backend)
-            self.offline.compile(backend=args.compile_backend)
-        self.offline.train()
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-        self.loss_args = SimpleNamespace(groups=args.groups, tau=0.04, mu=0.05, sinkhorn_iters=3, cross=True,
-                                         accum_steps=args.accum_steps)
-        self.accum_steps, self.device = args.accum_steps, device
+    def __init__(self, margs, env):
+        self.online, self.offline, _, self.queue, self.memory_format = mdra.networks(margs, env)
+        self.trained = mdra.compiled(self.online, self.offline, margs, env)
+        lr = margs.lr * margs.batch_size * margs.accum_steps / 256
+        self.optimizer = mdra.LARS(mdra.lars_param_groups(self.online, margs.weight_decay), lr=lr, momentum=0.9)
+        self.autocast = runtime.autocast(env.device, margs.amp)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=margs.amp == "fp16")
+        self.progress = runtime.Progress(env.device, 0)
+        self.queue_ptr, self.args, self.device = 0, margs, env.device
 
-    def micro_step(self, v1, v2, *offline_views):
-        v1, v2, *offline_views = (v.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                                  for v in (v1, v2, *offline_views))
-        _, _, self.queue_ptr = mdra.micro_step(self.online, self.offline, self.queue, self.queue_ptr, v1, v2,
-                                               self.loss_args, self.autocast, self.scaler, offline_views=offline_views)
+    def micro_step(self, v1, v2, sync_grads=True):
+        v1, v2 = (v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in (v1, v2))
+        loss, _, self.queue_ptr = mdra.micro_step(self.trained, self.offline, self.queue, self.queue_ptr, v1, v2,
+                                                  self.args, self.autocast, self.scaler, sync_grads)
+        self.progress.add(loss / self.args.accum_steps)
 
-    def optimizer_step(self):
+    def __call__(self, batches):
+        """batches: a callable giving (v1, v2) for each micro-batch."""
+        for micro in range(1, self.args.accum_steps + 1):
+            self.micro_step(*batches(), sync_grads=micro == self.args.accum_steps)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        mdra.ema_update(self.online, self.offline, 0.99)
-
-    def __call__(self, batches):
-        """batches: a callable giving (v1, v2) for each micro-batch, or (v1, v2, w1, w2) with the offline
-        encoder's own views (--offline-view weak)."""
-        for _ in range(self.accum_steps):
-            self.micro_step(*batches())
-        self.optimizer_step()
+        mdra.ema_update(self.online, self.offline, self.args.momentum)
 
 
 def synthetic_views(args, device):
@@ -402,7 +391,7 @@ def synthetic_views(args, device):
 
 def flops_per_pair(arch, args, device):
     """Model FLOPs of one micro-step (forward, loss, backward), counted on the eager fp32 model, per pair."""
-    step = TrainStep(arch, StepConfig(False, False, False), args, device)
+    step = TrainStep(step_args(arch, StepConfig(False, False, False), args), one_process(device))
     v1, v2 = synthetic_views(args, device)
     with FlopCounterMode(display=False) as counter:
         step.micro_step(v1, v2)
@@ -442,46 +431,39 @@ def make_image_folder(root, n, processes):
 
 
 class Loader:
-    """mdra.py's pretraining loader for one process, with or without --gpu-aug; yields views on device."""
+    """mdra.py's pretraining loader for one process: the CPU loader, or with gpu_aug the views made on the
+    device (gpu_aug.DeviceViews); yields views on the device."""
 
-    def __init__(self, root, args, device, gpu_aug, offline_view="same"):
-        self.images, info = mdra.build_dataset(str(root), args.data_dir, "pretrain")
+    def __init__(self, root, args, device, gpu_aug):
+        self.images, info = data.build_dataset(str(root), args.data_dir, "pretrain", args.img_size)
         loader_args = SimpleNamespace(img_size=args.img_size, solarize=0.0, batch_size=args.batch_size, seed=0,
-                                      workers=args.workers, gpu_aug=gpu_aug, offline_view=offline_view)
-        env = runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+                                      workers=args.workers, gpu_aug=gpu_aug)
         self.num_batches = len(self.images) // args.batch_size
         if self.num_batches < 2:
             raise SystemExit(f"bench_train.py: error: {root} has fewer than two batches of {args.batch_size} images")
-        self.loader, self.sampler, self.device_views = mdra.pretrain_loader(self.images, info, loader_args, env,
-                                                                            self.num_batches)
+        self.loader, self.sampler = mdra.pretrain_loader(self.images, info, loader_args, one_process(device),
+                                                         self.num_batches)
         self.device, self.epoch = device, 0
 
     def batches(self):
-        """Views on the device, epoch after epoch, as mdra.train makes them."""
+        """(v1, v2) on the device, epoch after epoch, as mdra.train makes them."""
         while True:
             self.sampler.set_epoch(self.epoch)
-            epoch = mdra.epoch_batches(self.loader, self.device_views, self.epoch, 0)
-            try:
-                for *views, _, _ in epoch:  # v1, v2 (and w1, w2 with weak offline views); the skipped counts and files
-                    yield tuple(v.to(self.device, non_blocking=True) for v in views)
-            finally:  # a --gpu-aug prefetch thread stops with it
-                epoch.close()
+            for v1, v2, _, _ in self.loader:  # the views, then the skipped counts and files
+                yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
             self.epoch += 1
-
-    def stop(self):
-        """Stop the workers, which mdra.py keeps between epochs (persistent) and which would otherwise
-        go on filling their prefetch queues behind the rows measured next; batches() starts new ones."""
-        stop_workers(self.loader)
 
     @contextlib.contextmanager
     def running(self):
-        """batches() for one measurement, stopped with its workers at the end of it."""
+        """batches() for one measurement, then the workers stopped: mdra.py keeps them between epochs
+        (persistent), and they would otherwise go on filling their prefetch queues behind the rows
+        measured next; batches() starts new ones."""
         batches = self.batches()
         try:
             yield batches
         finally:
             batches.close()
-            self.stop()
+            stop_workers(self.loader)
 
 
 def stop_workers(loader):
@@ -500,43 +482,10 @@ def loader_rate(loader, batch_size, workers, device, max_batches=100):
                             device)[0]
 
 
-def device_views_rate(loader, batch_size, device, rounds=5):
-    """Pairs/s of the --gpu-aug device work alone (decode, crops, colour, blur) on batches in memory."""
-    if isinstance(loader.loader, torch.utils.data.DataLoader):
-        # Read in this process, so that no worker is left prefetching behind the measurements that follow.
-        dataset, collate = loader.loader.dataset, loader.loader.collate_fn
-        undecoded = [collate([dataset[0, i] for i in range(b * batch_size, (b + 1) * batch_size)])
-                     for b in range(min(4, len(dataset) // batch_size))]
-    else:  # an in-memory data set held on the device (gpu_aug.ResidentImages): its gathered micro-batches
-        loader.sampler.set_epoch(0)
-        undecoded = list(itertools.islice(iter(loader.loader), 4))
-    batches = itertools.cycle(undecoded)
-
-    def augment():
-        images, skipped, _ = next(batches)
-        loader.device_views(images, skipped, 0, 0)
-
-    rate = batch_size / median_step_time(augment, device, warmup=2, steps=len(undecoded), repeats=rounds)
-    return rate, host_ops(augment)
-
-
-def all_threads_profiler_config():
-    """The profiler's setting that counts every thread's operations, or None where this torch lacks it."""
-    try:
-        return torch.profiler._ExperimentalConfig(profile_all_threads=True)
-    except TypeError:
-        return None
-
-
-HOST_OPS_ALL_THREADS = all_threads_profiler_config() is not None
-
-
 def host_ops(fn):
-    """How many aten operations one call of fn dispatches (views and launches alike), on every thread of
-    this process (a --gpu-aug prefetch thread's too) unless not HOST_OPS_ALL_THREADS: the host work that
-    a GPU waits behind when each is a small kernel. The same count on any device."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                experimental_config=all_threads_profiler_config()) as profiler:
+    """How many aten operations one call of fn dispatches (views and launches alike) on this thread: the
+    host work that a GPU waits behind when each is a small kernel. The same count on any device."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         fn()
     return sum(event.count for event in profiler.key_averages() if event.key.startswith("aten::"))
 
@@ -577,7 +526,7 @@ def measure_step(report, arch, name, flops, args, device, keep):
     """One configuration on synthetic data; returns its TrainStep if keep, else None."""
     reset_peak_memory(device)
     t0 = time.perf_counter()
-    step = TrainStep(arch, parse_config(name), args, device)
+    step = TrainStep(step_args(arch, parse_config(name), args), one_process(device))
     views = synthetic_views(args, device)
     step(lambda: views)  # the first step compiles and autotunes
     synchronize(device)
@@ -618,30 +567,24 @@ def measure_loss(report, batch, queue_size, args, device):
 
 def measure_data(report, loaders, args, device):
     for name, loader in loaders.items():
-        held = not isinstance(loader.loader, torch.utils.data.DataLoader)  # gpu_aug.ResidentImages: no workers
+        held = not isinstance(loader.loader, DataLoader)  # gpu_aug.DeviceViews: no workers
         what = f"loader {name}, {'held on the device' if held else f'{args.workers} workers'}, {args.size}"
         with failure_reported(report, "data", what):
             rate = loader_rate(loader, args.batch_size, args.workers, device)
             report.add("data", what, loader=name, pairs_per_s=rate, ms=args.batch_size / rate * 1e3)
-        if loader.device_views is not None:
-            what = f"{name}: device work alone (decode + views)"
-            with failure_reported(report, "data", what):
-                rate, ops = device_views_rate(loader, args.batch_size, device)
-                report.add("data", what, loader=name, device_work=True, pairs_per_s=rate,
-                           ms=args.batch_size / rate * 1e3, host_ops=ops)
 
 
 def measure_e2e(report, step, loaders, args, device):
     """The kept step fed by each loader: the median of --repeats windows of --e2e-steps steps, after
     as many micro-batches as the loader prefetches (a full buffer would otherwise hide a slow loader).
-    The share of the windows' time the loop waited for the next views tells a loader (or, with
-    --gpu-aug, a prefetch thread) that cannot keep up from a step slowed by sharing the device."""
+    The share of the windows' time the loop waited for the next views tells a loader that cannot keep
+    up from a step slowed by sharing the device."""
     for name, loader in loaders.items():
         what = f"{args.archs[0]} {args.size} {args.e2e_config} fed by loader {name}"
         with failure_reported(report, "e2e", what):
             pairs = args.batch_size * args.accum_steps
-            # what the loader makes ahead: its workers' prefetch, or the --gpu-aug prefetch thread's 2
-            prefetched = args.workers * (getattr(loader.loader, "prefetch_factor", None) or 1)
+            # what the loader makes ahead: its workers' prefetch (the device views are made when asked for)
+            prefetched = args.workers * (loader.loader.prefetch_factor or 1) if isinstance(loader.loader, DataLoader) else 0
             skip = max(1, math.ceil(prefetched / args.accum_steps))
             with loader.running() as batches:
                 rates, data_wait = fed_rates(step, batches, args.e2e_steps, pairs, skip, device, args.repeats)
@@ -660,39 +603,96 @@ def measure_e2e(report, step, loaders, args, device):
 # The paths section: mdra.py itself, path against path
 # ------------------------------------------------------------------------------------------------
 
-def path_flags(name):
-    """PATHS[name] as this mdra.py takes it: (flags, None), or (None, the first flag it lacks) when the
-    path does not exist yet."""
-    parser = mdra.get_parser()
-    parser.allow_abbrev = False  # a flag is known by its whole name only
-    flags = []
-    for flag in PATHS[name]:
-        if not parser.parse_known_args([flag])[1]:
-            flags.append(flag)
-        elif not flag.startswith("--no-"):
-            return None, flag
-    return flags, None
+def measure_paths(report, args, device, started):
+    """Each path of --paths against the reference, as mdra.py runs: end to end on Fashion-MNIST, on
+    synthetic images for each case, and the host operations per optimizer step. Eager paths first, so
+    that a time limit only ever cuts compilations, and of those the quick host-op counts before the
+    long runs."""
+    table = []  # (group, kind, case, path) in the order of the table
+    if args.fmnist_steps:
+        table += [(f"fashion-mnist {args.fmnist_case}", "fashion-mnist", args.fmnist_case, name) for name in args.paths]
+    table += [(f"synthetic {case}", "synthetic", case, name) for case in args.path_cases for name in args.paths]
+    if args.host_ops_steps:
+        table += [(f"host ops {args.host_ops_case}", "host ops", args.host_ops_case, name) for name in args.paths]
+    fmnist_images = None
+
+    def run_order(entry):  # eager first, and the quick ones first
+        _, (_, kind, _, name) = entry
+        return "--compile" in PATHS[name], kind != "host ops"
+
+    with tempfile.TemporaryDirectory(prefix="mdra_bench_paths_") as tmp:
+        for index, (group, kind, case, name) in sorted(enumerate(table), key=run_order):
+            what, ids, flags = f"{group} {name}", dict(group=group, path=name), PATHS[name]
+            left = args.time_limit - (time.perf_counter() - started)
+            if args.time_limit and left < (args.compile_allowance if "--compile" in flags else 0):
+                report.add("paths", what, **ids, note=f"skipped: {max(left, 0):.0f} s of --time-limit left")
+                continue
+            out_dir = Path(tmp) / f"run{index}"
+            with failure_reported(report, "paths", what, **ids):
+                if kind == "fashion-mnist" and fmnist_images is None:
+                    fmnist_images = len(data.build_dataset("fashion-mnist", args.data_dir, "pretrain")[0])
+                if kind == "host ops":
+                    measure_host_ops(report, what, ids, case, flags, args, device, out_dir)
+                else:
+                    images = fmnist_images if kind == "fashion-mnist" else None
+                    measure_path_run(report, what, ids, case, kind, flags, args, out_dir,
+                                     left if args.time_limit else None, images)
+            shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoint: hundreds of MB
+            if device.type == "cuda":  # (on the CPU the collector's pass costs more than it frees)
+                free_memory(device)
+    order = [(group, name) for group, _, _, name in table]
+    rows = sorted((row for row in report.rows if row["section"] == "paths"),
+                  key=lambda row: order.index((row["group"], row["path"])))
+    report.rows = [row for row in report.rows if row["section"] != "paths"] + rows
 
 
-def mdra_argv(case, data, steps, flags, args, out_dir):
-    """mdra.py's command line for steps optimizer steps of case on data with a path's flags; everything
+def measure_path_run(report, what, ids, case, data_name, flags, args, out_dir, timeout, images):
+    """One mdra.py run on data_name (fashion-mnist or synthetic): its steady pairs/s and wait for data,
+    and with the data set's number of images, its seconds per epoch at that rate (and as measured for
+    each whole epoch after the first)."""
+    steps = args.fmnist_steps if data_name == "fashion-mnist" else case.log_every * (1 + args.path_windows)
+    records = run_script(mdra, mdra_argv(case, data_name, steps, flags, args, out_dir), out_dir, args.isolate, timeout)
+    if report.out:  # the run's own record
+        kept = report.out / "paths" / what.replace(" ", "_")
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in ("log.jsonl", "console.txt"):
+            shutil.copy(out_dir / name, kept / name)
+    rate, data_wait, timed = steady_state(records, case.batch_size)
+    note = f"{timed} of {steps} steps timed, after the first window; waited for data {100 * data_wait:.0f}%"
+    values = dict(pairs_per_s=rate, ms=case.batch_size / rate * 1e3, data_wait=data_wait, steps=steps)
+    if images:
+        images_per_epoch = images // case.batch_size * case.batch_size
+        epochs = [record["time_s"] for record in records if record.get("event") == "epoch"][1:]
+        values["s_per_epoch"] = images_per_epoch / rate
+        note += f"; {values['s_per_epoch']:.3g} s per epoch of {images_per_epoch} images at that rate"
+        if epochs:
+            note += ", measured " + " / ".join(f"{seconds:.3g}" for seconds in epochs) + " s (epochs after the first)"
+    report.add("paths", what, **ids, **values, note=note)
+
+
+def measure_host_ops(report, what, ids, case, flags, args, device, out_dir):
+    ops = count_host_ops(case, flags, args, device, out_dir)
+    report.add("paths", what, **ids, host_ops=ops,
+               note=f"per optimizer step: aten operations of the loop's thread, over an epoch of "
+                    f"{args.host_ops_steps} steps after one as long")
+
+
+def mdra_argv(case, data_name, steps, flags, args, out_dir):
+    """mdra.py's command line for steps optimizer steps of case on data_name with a path's flags; everything
     else is mdra.py's default (bf16 autocast and channels_last on CUDA, the learning-rate schedule). The
     synthetic images are one epoch, so that no epoch boundary falls inside the timed windows."""
-    argv = ["--data", data, "--arch", case.arch, "--img-size", str(case.img_size),
-            "--small-stem" if case.small_stem else "--no-small-stem", "--batch-size", str(case.batch_size),
-            "--accum-steps", "1", "--queue-size", str(case.queue_size), "--device", args.device,
-            "--workers", str(args.workers), "--max-steps", str(steps), "--log-every", str(case.log_every),
-            "--save-every", str(steps), "--keep-every", "0", "--compile-backend", args.compile_backend,
-            "--data-dir", args.data_dir, "--out-dir", str(out_dir)]
-    if data == "synthetic":
-        argv += ["--synthetic-size", str(case.batch_size * steps)]
-    return argv + flags
+    if data_name == "synthetic":
+        data_name = f"synthetic:{case.batch_size * steps}"
+    return ["--data", data_name, "--arch", case.arch, "--hidden-dim", str(args.hidden_dim), "--img-size",
+            str(case.img_size), "--batch-size", str(case.batch_size), "--accum-steps", "1", "--queue-size",
+            str(PATH_QUEUE), "--device", args.device, "--workers", str(args.workers), "--max-steps", str(steps),
+            "--log-every", str(case.log_every), "--save-every", str(steps), "--keep-every", "0",
+            "--compile-backend", args.compile_backend, "--data-dir", args.data_dir, "--out-dir", str(out_dir), *flags]
 
 
 def run_script(script, argv, out_dir, isolate, timeout):
-    """script (the module mdra or finetune) with argv, as its own process (isolate: stopped after timeout
-    seconds, None: never) or in this one, its console in out_dir/console.txt; returns the records of its
-    log.jsonl."""
+    """script (a module such as mdra) with argv, as its own process (isolate: stopped after timeout seconds,
+    None: never) or in this one, its console in out_dir/console.txt; returns the records of its log.jsonl."""
     out_dir.mkdir(parents=True)
     console, name = out_dir / "console.txt", Path(script.__file__).name
     with open(console, "w") as output:
@@ -729,8 +729,7 @@ def run_process(command, output, timeout):
 
 def steady_state(records, batch_size, rate="pairs_per_s", prog="mdra.py"):
     """Pairs/s (or the rate named), the share of the time waited for data and the steps timed, over the
-    log windows after the first (which holds the start: the workers, cuDNN's autotuning, a compilation or
-    capture)."""
+    log windows after the first (which holds the start: the workers, cuDNN's autotuning, a compilation)."""
     logged = [record for record in records if rate in record]
     windows = [(record["step"] - before["step"], record) for before, record in zip(logged, logged[1:])]
     if not windows:
@@ -742,120 +741,36 @@ def steady_state(records, batch_size, rate="pairs_per_s", prog="mdra.py"):
 
 
 def count_host_ops(case, flags, args, device, out_dir):
-    """Aten operations per optimizer step of mdra.Pretraining with a path's flags, built in this process
-    as mdra.train builds it: all threads' over a whole epoch of --host-ops-steps steps (so that a --gpu-aug
-    prefetch thread makes exactly that epoch's views inside the count), after an epoch as long that warms
-    up (the workers, LARS's momentum, a compilation or capture). Loader workers are processes of their
-    own and are not counted; with --workers 0 the CPU loader's operations are."""
-    argv = mdra_argv(case, "synthetic", args.host_ops_steps, flags, args, out_dir)
-    margs = mdra.get_parser().parse_args(argv)
-    env = runtime.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
-    images, info = mdra.build_dataset(margs.data, margs.data_dir, "pretrain", margs.synthetic_size, margs.img_size)
+    """Aten operations per optimizer step of mdra.py's loop with a path's flags, set up in this process as
+    mdra.train sets it up: over a whole epoch of --host-ops-steps steps, after an epoch as long that warms
+    up (the workers, LARS's momentum, a compilation). Loader workers are processes of their own and are
+    not counted; with --workers 0 the CPU loader's operations are."""
+    margs = mdra.get_parser().parse_args(mdra_argv(case, "synthetic", args.host_ops_steps, flags, args, out_dir))
+    env = one_process(device)
+    images, info = data.build_dataset(margs.data, margs.data_dir, "pretrain", margs.img_size)
     margs = mdra.resolve_args(margs, info, env)
     torch._dynamo.reset()
-    run = mdra.Pretraining(margs, env, images, info, runtime.Logger(out_dir, False))
-    loader, sampler, device_views = mdra.pretrain_loader(images, info, margs, env, run.steps_per_epoch)
+    step = TrainStep(margs, env)
+    loader, sampler = mdra.pretrain_loader(images, info, margs, env, args.host_ops_steps)
 
     def epoch(index):
         sampler.set_epoch(index)
-        batches = mdra.epoch_batches(loader, device_views, index, 0)
-        for _ in range(run.steps_per_epoch):
-            run.optimizer_step(batches)
-        batches.close()
+        batches = iter(loader)
+        for _ in range(args.host_ops_steps):
+            step(lambda: next(batches)[:2])
         synchronize(device)
 
     try:
         epoch(0)
-        return host_ops(lambda: epoch(1)) / run.steps_per_epoch
+        return host_ops(lambda: epoch(1)) / args.host_ops_steps
     finally:
         stop_workers(loader)
-
-
-def measure_paths(report, args, device, started):
-    """Each path of --paths against the reference, as mdra.py runs: end to end on Fashion-MNIST (the
-    reference and all-new paths), on synthetic images for each case, and the host operations per
-    optimizer step. Eager paths first, so that a time limit only ever cuts compilations, and of those
-    the quick host-op counts before the long runs on synthetic images."""
-    table = []  # (group, kind, case, path) in the order of the table
-    if args.fmnist_steps:
-        table += [(f"fashion-mnist {args.fmnist_case}", "fashion-mnist", args.fmnist_case, name)
-                  for name in args.paths if name in ("reference", "all-new")]
-    table += [(f"synthetic {case}", "synthetic", case, name) for case in args.path_cases for name in args.paths]
-    if args.host_ops_steps:
-        table += [(f"host ops {args.host_ops_case}", "host ops", args.host_ops_case, name) for name in args.paths]
-    flags = {name: path_flags(name) for name in args.paths}
-    fmnist_images = None
-
-    def run_order(entry):  # eager first, and the quick ones first
-        _, (_, kind, _, name) = entry
-        return "--compile" in PATHS[name], kind == "synthetic"
-
-    with tempfile.TemporaryDirectory(prefix="mdra_bench_paths_") as tmp:
-        for index, (group, kind, case, name) in sorted(enumerate(table), key=run_order):
-            what, ids = f"{group} {name}", dict(group=group, path=name)
-            path_args, missing = flags[name]
-            left = args.time_limit - (time.perf_counter() - started)
-            if missing:
-                report.add("paths", what, **ids, note=f"skipped: mdra.py has no {missing}")
-                continue
-            if args.time_limit and left < (args.compile_allowance if "--compile" in path_args else 0):
-                report.add("paths", what, **ids, note=f"skipped: {max(left, 0):.0f} s of --time-limit left")
-                continue
-            out_dir = Path(tmp) / f"run{index}"
-            with failure_reported(report, "paths", what, **ids):
-                if kind == "fashion-mnist" and fmnist_images is None:
-                    fmnist_images = len(mdra.build_dataset("fashion-mnist", args.data_dir, "pretrain")[0])
-                if kind == "host ops":
-                    measure_host_ops(report, what, ids, case, path_args, args, device, out_dir)
-                else:
-                    images = fmnist_images if kind == "fashion-mnist" else None
-                    measure_path_run(report, what, ids, case, kind, path_args, args, out_dir,
-                                     left if args.time_limit else None, images)
-            shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoint: hundreds of MB
-            if device.type == "cuda":  # (on the CPU the collector's pass costs more than it frees)
-                free_memory(device)
-    order = [(group, name) for group, _, _, name in table]
-    rows = sorted((row for row in report.rows if row["section"] == "paths"),
-                  key=lambda row: order.index((row["group"], row["path"])))
-    report.rows = [row for row in report.rows if row["section"] != "paths"] + rows
-
-
-def measure_path_run(report, what, ids, case, data, flags, args, out_dir, timeout, images):
-    """One mdra.py run on data (fashion-mnist or synthetic): its steady pairs/s and wait for data, and
-    with the data set's number of images, its seconds per epoch at that rate (and as measured for each
-    whole epoch after the first)."""
-    steps = args.fmnist_steps if data == "fashion-mnist" else case.log_every * (1 + args.path_windows)
-    records = run_script(mdra, mdra_argv(case, data, steps, flags, args, out_dir), out_dir, args.isolate, timeout)
-    if report.out:  # the run's own record
-        kept = report.out / "paths" / what.replace(" ", "_")
-        kept.mkdir(parents=True, exist_ok=True)
-        for name in ("log.jsonl", "console.txt"):
-            shutil.copy(out_dir / name, kept / name)
-    rate, data_wait, timed = steady_state(records, case.batch_size)
-    note = f"{timed} of {steps} steps timed, after the first window; waited for data {100 * data_wait:.0f}%"
-    values = dict(pairs_per_s=rate, ms=case.batch_size / rate * 1e3, data_wait=data_wait, steps=steps)
-    if images:
-        images_per_epoch = images // case.batch_size * case.batch_size
-        epochs = [record["time_s"] for record in records if record.get("event") == "epoch"][1:]
-        values["s_per_epoch"] = images_per_epoch / rate
-        note += f"; {values['s_per_epoch']:.3g} s per epoch of {images_per_epoch} images at that rate"
-        if epochs:
-            note += ", measured " + " / ".join(f"{seconds:.3g}" for seconds in epochs) + " s (epochs after the first)"
-    report.add("paths", what, **ids, **values, note=note)
-
-
-def measure_host_ops(report, what, ids, case, flags, args, device, out_dir):
-    ops = count_host_ops(case, flags, args, device, out_dir)
-    threads = "all threads" if HOST_OPS_ALL_THREADS else "the loop's thread only (this torch profiles no other)"
-    report.add("paths", what, **ids, host_ops=ops,
-               note=f"per optimizer step: aten operations of {threads}, over an epoch of {args.host_ops_steps} "
-                    "steps after one as long")
 
 
 @contextlib.contextmanager
 def failure_reported(report, section, what, **values):
     """A measurement that fails (out of memory, a compiler error) becomes a row saying why, with the
-    traceback in the log, and the run goes on: one GPU session should bring back all that worked."""
+    traceback in the log, and the run goes on with the other measurements."""
     try:
         yield
     except Exception as e:
@@ -899,23 +814,12 @@ def compare(rows, args):
             row["vs"] = "; ".join(parts) or None
         elif row["section"] == "data" and reference:
             ratio = reference["pairs_per_s"] / row["pairs_per_s"]
-            if row.get("device_work"):
-                row["vs"] = f"adds {100 * ratio:.0f}% to a {reference['what']} step"
-            else:
-                bound = "the loader is the bottleneck" if ratio > 1 else "the step is the bottleneck"
-                row["vs"] = f"{1 / ratio:.2f}x the {reference['what']} step: {bound}"
+            bound = "the loader is the bottleneck" if ratio > 1 else "the step is the bottleneck"
+            row["vs"] = f"{1 / ratio:.2f}x the {reference['what']} step: {bound}"
         elif row["section"] == "e2e" and reference:
             low, high = (min(row["window_rates"]) / reference["pairs_per_s"],
                          max(row["window_rates"]) / reference["pairs_per_s"])
             row["vs"] = f"{row['pairs_per_s'] / reference['pairs_per_s']:.2f}x (windows {low:.2f}–{high:.2f}x) the same step on synthetic data"
-    for row in rows:  # a loader with weak offline views against the same loader without them
-        same = row.get("loader", "").removesuffix(" weak-offline")
-        if "pairs_per_s" in row and same != row.get("loader", ""):
-            twin = next((r for r in rows if (r["section"], r.get("loader"), r.get("device_work")) ==
-                         (row["section"], same, row.get("device_work")) and "pairs_per_s" in r), None)
-            if twin:
-                ratio = f"{row['pairs_per_s'] / twin['pairs_per_s']:.2f}x the loader {same}"
-                row["vs"] = f"{row['vs']}; {ratio}" if row.get("vs") else ratio
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1001,11 +905,10 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 kb = make_image_folder(generated, args.data_images, max(1, args.workers)) / 1e3
                 report.log(f"generated {args.data_images} JPEGs of {kb:.0f} kB on average in {time.perf_counter() - t0:.0f} s")
-            for gpu_aug, offline_view in itertools.product((False, True) if args.gpu_aug else (False,),
-                                                           args.offline_views):
-                name = ("gpu-aug" if gpu_aug else "cpu-aug") + ("" if offline_view == "same" else " weak-offline")
+            for gpu_aug in (False, True) if args.gpu_aug else (False,):
+                name = "gpu-aug" if gpu_aug else "cpu-aug"
                 with failure_reported(report, "data", f"loader {name}"):
-                    loaders[name] = Loader(root, args, device, gpu_aug, offline_view)
+                    loaders[name] = Loader(root, args, device, gpu_aug)
         if "data" in args.sections:
             measure_data(report, loaders, args, device)
         if "loss" in args.sections:

@@ -1,6 +1,6 @@
 """The training curves of every pretraining row in a folder of scripts/reproduce_fashion_mnist.sh, in one
-PNG: the in-training kNN monitor's top-1 (mdra.py --knn-every), the loss and RankMe against the epoch,
-each read from the row's log.jsonl.
+PNG: the in-training kNN monitor's top-1 (mdra.py --knn-every; epoch 0, where a log holds it, is the
+untrained network), the loss and RankMe against the epoch, each read from the row's log.jsonl.
 
     python3 scripts/plot_curves.py results/fashion-mnist-h100-80ep          # writes <folder>/curves.png
     python3 scripts/plot_curves.py runs/fashion-mnist --out /tmp/curves.png
@@ -16,11 +16,15 @@ from results_table import read_log  # beside this file
 
 def curves(log):
     """{"knn": [(epoch, top-1)], "loss": [(epoch, loss)], "rankme": [(epoch, RankMe)]} of one mdra.py log:
-    the kNN monitor at k = 20 (else its smallest k), each epoch's mean loss and the mean RankMe of its
-    logged steps. A resumed run logs again the steps after its last checkpoint: the last record counts, and
-    what an abandoned run left in the folder does not (results_table.read_log)."""
-    epochs, steps = {}, {}
+    the kNN monitor at k = 20 (else its smallest k), from the epoch records that hold it and from kNN
+    records of their own ({"event": "knn", "epoch": E, ...}; epoch 0: the untrained network), each epoch's
+    mean loss and the mean RankMe of its logged steps. A resumed run logs again the steps after its last
+    checkpoint: the last record counts (of an epoch's kNN, the last that holds one), and what an abandoned
+    run left in the folder does not (results_table.read_log)."""
+    epochs, steps, knn = {}, {}, {}
     for record in read_log(log):
+        if record.get("event") in ("epoch", "knn") and "knn" in record:
+            knn[record["epoch"]] = record["knn"]
         if record.get("event") == "epoch":
             epochs[record["epoch"]] = record
         elif "rankme" in record:
@@ -29,10 +33,11 @@ def curves(log):
     for record in steps.values():
         rankme.setdefault(record["epoch"], []).append(record["rankme"])
 
-    def top1(knn):
-        return knn.get("top1@20", knn[min((key for key in knn if key.startswith("top1@")), key=lambda key: int(key[5:]))])
+    def top1(result):
+        return result.get("top1@20", result[min((key for key in result if key.startswith("top1@")),
+                                                key=lambda key: int(key[5:]))])
 
-    return {"knn": [(e, top1(r["knn"])) for e, r in sorted(epochs.items()) if "knn" in r],
+    return {"knn": [(e, top1(result)) for e, result in sorted(knn.items())],
             "loss": [(e, r["loss"]) for e, r in sorted(epochs.items())],
             "rankme": [(e, sum(values) / len(values)) for e, values in sorted(rankme.items())]}
 

@@ -3,41 +3,42 @@
 #   MDRA pretraining -> weighted kNN, fine-tuning on 1% and 10% of the labels, linear probe;
 #   baselines: raw-pixel kNN, random-init kNN, supervised from scratch on the same 1% / 10% subsets;
 #   ablations, each one mdra.py flag: --groups 1 (relation alignment without subspaces), --sinkhorn-iters 0
-#   (no balance constraint), --no-predictor, --no-cross; and a second seed of MDRA and of G = 1;
-#   small-data trials, chosen on held-out training images: ReSSL's temperatures (--tau 0.1 --mu 0.04), and
-#   with them its weaker teacher view (--offline-view weak).
+#   (no balance constraint), --no-predictor, --no-cross; and a second seed of MDRA and of G = 1.
 #
 #   scripts/reproduce_fashion_mnist.sh [OUT]          # OUT defaults to runs/fashion-mnist
 #   ROWS="ablations seeds" scripts/reproduce_fashion_mnist.sh [OUT]
+#   timeout --signal=TERM 3600 scripts/reproduce_fashion_mnist.sh [OUT]   # stopped after an hour
 #
 # Rows: the pretrainings mdra, mdra-seed1, mdra-g1, mdra-g1-seed1, mdra-nobalance, mdra-nopredictor,
-# mdra-nocross, mdra-ressl, mdra-ressl-seed1, mdra-ressl-weak, mdra-ressl-weak-seed1; for each pretraining P
-# the rows that use its backbone, P-knn, P-ft1, P-ft10 (fine-tuned on 1% / 10% of the labels), P-linear and
-# P-hknn (the kNN of HOLDOUT training images against a bank of the others: eval_knn.py --holdout); the
-# baselines pixels-knn, random-knn, scratch1, scratch10. ROWS names the rows to run, and these sets of them:
-# default (mdra and its four rows, the baselines, mdra-g1 and mdra-g1-knn), ablations (the kNN of each
-# ablation), seeds (mdra-seed1-knn, mdra-seed1-linear, mdra-g1-seed1-knn), preset (the held-out kNN of mdra,
-# mdra-ressl, mdra-ressl-weak and their second seeds: the small-data trials, which never see the test
-# split). A row brings the pretraining whose backbone it uses.
+# mdra-nocross; for each pretraining P the rows that use its backbone, P-knn, P-ft1, P-ft10 (fine-tuned on
+# 1% / 10% of the labels), P-linear and P-hknn (the kNN of HOLDOUT training images against a bank of the
+# others: eval_knn.py --holdout, which never sees the test split); the baselines pixels-knn, random-knn,
+# scratch1, scratch10. ROWS names the rows to run, and these sets of them: default (mdra and its four rows,
+# the baselines, mdra-g1 and mdra-g1-knn), ablations (the kNN of each ablation), seeds (mdra-seed1-knn,
+# mdra-seed1-linear, mdra-g1-seed1-knn). A row brings the pretraining whose backbone it uses.
+#
+# A signal (SIGTERM, SIGINT; timeout sends SIGTERM to the whole process group) stops every running row:
+# each saves its checkpoint and exits, and running the script again with the same OUT resumes them.
 #
 # Every fine-tuning row (MDRA and from scratch alike) first fine-tunes once with each learning rate of
 # FT_LRS, evaluated on HOLDOUT training images outside its labelled subset, and then once more with the
 # best of them, evaluated on the test split: the test images choose nothing. The linear probe does the
 # same with LINEAR_LRS, its trials holding the HOLDOUT images out of its labels.
 #
-# Environment (defaults in brackets): ROWS [default], EPOCHS pretraining epochs [200], FT_EPOCHS
-# fine-tuning epochs [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03 0.01],
-# LINEAR_LRS [FT_LRS], HOLDOUT [10000], DEVICE [auto], WORKERS [8], FLAGS extra flags for every script,
+# Environment (defaults in brackets): ROWS [default], ARCH the network of the pretrainings and of the
+# random-init baselines (the other rows take their pretraining's) [resnet18], EPOCHS pretraining epochs
+# [200], FT_EPOCHS fine-tuning epochs [100], LINEAR_EPOCHS linear-probe epochs [100], FT_LRS [0.3 0.1 0.03
+# 0.01], LINEAR_LRS [FT_LRS], HOLDOUT [10000], DEVICE [auto], WORKERS [8], FLAGS extra flags for every script,
 # PRETRAIN_FLAGS for mdra.py (e.g. --gpu-aug), FT_FLAGS for finetune.py, KNN_FLAGS for eval_knn.py,
 # PARALLEL=1 runs independent rows at once (one GPU has room for several), ABLATION=0 leaves mdra-g1 and
 # mdra-g1-knn out of the default rows (they cost as much as the main pretraining), DATA [fashion-mnist],
 # RESULTS a folder that keeps the records of the finished rows (no checkpoints), also when the run is
 # stopped, and the table of every row it holds: separate runs (each on its own machine) accumulate there;
 # DRY_RUN=1 prints the command of every row that would run (a fine-tuning row's lr as <best of ...> while
-# its trials are unfinished) and runs nothing, to plan a GPU session.
-# (DATA=synthetic with small sizes in the *FLAGS checks the script end to end in a minute on a CPU:
-#   DATA=synthetic EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu FLAGS="--synthetic-size 64" \
-#   PRETRAIN_FLAGS="--queue-size 32 --img-size 16 --batch-size 16" FT_FLAGS="--batch-size 8" \
+# its trials are unfinished) and runs nothing, to plan a run.
+# (DATA=synthetic:N with a small network and small sizes checks the script end to end in a minute on a CPU:
+#   DATA=synthetic:64 ARCH=resnet10-w8 EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=1 WORKERS=0 DEVICE=cpu \
+#   FLAGS="--img-size 8" PRETRAIN_FLAGS="--hidden-dim 32 --queue-size 32 --batch-size 16" FT_FLAGS="--batch-size 8" \
 #   FT_LRS="0.1 0.01" HOLDOUT=16 KNN_FLAGS="--k 10 20" scripts/reproduce_fashion_mnist.sh /tmp/repro).
 # Each row's log, wall time and results land in OUT/<row>/ (the learning-rate trials in
 # OUT/lr-trials/<row>-lr<lr>/); the table in OUT/results.md.
@@ -50,17 +51,14 @@ LINEAR_EPOCHS=${LINEAR_EPOCHS:-100}
 FT_LRS=${FT_LRS:-0.3 0.1 0.03 0.01}
 LINEAR_LRS=${LINEAR_LRS:-$FT_LRS}
 HOLDOUT=${HOLDOUT:-10000}
+ARCH=${ARCH:-resnet18}
 COMMON="--data ${DATA:-fashion-mnist} --device ${DEVICE:-auto} --workers ${WORKERS:-8} ${FLAGS:-}"
 
 # The pretraining rows and their mdra.py flags; scripts/results_table.py names them in the table.
-PRETRAININGS=(mdra mdra-seed1 mdra-g1 mdra-g1-seed1 mdra-nobalance mdra-nopredictor mdra-nocross mdra-ressl
-              mdra-ressl-seed1 mdra-ressl-weak mdra-ressl-weak-seed1)
+PRETRAININGS=(mdra mdra-seed1 mdra-g1 mdra-g1-seed1 mdra-nobalance mdra-nopredictor mdra-nocross)
 declare -A PRETRAIN_ARGS=([mdra]="" [mdra-seed1]="--seed 1" [mdra-g1]="--groups 1" [mdra-g1-seed1]="--groups 1 --seed 1"
                           [mdra-nobalance]="--sinkhorn-iters 0" [mdra-nopredictor]="--no-predictor"
-                          [mdra-nocross]="--no-cross" [mdra-ressl]="--tau 0.1 --mu 0.04"
-                          [mdra-ressl-seed1]="--tau 0.1 --mu 0.04 --seed 1"
-                          [mdra-ressl-weak]="--tau 0.1 --mu 0.04 --offline-view weak"
-                          [mdra-ressl-weak-seed1]="--tau 0.1 --mu 0.04 --offline-view weak --seed 1")
+                          [mdra-nocross]="--no-cross")
 USES=(knn ft1 ft10 linear hknn)  # the rows P-knn, P-ft1, P-ft10, P-linear, P-hknn of every pretraining P
 BASELINES=(pixels-knn random-knn scratch1 scratch10)
 
@@ -71,8 +69,6 @@ for name in ${ROWS:-default}; do
                  [ "${ABLATION:-1}" = 0 ] || selected+=(mdra-g1 mdra-g1-knn) ;;
         ablations) selected+=(mdra-g1-knn mdra-nobalance-knn mdra-nopredictor-knn mdra-nocross-knn) ;;
         seeds) selected+=(mdra-seed1-knn mdra-seed1-linear mdra-g1-seed1-knn) ;;
-        preset) selected+=(mdra-hknn mdra-seed1-hknn mdra-ressl-hknn mdra-ressl-seed1-hknn mdra-ressl-weak-hknn
-                           mdra-ressl-weak-seed1-hknn) ;;
         *) selected+=("$name") ;;
     esac
 done
@@ -81,7 +77,7 @@ for p in "${PRETRAININGS[@]}"; do known+="$p ${USES[*]/#/$p-} "; done
 for name in "${selected[@]}"; do
     [[ $known == *" $name "* ]] || { echo "ROWS: no row $name; a row is a pretraining (${PRETRAININGS[*]}), one of them" \
         "followed by -knn, -ft1, -ft10, -linear or -hknn, a baseline (${BASELINES[*]}), or the set default," \
-        "ablations, seeds or preset."; exit 2; }
+        "ablations or seeds."; exit 2; }
 done
 wanted() { [[ " ${selected[*]} " == *" $1 "* ]]; }
 
@@ -174,7 +170,7 @@ together() {
 
 pretrain_chain() {  # pretrain_chain P: the pretraining P, then the chosen rows that use its backbone
     local p=$1 ckpt out lrs linear_lrs uses=()
-    row "$p" python3 mdra.py $COMMON --arch resnet18 ${PRETRAIN_ARGS[$p]} --epochs "$EPOCHS" --out-dir "$OUT/$p" ${PRETRAIN_FLAGS:-}
+    row "$p" python3 mdra.py $COMMON --arch "$ARCH" ${PRETRAIN_ARGS[$p]} --epochs "$EPOCHS" --out-dir "$OUT/$p" ${PRETRAIN_FLAGS:-}
     # quoted for eval, as paths may hold spaces
     printf -v ckpt %q "$OUT/$p/checkpoint.pth"; printf -v out %q "$OUT/$p-knn/knn.json"
     printf -v lrs %q "$FT_LRS"; printf -v linear_lrs %q "$LINEAR_LRS"
@@ -198,13 +194,13 @@ pretrain_chain() {  # pretrain_chain P: the pretraining P, then the chosen rows 
 baseline_chain() {  # no pretraining; the fine-tuning subsets are the same (same seed, same class-balanced draw)
     if wanted pixels-knn; then row pixels-knn python3 eval_knn.py $COMMON --pixels ${KNN_FLAGS:-} --out "$OUT/pixels-knn/knn.json"; fi
     if wanted random-knn; then
-        row random-knn python3 eval_knn.py $COMMON --random-init --arch resnet18 ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
+        row random-knn python3 eval_knn.py $COMMON --random-init --arch "$ARCH" ${KNN_FLAGS:-} --out "$OUT/random-knn/knn.json"
     fi
     if wanted scratch1; then
-        finetune_row scratch1 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.01 ${FT_FLAGS:-}
+        finetune_row scratch1 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch "$ARCH" --label-fraction 0.01 ${FT_FLAGS:-}
     fi
     if wanted scratch10; then
-        finetune_row scratch10 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch resnet18 --label-fraction 0.1 ${FT_FLAGS:-}
+        finetune_row scratch10 "$FT_EPOCHS" "$FT_LRS" $COMMON --random-init --arch "$ARCH" --label-fraction 0.1 ${FT_FLAGS:-}
     fi
 }
 

@@ -19,15 +19,8 @@ PRETRAININGS = {
     "mdra-nobalance": "ablation: no balance constraint, R a row softmax as in ReSSL (--sinkhorn-iters 0)",
     "mdra-nopredictor": "ablation: no predictor h (--no-predictor)",
     "mdra-nocross": "ablation: no cross alignment, each view with its own relation (--no-cross)",
-    "mdra-ressl": "small-data trial: ReSSL's temperatures on CIFAR (--tau 0.1 --mu 0.04)",
-    "mdra-ressl-seed1": "small-data trial: ReSSL's temperatures on CIFAR (--tau 0.1 --mu 0.04)",
-    "mdra-ressl-weak": "small-data trial: ReSSL's temperatures and weaker teacher view (--tau 0.1 --mu 0.04 "
-                       "--offline-view weak)",
-    "mdra-ressl-weak-seed1": "small-data trial: ReSSL's temperatures and weaker teacher view (--tau 0.1 --mu 0.04 "
-                             "--offline-view weak)",
 }
-SEEDS = {"mdra-seed1": "mdra", "mdra-g1-seed1": "mdra-g1", "mdra-ressl-seed1": "mdra-ressl",
-         "mdra-ressl-weak-seed1": "mdra-ressl-weak"}
+SEEDS = {"mdra-seed1": "mdra", "mdra-g1-seed1": "mdra-g1"}
 # The table's blocks: the baselines (row folder, what it is), then the row of every pretraining P that
 # uses its backbone, P-<use> (use, what it does, which labels it uses).
 BLOCKS = [
@@ -52,6 +45,7 @@ def rows():
                    for p in PRETRAININGS]
     return listed
 
+
 def accuracy(folder):
     """(top-1, top-5, epochs of this row, k) from a kNN result (k = 20, else the smallest k it has) or
     a fine-tuning log (k None)."""
@@ -69,7 +63,7 @@ def accuracy(folder):
 
 
 def read_log(path):
-    """The records of a log.jsonl behind the weights its run ended with, as mdra.logged_steps keeps them: a
+    """The records of a log.jsonl behind the weights its run ended with, as runtime.logged_steps keeps them: a
     start record names the step its run began at, so a fresh run (step 0) drops what an earlier one left
     in the folder and a resumed one what was logged after its checkpoint; a line cut short when a run was
     killed is skipped."""
@@ -160,34 +154,6 @@ def text(path):
     return path.read_text().strip() if path.exists() else "?"
 
 
-# Issue 18's small-data trials (ROWS=preset): the setting that becomes the small-data preset if it beats the
-# patent's on held-out training images by more than the spread of two seeds.
-TRIALS = {"mdra-ressl": "ReSSL's temperatures (--tau 0.1 --mu 0.04)",
-          "mdra-ressl-weak": "ReSSL's temperatures and weaker teacher view (--tau 0.1 --mu 0.04 --offline-view weak)"}
-
-
-def trial_verdicts(done):
-    """A sentence per small-data trial whose held-out kNN rows (both seeds) and the patent's have finished:
-    the two settings' means and spreads of top-1, and whether the trial is ahead by more than either spread."""
-    def seeds(p):
-        rows = [f"{p}-hknn", f"{p}-seed1-hknn"]
-        return [done[row][0] for row in rows] if all(row in done for row in rows) else None
-
-    patent, lines = seeds("mdra"), []
-    for p, what in TRIALS.items():
-        trial = seeds(p)
-        if patent is None or trial is None:
-            continue
-        (a, b), (c, d) = patent, trial
-        gap, spread = (c + d) / 2 - (a + b) / 2, max(abs(a - b), abs(c - d))
-        verdict = ("ahead by more than the larger spread: it becomes the small-data preset" if gap > spread else
-                   "not ahead by more than the larger spread: the patent's setting stays")
-        lines.append(f"\nSmall-data trial, held-out kNN top-1 of seeds 0 and 1: the patent's setting {a:.2f} / "
-                     f"{b:.2f} (mean {(a + b) / 2:.2f}, spread {abs(a - b):.2f}), {what} {c:.2f} / {d:.2f} "
-                     f"(mean {(c + d) / 2:.2f}, spread {abs(c - d):.2f}): {gap:+.2f}, {verdict}.")
-    return lines
-
-
 def main(out):
     out = Path(out)
     lines = ["| row | labels | top-1 | top-5 | epochs | lr | wall time | hardware | command |",
@@ -212,7 +178,6 @@ def main(out):
             epochs = a_epochs if a_epochs == epoch_text else f"{a_epochs} / {epoch_text}"
             lines.append(f"| {what}, mean of seeds 0 and 1 | {labels} | {(a1 + b1) / 2:.2f} (spread {abs(a1 - b1):.2f}) "
                          f"| {(a5 + b5) / 2:.2f} | {epochs} | – | | | |")
-    lines += trial_verdicts(done)
     for name in PRETRAININGS:
         folder = out / name
         if (folder / "time_s").exists():
@@ -221,6 +186,7 @@ def main(out):
         elif (folder / "failed").exists():
             lines.append(f"\nPretraining `{name}` failed ({text(folder / 'hardware')}): `{text(folder / 'command')}`")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--best-lr"]:

@@ -65,6 +65,28 @@ def test_one_png_with_the_curves_of_every_pretraining_row(tmp_path):
         assert image.format == "PNG" and image.size[0] >= 1000 and 300 <= image.size[1] <= image.size[0]
 
 
+def test_knn_records_of_their_own_are_plotted_beside_those_inside_epoch_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    start, *epochs = pretraining_log(knn_at=(2,))
+    untrained = {"event": "knn", "epoch": 0, "step": 0, "knn": {"top1@20": 10.0, "top5@20": 50.0}}
+    # a kNN record of its own before its epoch's record, which holds none, and one after its epoch's
+    first = {"event": "knn", "epoch": 1, "step": 2, "knn": {"top1@10": 60.0, "top1@200": 61.0}}
+    last = {"event": "knn", "epoch": 3, "step": 6, "knn": {"top1@20": 90.0}}
+    write_log(tmp_path / "mdra", [start, untrained, *epochs[:2], first, *epochs[2:], last])
+    sys.path.insert(0, str(SCRIPT.parent))
+    import plot_curves
+    curves = plot_curves.curves(tmp_path / "mdra" / "log.jsonl")
+    assert curves["knn"] == [(0, 10.0), (1, 60.0), (2, 82.0), (3, 90.0)]
+    assert curves["loss"] == [(1, 8.0), (2, 7.0), (3, 6.0)]  # a kNN record is no epoch of the loss
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    figure = plot_curves.draw(plt, plot_curves.pretraining_logs(tmp_path))
+    (knn_line,) = figure.axes[0].get_lines()
+    assert list(knn_line.get_xdata()) == [0, 1, 2, 3] and list(knn_line.get_ydata()) == [10.0, 60.0, 82.0, 90.0]
+    plt.close(figure)
+
+
 def test_without_matplotlib_it_says_so_in_one_sentence(tmp_path):
     fake = tmp_path / "no-matplotlib" / "matplotlib"
     fake.mkdir(parents=True)
