@@ -96,6 +96,10 @@ CLASSIFIER_KEYS = (*runtime.BACKBONE_KEYS, "head", "num_classes", "class_names",
 def load_classifier(ckpt, path):
     """The fine-tuned network of a classifier checkpoint, in eval mode."""
     runtime.require_keys(ckpt, path, CLASSIFIER_KEYS, "finetune.py")
+    least = mdra.min_img_size(ckpt["small_stem"])  # load_checkpoint knows no stems: only that no network takes < 8
+    if ckpt["img_size"] < least:
+        raise UsageError(f"{path}: img_size is {ckpt['img_size']}, not an integer >= {least}, the smallest crop "
+                         "of its network.")
     backbone, width = mdra.build_backbone(ckpt["arch"], ckpt["small_stem"])
     model = Classifier(backbone, width, ckpt["num_classes"], ckpt["mean"], ckpt["std"])
     runtime.load_strict(model.backbone, ckpt["backbone"], f"the backbone in {path}")

@@ -595,11 +595,11 @@ def _described(v):
     """What a checkpoint field is, briefly: its value if short, else its kind and size."""
     if isinstance(v, torch.Tensor):
         return f"a {str(v.dtype).removeprefix('torch.')} tensor of shape {list(v.shape)}"
-    sized = isinstance(v, (dict, list, tuple, str))
-    text = repr(v) if not sized or len(v) <= 5 else ""  # no repr of a whole state dict
+    sized = next((kind for kind in (dict, list, tuple, str) if isinstance(v, kind)), None)
+    text = repr(v) if sized is None or len(v) <= 5 else ""  # no repr of a whole state dict
     if 0 < len(text) <= 60:
         return text
-    return f"a {type(v).__name__} of length {len(v)}" if sized else f"a {type(v).__name__}"
+    return f"a {sized.__name__} of length {len(v)}" if sized else f"a {type(v).__name__}"
 
 
 def validate_checkpoint(ckpt, path):
@@ -737,13 +737,14 @@ def load_optimizer(optimizer, state, path):
     def kinds(group):
         return {k: "number" if type(v) in (int, float) else type(v) for k, v in group.items() if k != "params"}
     own = [kinds(group) for group in optimizer.param_groups]
-    try:
+    try:  # a state that is not a dict by parameter, or of another number of parameters, fails in here
         optimizer.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # left as it was
-        own = None
-    tensors = [(p, t) for p, s in optimizer.state.items() for t in s.values() if isinstance(t, torch.Tensor)]
-    if (own is None or any(t.dim() and t.shape != p.shape for p, t in tensors)
-            or any(not mine.items() <= kinds(group).items() for mine, group in zip(own, optimizer.param_groups))):
+        tensors = [(p, t) for p, s in optimizer.state.items() for t in s.values() if isinstance(t, torch.Tensor)]
+        fits = (all(t.dim() == 0 or t.shape == p.shape for p, t in tensors)
+                and all(mine.items() <= kinds(group).items() for mine, group in zip(own, optimizer.param_groups)))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        fits = False
+    if not fits:
         raise UsageError(f"{path}: optimizer is not a state of this run's optimizer (another network's or "
                          "optimizer's); it cannot be resumed.")
     numbers = [v for group in optimizer.param_groups for v in group.values() if type(v) in (int, float)]

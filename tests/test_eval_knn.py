@@ -342,16 +342,17 @@ def test_holdout_queries_the_training_images_that_the_bank_leaves_out(tmp_path):
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, capsys, workers):
     from PIL import Image
+    images = tmp_path / "images"
     for split, count in (("train", 8), ("val", 4)):
         for i in range(count):
-            (tmp_path / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / split / f"class{i % 2}" / f"{i}.png")
-    (tmp_path / "train" / "class0" / "2.png").write_bytes(b"half a PNG")
+            (images / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(images / split / f"class{i % 2}" / f"{i}.png")
+    (images / "train" / "class0" / "2.png").write_bytes(b"half a PNG")
     with pytest.raises(SystemExit) as exit_info:
-        eval_knn.main(["--pixels", "--data", str(tmp_path), "--img-size", "8", "--k", "1", "--workers", workers,
+        eval_knn.main(["--pixels", "--data", str(images), "--img-size", "8", "--k", "1", "--workers", workers,
                        "--out", str(tmp_path / "knn.json")])
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        f"eval_knn.py: error: cannot read {tmp_path}/train/class0/2.png: corrupt or not an image (of no format PIL "
+        f"eval_knn.py: error: cannot read {images}/train/class0/2.png: corrupt or not an image (of no format PIL "
         "knows); an evaluation needs every image: remove or replace it.\n")
 
 
@@ -383,14 +384,15 @@ def test_the_progress_lines_give_an_eta_that_counts_the_val_images_still_to_come
 
 def test_a_folder_of_one_class_is_refused_as_every_vote_in_it_would_be_right(tmp_path, capsys):
     from PIL import Image
+    images = tmp_path / "images"
     for split in ("train", "val"):
-        (tmp_path / split / "all").mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / split / "all" / "0.png")
+        (images / split / "all").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(images / split / "all" / "0.png")
     with pytest.raises(SystemExit) as exit_info:
-        eval_knn.main(["--pixels", "--data", str(tmp_path), "--img-size", "8", "--k", "1", "--workers", "0",
+        eval_knn.main(["--pixels", "--data", str(images), "--img-size", "8", "--k", "1", "--workers", "0",
                        "--out", str(tmp_path / "knn.json")])
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        f"eval_knn.py: error: a kNN evaluation needs at least two classes; {tmp_path} has 1, over which every "
+        f"eval_knn.py: error: a kNN evaluation needs at least two classes; {images} has 1, over which every "
         "answer is right.\n")
 
 
@@ -475,11 +477,11 @@ def test_out_replaces_an_earlier_result_but_never_another_kind_of_file(checkpoin
     with pytest.raises(SystemExit) as exit_info:  # the checkpoint itself, named by mistake
         eval_knn.main(["--ckpt", str(checkpoint), "--out", str(checkpoint), "--k", "5", "--workers", "0"])
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        f"eval_knn.py: error: --out {checkpoint} exists and is not a kNN result (a JSON file); it is not "
-        "overwritten: give another file name.\n")
+        f"eval_knn.py: error: --out {checkpoint} is also what this run reads; it is not written over: give another "
+        "path.\n")
     assert checkpoint.read_bytes() == before
     earlier = tmp_path / "knn.json"
-    earlier.write_text(' {"results": "an earlier run\'s"}\n')
+    earlier.write_text(' {"features": "an earlier run\'s", "results": {"20": {"top1": 1.0, "top5": 2.0}}}\n')
     eval_knn.main(["--pixels", "--data", "synthetic:32", "--img-size", "8", "--k", "5",
                    "--workers", "0", "--out", str(earlier)])
     assert set(json.loads(earlier.read_text())["results"]) == {"5"}
