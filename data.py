@@ -3,9 +3,12 @@ viewer shows it, the per-sample seeds of the augmentations, the subsets drawn pe
 evaluation's centre crops. mdra.py, eval_knn.py and finetune.py import it; it imports runtime.py only.
 """
 import contextlib
+import errno
 import functools
 import gzip
 import math
+import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import runtime
 from runtime import UsageError
@@ -52,13 +55,89 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  
 NAMED_SKIPS = 5  # unreadable training images named in the log per run; any further ones are only counted
 
 
+FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+@functools.cache
+def image_extensions():
+    """The extensions of image files, lower-case: every one PIL registers, and those torchvision's ImageFolder
+    took (which PIL may lack a decoder for: refused when read, as before, rather than dropped)."""
+    return frozenset(Image.registered_extensions()) | frozenset(IMG_EXTENSIONS)
+
+
+def is_image_name(name):
+    """The one rule for which files are images, in data folders and named on a command line alike: a name with
+    an extension of image_extensions (any case) and not hidden: a name that starts with "." is not data
+    (.DS_Store, macOS's ._photo.jpg, .ipynb_checkpoints)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in image_extensions()
+
+
+def special_file(path):
+    """What path is, links followed, if not a regular file ("a FIFO", "a character device", ...), else None.
+    Raises OSError where it cannot be looked at (missing, a link to nothing)."""
+    kind = stat.S_IFMT(os.stat(path).st_mode)
+    return None if kind == stat.S_IFREG else FILE_KINDS.get(kind, "a special file")
+
+
+def unlistable(error):
+    raise UsageError(f"{error.filename} cannot be listed ({error.strerror}).")
+
+
+def image_paths(folder, taken):
+    """The image files (is_image_name) under folder, links followed, in the order of torchvision's ImageFolder
+    (by folder path, then by name). taken: the real paths of the folders and files already taken, which this
+    adds to. A hidden folder is not entered, nor one taken (a link loop, a second link to a folder), and a file
+    taken is not taken again: a file and a link to it, or two links, count once, where they first come."""
+    groups = []
+    for top, folders, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        real_top = os.path.realpath(top)
+        taken.add(real_top)
+        kept = [name for name in sorted(folders) if not name.startswith(".")
+                and os.path.realpath(os.path.join(top, name)) not in taken]
+        taken.update(os.path.realpath(os.path.join(top, name)) for name in kept)
+        folders[:] = kept
+        groups.append((top, real_top, sorted(name for name in files if is_image_name(name))))
+    paths = []
+    for top, real_top, files in sorted(groups):
+        for name in files:
+            path = os.path.join(top, name)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_top, name)  # an lstat only
+            if real not in taken:
+                taken.add(real)
+                paths.append(path)
+    return paths
+
+
 def rgb(image):
-    """Any PIL image as RGB. 16- and 32-bit integer greys (mode I;16, I) are scaled to 8 bits first,
-    as if 65535 were white: convert("RGB") would clip everything above 255 to white."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64) / 257
+    """Any PIL image as RGB, as a viewer shows it: turned as its EXIF orientation says, and its first frame if
+    animated (where PIL opens it). Greys that convert("RGB") would clip to white or black are scaled to 8 bits
+    first: 16- and 32-bit integers (mode I;16, I) as if 65535 were white; floats (mode F, as a float32 TIFF)
+    from their range: values all in [0, 1] times 255, others as they are, clipped to 0-255. A float image
+    with NaN or infinite pixels, which show no grey, raises ValueError."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all():
+            raise ValueError("it has pixels that are NaN or infinite")
+        unit = image.mode == "F" and 0 <= pixels.min(initial=0) and pixels.max(initial=0) <= 1
+        pixels = pixels * (255 if unit else 1 if image.mode == "F" else 1 / 257)
         image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
     return image.convert("RGB")
+
+
+def regular_file(path):
+    """path, once known to be a regular file (links followed): a FIFO or a device, on which reading would wait
+    or never end, raises OSError saying what it is, as a file that cannot be opened does."""
+    if kind := special_file(path):
+        raise OSError(errno.EINVAL, f"it is {kind}, not a regular file")
+    return path
+
+
+def open_image(path):
+    """The image file at path as rgb gives it."""
+    with Image.open(regular_file(path)) as image:
+        return rgb(image)
 
 
 def image_path(images, index):
@@ -153,33 +232,48 @@ class ArrayImages(Dataset):
         return images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
 
 
+def class_folders(root):
+    """An ImageFolder root's classes, sorted: its folders (links followed), hidden ones (.ipynb_checkpoints) not."""
+    with os.scandir(root) as entries:
+        classes = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {root}.")  # torchvision's words
+    return classes
+
+
 class ImageFiles(Dataset):
-    """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise OSError.
+    """An ImageFolder tree, read lazily; yields (RGB PIL, label). Unreadable files raise one of READ_ERRORS.
+    Its images are image_paths of each class folder (class_folders), a file in two classes taken in the first:
+    the order and the names (class/file) of torchvision's ImageFolder, which this replaces.
 
     classes: the class names whose order numbers the labels (a val/ folder takes train/'s, so that a
     class it lacks does not shift the others' labels); default: root's own folders.
     """
 
     def __init__(self, root, classes=None):
-        # Given the classes, an empty class folder is as fine as a missing one.
-        folder = torchvision.datasets.ImageFolder(root, loader=lambda path: path, allow_empty=classes is not None)
-        if not folder.samples:
-            raise FileNotFoundError("found no image in any class folder")
-        self.classes = classes or folder.classes
+        own = class_folders(root)
+        taken = {os.path.realpath(path) for path in [root, *(os.path.join(root, name) for name in own)]}
+        self.classes = classes or own
         label = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in folder.classes if name not in label]
+        unknown = [name for name in own if name not in label]
         if unknown:
             raise UsageError(f"{root} has {len(unknown)} classes that the training images lack, e.g. {unknown[0]}.")
-        self.paths = [path for path, _ in folder.samples]
-        self.targets = [label[folder.classes[index]] for _, index in folder.samples]
+        self.paths, self.targets = [], []
+        for name in own:
+            paths = image_paths(os.path.join(root, name), taken)
+            if not paths and classes is None:  # given the classes, an empty class folder is as fine as a missing one
+                raise FileNotFoundError(f"its class folder {name} holds no image file")
+            self.paths += paths
+            self.targets += [label[name]] * len(paths)
+        if not self.paths:
+            raise FileNotFoundError("found no image in any class folder")
         self.names = [Path(path).relative_to(root).as_posix() for path in self.paths]  # class/file
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with open(self.paths[i], "rb") as f:
-            return rgb(Image.open(f)), self.targets[i]
+        return open_image(self.paths[i]), self.targets[i]
 
 
 class SyntheticImages(Dataset):
@@ -350,7 +444,7 @@ def image_folder(data, train):
     train_root = root / "train" if has_train else root
     folder = train_root if train else root / "val"
     try:
-        images = ImageFiles(folder, None if train else find_classes(train_root)[0])
+        images = ImageFiles(folder, None if train else class_folders(train_root))
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f"{folder} is not an ImageFolder root with one folder of images per class ({e}).") from None
     return images, DataInfo(folder.name, len(images.classes), images.classes, 224, IMAGENET_MEAN, IMAGENET_STD, False)

@@ -39,7 +39,6 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import data
 import mdra
@@ -134,19 +133,24 @@ def read_subset_file(path, names):
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--subset-file {path} does not exist or is not a file.")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's byte-order mark
-    except (OSError, UnicodeDecodeError) as e:
+    try:  # -sig: a Windows editor's byte-order mark; surrogateescape: names in bytes that are not UTF-8
+        text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as e:
         raise UsageError(f"--subset-file {path} cannot be read as text ({type(e).__name__}).") from None
-    wanted = sorted({line.strip().removeprefix("./") for line in lines if line.strip()})
-    if not wanted:
-        raise UsageError(f"--subset-file {path} names no images.")
     where = {}
     for index, name in enumerate(names):
         where.setdefault(name, []).append(index)
         if "/" in name:
             where.setdefault(name.rsplit("/", 1)[1], []).append(index)
+    # Lines end at "\n" alone (a file name may hold "\f" or "\u2028"); a line is trimmed unless it names an
+    # image as it is (a name may start with a space).
+    wanted = sorted({line.rstrip() if line.rstrip() in where else line.strip().removeprefix("./")
+                     for line in text.split("\n") if line.strip()})
+    if not wanted:
+        raise UsageError(f"--subset-file {path} names no images.")
     unknown = [name for name in wanted if name not in where]
+    if any(0xDC80 <= ord(c) <= 0xDCFF for name in unknown for c in name):  # bytes not UTF-8 that name no image
+        raise UsageError(f"--subset-file {path} cannot be read as text (UnicodeDecodeError).")
     if unknown:
         raise UsageError(f"--subset-file {path} names {len(unknown)} images that are not in the training set, "
                          f"e.g. {', '.join(unknown[:3])}.")
@@ -201,7 +205,7 @@ class FileHeaders(Dataset):
 
     def __getitem__(self, i):
         try:
-            with Image.open(self.paths[i]):
+            with Image.open(data.regular_file(self.paths[i])):  # a FIFO would make it wait for ever
                 return ""
         except data.READ_ERRORS as e:
             return f"{self.paths[i]}: {data.read_error(e)}"
@@ -379,9 +383,10 @@ class FineTuning:
         self.step, self.metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
         self.progress, self.eval_times, self.warned = runtime.Progress(device, self.step), [], False
         if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
-            names = "".join(train_images.names[i] + "\n" for i in subset)
-            with runtime.atomic_file(Path(args.out_dir) / "subset.txt", len(names.encode())) as tmp:
-                tmp.write_text(names)
+            # The bytes of the file system's names, UTF-8 or not, as read_subset_file reads them back.
+            names = "".join(train_images.names[i] + "\n" for i in subset).encode("utf-8", "surrogateescape")
+            with runtime.atomic_file(Path(args.out_dir) / "subset.txt", len(names)) as tmp:
+                tmp.write_bytes(names)
 
         labelled = Subset(train_images, subset)
         data.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one sentence
@@ -618,7 +623,7 @@ def predict(model, files, ckpt, device, batch_size):
         paths, images = [], []
         for path in files[first:first + batch_size]:
             try:
-                images.append(transform(open_image(path)))
+                images.append(transform(data.open_image(path)))
                 paths.append(path)
             except data.READ_ERRORS as e:
                 print(f"{path}: cannot be read ({e})", file=sys.stderr)
