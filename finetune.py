@@ -134,7 +134,7 @@ def read_subset_file(path, names):
     if not path.is_file():
         raise UsageError(f"--subset-file {path} does not exist or is not a file.")
     try:  # -sig: a Windows editor's byte-order mark; surrogateescape: names in bytes that are not UTF-8
-        text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+        text = path.read_text(encoding="utf-8-sig", errors="surrogateescape").removeprefix(SUBSET_HEADER)
     except OSError as e:
         raise UsageError(f"--subset-file {path} cannot be read as text ({type(e).__name__}).") from None
     where = {}
@@ -159,6 +159,23 @@ def read_subset_file(path, names):
         raise UsageError(f"--subset-file {path} names {len(ambiguous)} images by a file name that occurs more than "
                          f"once in the training set, e.g. {ambiguous[0]}; name them as class/file.")
     return sorted({where[name][0] for name in wanted})  # an image named both ways counts once
+
+
+SUBSET_HEADER = "# the labelled images of a finetune.py run, one per line; --subset-file reads this file\n"
+
+
+def write_subset(path, names, subset_file):
+    """The labelled images as --subset-file reads them, so that the run can be repeated: as the file system's
+    bytes, UTF-8 or not. Over nothing but a subset.txt of this script's (its header, or the same names an
+    earlier version wrote), and never over the --subset-file this run reads, which names them already."""
+    text = "".join(name + "\n" for name in names).encode("utf-8", "surrogateescape")
+    if subset_file and path.exists() and os.path.samefile(path, subset_file) or path.is_file() and (
+            path.read_bytes() == text):
+        return
+    runtime.require_replaceable(path, "--out-dir's", lambda p: p.read_bytes().startswith(SUBSET_HEADER.encode()),
+                                "a subset.txt of finetune.py")
+    with runtime.atomic_file(path, len(text) + len(SUBSET_HEADER)) as tmp:
+        tmp.write_bytes(SUBSET_HEADER.encode() + text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,11 +399,8 @@ class FineTuning:
             loaded=resumed)
         self.step, self.metrics = (ckpt["step"], ckpt["metrics"]) if ckpt else (0, {})
         self.progress, self.eval_times, self.warned = runtime.Progress(device, self.step), [], False
-        if env.is_main:  # the same format as --subset-file, so the run can be repeated with it
-            # The bytes of the file system's names, UTF-8 or not, as read_subset_file reads them back.
-            names = "".join(train_images.names[i] + "\n" for i in subset).encode("utf-8", "surrogateescape")
-            with runtime.atomic_file(Path(args.out_dir) / "subset.txt", len(names)) as tmp:
-                tmp.write_bytes(names)
+        if env.is_main:
+            write_subset(Path(args.out_dir) / "subset.txt", [train_images.names[i] for i in subset], args.subset_file)
 
         labelled = Subset(train_images, subset)
         data.read_image(labelled, 0)  # here, not in a loader worker: a subset with no readable image is one sentence
@@ -427,7 +441,7 @@ class FineTuning:
         evaluation every --eval-every epochs and the checkpoint after each epoch."""
         args, env, device, model_raw, progress = self.args, self.env, self.env.device, self.model, self.progress
         model = model_raw
-        if args.compile:  # compiled in place, so state-dict keys stay plain
+        if args.compile == "all":  # compiled in place, so state-dict keys stay plain
             model.compile(backend=args.compile_backend)
         if env.world_size > 1:
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -754,7 +768,8 @@ def get_parser():
     classify.add_argument("--predict", nargs="+", default=None, metavar="PATH",
                           help="image files or folders to classify: prints each one's top-5 classes with probabilities")
     runtime.add_data_flags(p.add_argument_group("data"), data.SMALL_DATASETS, from_checkpoint=True)
-    runtime.add_run_flags(p.add_argument_group("run and resume"), out_dir="runs/finetune")
+    runtime.add_run_flags(p.add_argument_group("run and resume"), "runs/finetune",
+                          compile_help=" (the classifier); default: all on CUDA, none on the CPU")
     return p
 
 

@@ -388,16 +388,17 @@ RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("keep_every", "knn_every", "knn_subset"
 # Settings of earlier versions: a checkpoint made with another value than these trained another way.
 RETIRED_SETTINGS = {"offline_view": "same"}
 
-def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True):
-    """One micro-batch: both branches, the loss, its backward (scaled for accumulation), then the queue
-    update. Returns (the detached loss, the enqueued keys, the new queue pointer)."""
+def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True, loss_fn=None):
+    """One micro-batch: both branches, the loss (mdra_loss, or loss_fn: it compiled), its backward (scaled for
+    accumulation), then the queue update. Returns (the detached loss, the enqueued keys, the new queue pointer)."""
     # DDP all-reduces gradients only when sync_grads: on the last micro-batch of an optimizer step.
     with contextlib.nullcontext() if sync_grads or not isinstance(online, DDP) else online.no_sync():
         with autocast:
             q1, q2 = online(v1, v2)
             with torch.no_grad():
                 k1, k2 = offline(v1), offline(v2)
-        loss = mdra_loss(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters, cross=args.cross)
+        loss = (loss_fn or mdra_loss)(q1, q2, k1, k2, queue, args.groups, args.tau, args.mu, args.sinkhorn_iters,
+                                      cross=args.cross)
         scaler.scale(loss / args.accum_steps).backward()
     # The queue moves once per micro-batch, after the loss that used it.
     keys = runtime.all_gather_rows(normalize_subspaces(k1.to(queue.dtype), args.groups).flatten(1))
@@ -449,7 +450,7 @@ def train(args):
         queue_ptr = int(ckpt["queue_ptr"])
     progress = runtime.Progress(device, step, ckpt)
     torch.manual_seed(args.seed + env.rank + step)
-    trained = compiled(online, offline, args, env)
+    trained, loss_fn = compiled(online, offline, args, env)
 
     def save(keep_epoch=None):  # rank 0 writes; never weights that a non-finite loss has touched
         progress.check_finite(progress.last_saved, step, ckpt_path, "mdra.py")
@@ -466,8 +467,10 @@ def train(args):
     runtime.announce(log, "mdra.py", env, args, step=step)
     log.print(f"{len(images)} images, {steps_per_epoch} optimizer steps per epoch of {batch_images} images, "
               f"lr {args.lr * batch_images / 256:.4g} after {args.warmup_epochs:g} warm-up epochs")
-    skips, keys = data.SkippedImages(log), None
+    skips, keys, backbone = data.SkippedImages(log), None, online.encoder.backbone
     runtime.defer_stop_signals()
+    if args.knn_every and step == 0:  # the same network untrained: what the closing lines compare the end with
+        log.json({"event": "knn", "epoch": 0, "step": 0, "knn": monitor(backbone, args, env, log, progress, "untrained")})
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= last_step:
             break
@@ -478,7 +481,7 @@ def train(args):
             v1, v2 = (v.to(device, non_blocking=True, memory_format=memory_format) for v in (v1, v2))
             last_micro = micro % args.accum_steps == 0
             loss, keys, queue_ptr = micro_step(trained, offline, queue, queue_ptr, v1, v2, args, autocast, scaler,
-                                               sync_grads=last_micro)
+                                               sync_grads=last_micro, loss_fn=loss_fn)
             progress.add(loss / args.accum_steps)
             if not last_micro:
                 continue
@@ -501,13 +504,17 @@ def train(args):
                 break
         if step % steps_per_epoch:  # --max-steps ended the run inside this epoch
             break
-        end_epoch(epoch, step, args, env, log, progress, save, online.encoder.backbone, skips, ckpt_path)
+        end_epoch(epoch, step, args, env, log, progress, save, backbone, skips, ckpt_path)
 
     if progress.last_saved != step:
         save()
+    if args.knn_every and step % steps_per_epoch:  # --max-steps ended the run inside an epoch: its end too
+        log.json({"event": "knn", "epoch": step / steps_per_epoch, "step": step,
+                  "knn": monitor(backbone, args, env, log, progress, f"step {step}")})
     log.print(f"done: {step} optimizer steps; checkpoint: {ckpt_path.resolve()}")
     if env.is_main:  # from log.jsonl, so that the steps before a resume count too
-        for line in closing_lines(runtime.logged_steps(log.path), min(EMBED_DIM, args.batch_size), ckpt_path, device):
+        for line in closing_lines(runtime.logged_records(log.path), min(EMBED_DIM, args.batch_size), ckpt_path,
+                                  device, args.knn_subset):
             log.print(line)
     return ckpt_path
 
@@ -525,13 +532,15 @@ def networks(args, env):
 
 
 def compiled(online, offline, args, env):
-    """What the loop calls: the online network compiled (in place, so that state-dict keys stay plain) and,
-    with several ranks, DDP-wrapped, each rank keeping its BatchNorm statistics; the offline one compiled."""
-    if args.compile:
+    """What the loop calls: the networks and the loss, compiled as --compile says (the networks in place, so
+    that state-dict keys stay plain); the online network DDP-wrapped with several ranks, each keeping its
+    BatchNorm statistics. Under DDP the compiled loss keeps Sinkhorn's all-reduces inside its one graph."""
+    if args.compile in ("networks", "all"):
         for net in (online.encoder, online.predictor, offline):
             net.compile(backend=args.compile_backend)
+    loss_fn = torch.compile(mdra_loss, backend=args.compile_backend) if args.compile in ("loss", "all") else None
     offline.train()
-    return runtime.ddp(online, env, buffers=False) if env.world_size > 1 else online
+    return runtime.ddp(online, env, buffers=False) if env.world_size > 1 else online, loss_fn
 
 
 def end_epoch(epoch, step, args, env, log, progress, save, backbone, skips, ckpt_path):
@@ -589,29 +598,40 @@ SUMMARY_POINTS = 3  # log points averaged at each end of the run, so that one ba
 COLLAPSED_RANK = 0.1  # RankMe below this share of its maximum: the embedding is collapsing (towards rank 1)
 
 
-def closing_lines(records, rank_max, ckpt_path, device):
-    """What the run's loss and RankMe show, and what they do not: the first SUMMARY_POINTS log points
-    against the last ones; then how to see whether the features are useful, on this machine."""
-    n = min(SUMMARY_POINTS, len(records) // 2)
+def closing_lines(records, rank_max, ckpt_path, device, bank=0):
+    """What the run shows, from its log's records: its first SUMMARY_POINTS log points against its last ones
+    (the loss, RankMe), and whether the features are useful: the kNN monitor of the untrained network
+    against the last one, else how to measure it on this machine. bank: the monitor's --knn-subset."""
+    steps = [r for r in records if "event" not in r]
+    n = min(SUMMARY_POINTS, len(steps) // 2)
     if n == 0:
-        return [f"{len(records)} log point(s), too few to compare the start with the end: log more often (--log-every)."]
-    first, last = records[:n], records[-n:]
+        return [f"{len(steps)} log point(s), too few to compare the start with the end: log more often (--log-every)."]
+    first, last = steps[:n], steps[-n:]
 
     def mean(part, key):
         return sum(r[key] for r in part) / n
 
     loss, rank = (mean(first, "loss"), mean(last, "loss")), (mean(first, "rankme"), mean(last, "rankme"))
-    ckpt = shlex.quote(str(ckpt_path))
+    lines = [f"steps {first[0]['step']}-{first[-1]['step']} against {last[0]['step']}-{last[-1]['step']} "
+             f"(means of {n} log points): loss {loss[0]:.4f} -> {loss[1]:.4f}, "
+             f"RankMe {rank[0]:.1f} -> {rank[1]:.1f} of {rank_max}",
+             ("The loss fell: the objective is being optimised; " if loss[1] < loss[0] else
+              "The loss did not fall: the objective is not (yet) being optimised; ") +
+             ("RankMe is far from 1: the embedding has not collapsed." if rank[1] >= COLLAPSED_RANK * rank_max else
+              f"RankMe is below {COLLAPSED_RANK:.0%} of its maximum: the embedding is collapsing.")]
+    knn = {r["step"]: r["knn"] for r in records if "knn" in r}
+    if 0 in knn and max(knn) > 0:
+        (k, untrained), (_, trained) = (next(kv for kv in knn[s].items() if kv[0].startswith("top1@"))
+                                        for s in (0, max(knn)))
+        where = f"a bank of {bank} training images" if bank else "all training images as the bank"
+        return lines + [f"kNN top-1 (k = {k.removeprefix('top1@')}, {where}): {untrained:.2f}% untrained, "
+                        f"{trained:.2f}% after step {max(knn)}: "
+                        + (f"the features are {trained - untrained:.2f} points more useful than the same network's "
+                           "untrained." if trained > untrained else
+                           "the features are not (yet) more useful than the same network's untrained.")]
     subset = " --knn-subset 10000" if device.type == "cpu" else ""  # a bank that a CPU extracts in minutes
-    return [f"steps {first[0]['step']}-{first[-1]['step']} against {last[0]['step']}-{last[-1]['step']} "
-            f"(means of {n} log points): loss {loss[0]:.4f} -> {loss[1]:.4f}, "
-            f"RankMe {rank[0]:.1f} -> {rank[1]:.1f} of {rank_max}",
-            ("The loss fell: the objective is being optimised; " if loss[1] < loss[0] else
-             "The loss did not fall: the objective is not (yet) being optimised; ") +
-            ("RankMe is far from 1: the embedding has not collapsed." if rank[1] >= COLLAPSED_RANK * rank_max else
-             f"RankMe is below {COLLAPSED_RANK:.0%} of its maximum: the embedding is collapsing."),
-            "Neither shows that the features are useful; a kNN against the same network untrained does: "
-            f"python3 eval_knn.py --ckpt {ckpt}{subset}, then the same with --random-init."]
+    return lines + ["Neither shows that the features are useful; a kNN against the same network untrained does: "
+                    f"python3 eval_knn.py --ckpt {shlex.quote(str(ckpt_path))}{subset}, then the same with --random-init."]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -694,7 +714,11 @@ def get_parser():
              "there in batches, without loader workers (gpu_aug.py). Off until a GPU measurement shows it faster")
 
     run = p.add_argument_group("run and resume")
-    runtime.add_run_flags(run, out_dir="runs/mdra")
+    runtime.add_run_flags(run, "runs/mdra", ("none", "loss", "networks", "all"),
+                          compile_help=" (the networks and the loss); loss: the relation alignment with its Sinkhorn "
+                                       "iterations, memory-bound, which compiling fuses; default: networks on CUDA, "
+                                       "the loss on the CPU (where it pays for its compile time within a few hundred "
+                                       "steps)")
     a = run.add_argument
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
     a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
@@ -710,7 +734,7 @@ def resolve_args(args, info, env):
     for name, value in defaults.items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     args.small_stem = small or args.img_size <= 64
-    runtime.resolve_speed_flags(args, env)
+    runtime.resolve_speed_flags(args, env, compile_default=("networks", "loss"))
     require_img_size(args.img_size, args.small_stem)
     runtime.require_at_least(1, args, "epochs", "batch_size", "accum_steps", "queue_size", "groups", "hidden_dim",
                              "log_every", "save_every")
@@ -722,6 +746,12 @@ def resolve_args(args, info, env):
     for name in ("momentum", "solarize"):
         if not 0 <= getattr(args, name) <= 1:
             raise UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
+    if args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} does not fit in --epochs {args.epochs}: the learning "
+                         "rate would never reach its peak; give fewer warm-up epochs.")
+    if args.knn_every > args.epochs or args.knn_subset and not args.knn_every:
+        raise UsageError(f"--knn-every {args.knn_every} and --knn-subset {args.knn_subset} with --epochs {args.epochs}: "
+                         "the kNN monitor would never run.")
     if EMBED_DIM % args.groups:
         raise UsageError(f"--groups {args.groups} does not divide the embedding dimension {EMBED_DIM}.")
     if args.batch_size % env.world_size:

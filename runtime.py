@@ -394,24 +394,29 @@ def is_log(path):
         return False
 
 
-def logged_steps(path):
-    """The step records of log.jsonl behind the weights a run ends with, in step order. A run's start
-    record names the step it began at: a fresh run (step 0) drops what an earlier run left in the
-    folder, and a resumed one the steps logged after the checkpoint it resumed from."""
-    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []
-    records = {}
-    for line in lines:
+def logged_records(path):
+    """The records of log.jsonl behind the weights a run ends with, in the order written. A run's start
+    record names the step it began at: a fresh run (step 0) drops what an earlier run left in the folder,
+    and a resumed one what was logged after the checkpoint it resumed from."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short when a run was killed
             continue
         if not isinstance(record, dict) or "step" not in record:  # a line of someone else's
             continue
-        if record.get("event") == "start":  # logs written before start records named a step keep everything
-            records = {step: r for step, r in records.items() if step <= record.get("step", math.inf)}
-        elif "event" not in record:
-            records[record["step"]] = record
-    return [records[step] for step in sorted(records)]
+        if record.get("event") == "start":
+            records = [r for r in records if r["step"] <= record["step"]]
+        else:
+            records.append(record)
+    return records
+
+
+def logged_steps(path):
+    """The step records (logged_records without an event) in step order, the last of each step."""
+    steps = {record["step"]: record for record in logged_records(path) if "event" not in record}
+    return [steps[step] for step in sorted(steps)]
 
 
 def git_sha():
@@ -982,9 +987,10 @@ def add_data_flags(group, data_names, from_checkpoint=False):
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
 
 
-def add_run_flags(group, out_dir=None):
+def add_run_flags(group, out_dir=None, compile_choices=("none", "all"), compile_help=""):
     """--device, --amp, --channels-last and --seed, as every script takes them; with out_dir (the training
-    scripts' default folder), compile, the run's folder, its length and how often it logs and saves."""
+    scripts' default folder), what torch.compile covers (compile_choices: none first, all last), the run's
+    folder, its length and how often it logs and saves."""
     a = group.add_argument
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when a GPU is available")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast dtype; default: bf16 on CUDA, off on CPU")
@@ -993,7 +999,9 @@ def add_run_flags(group, out_dir=None):
       help="seeds every random draw: the weights, the data order and subsets, every augmentation")
     if out_dir is None:
         return
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile; default: on for CUDA")
+    a("--compile", nargs="?", const="all", default=None, choices=compile_choices,
+      help=f"what torch.compile covers; --compile alone: all{compile_help}")
+    a("--no-compile", dest="compile", action="store_const", const="none", help="the same as --compile none")
     a("--compile-backend", default="inductor", help="torch.compile backend (aot_eager compiles fast, for tests)")
     a("--out-dir", default=out_dir, help="checkpoint.pth and log.jsonl go here; an existing checkpoint is resumed")
     a("--max-steps", type=int, default=0,
@@ -1003,14 +1011,14 @@ def add_run_flags(group, out_dir=None):
     a("--log-every", type=int, default=20, help="log every this many optimizer steps")
 
 
-def resolve_speed_flags(args, env):
-    """The speed settings left out: on CUDA torch.compile (where the script compiles), bf16 autocast and
-    channels_last, with cuDNN's autotuner and TF32 convolutions (matmuls stay exact float32); on the CPU
-    none of them."""
+def resolve_speed_flags(args, env, compile_default=("all", "none")):
+    """The speed settings left out: on CUDA bf16 autocast and channels_last, with cuDNN's autotuner and TF32
+    convolutions (matmuls stay exact float32), and what torch.compile covers by default (compile_default:
+    on CUDA, on the CPU)."""
     cuda = env.device.type == "cuda"
     if hasattr(args, "compile"):
-        args.compile = cuda if args.compile is None else args.compile
-        if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        args.compile = args.compile or compile_default[0 if cuda else 1]
+        if args.compile != "none" and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
             raise UsageError(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend "
                              "(e.g. inductor or aot_eager; torch._dynamo.list_backends() names them all).")
     args.amp = args.amp or ("bf16" if cuda else "off")

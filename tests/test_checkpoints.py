@@ -13,7 +13,7 @@ import finetune
 import mdra
 import runtime
 
-PRETRAIN = ["--data", "synthetic:64", "--img-size", "8", "--arch", "resnet10-w8", "--hidden-dim", "32",
+PRETRAIN = ["--no-compile", "--warmup-epochs", "1", "--data", "synthetic:64", "--img-size", "8", "--arch", "resnet10-w8", "--hidden-dim", "32",
             "--batch-size", "16", "--queue-size", "64", "--workers", "0", "--device", "cpu", "--epochs", "1"]
 FINETUNE = ["--data", "synthetic:64", "--batch-size", "8", "--workers", "0", "--label-fraction", "0.25",
             "--epochs", "1", "--device", "cpu"]

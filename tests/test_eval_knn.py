@@ -28,7 +28,7 @@ import runtime
 # The smallest network that proves what these tests prove: 8 channels after the stem, 64 features.
 ARCH, FEATURES = "resnet10-w8", 8 * 8
 # Two epochs, so that a monitor after epoch 1 could still disturb epoch 2.
-PRETRAIN = ["--data", "synthetic:24", "--img-size", "8", "--arch", ARCH, "--hidden-dim", "32",
+PRETRAIN = ["--no-compile", "--warmup-epochs", "1", "--data", "synthetic:24", "--img-size", "8", "--arch", ARCH, "--hidden-dim", "32",
             "--batch-size", "16", "--queue-size", "16", "--epochs", "2", "--workers", "0"]
 
 

@@ -21,7 +21,7 @@ import mdra
 import runtime
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--data", "synthetic:64", "--img-size", "8", "--arch", "resnet10-w8", "--hidden-dim", "32", "--batch-size",
+TINY = ["--no-compile", "--warmup-epochs", "1", "--data", "synthetic:64", "--img-size", "8", "--arch", "resnet10-w8", "--hidden-dim", "32", "--batch-size",
         "16", "--queue-size", "64", "--workers", "0", "--log-every", "1", "--device", "cpu", "--epochs", "1"]
 HOST = socket.gethostname()
 
@@ -121,6 +121,28 @@ def test_a_pretraining_adds_to_its_own_log_lock_and_copies_but_never_to_files_of
     assert load(tmp_path / "checkpoint_epoch0001.pth")["step"] == 4
     assert [json.loads(line).get("event") for line in (tmp_path / "log.jsonl").read_text().splitlines()].count(
         "start") == 2
+
+
+def test_subset_txt_goes_over_its_own_but_never_over_the_subset_file_it_reads_or_a_file_of_the_users(pretrained,
+                                                                                                       tmp_path, capsys):
+    tune = ["--ckpt", str(pretrained), "--data", "synthetic:64", "--batch-size", "8", "--workers", "0", "--epochs", "1"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "subset.txt").write_text("my notes\n")
+    assert refused(finetune.main, [*tune, "--label-fraction", "0.25", "--out-dir", str(tmp_path / "mine")], capsys) == (
+        f"--out-dir's {tmp_path / 'mine' / 'subset.txt'} exists and is not a subset.txt of finetune.py; it is not "
+        "written over: give another path or move it away.")
+    assert (tmp_path / "mine" / "subset.txt").read_text() == "my notes\n"
+    # The user's own split file, kept in the out-dir as subset.txt: read, never rewritten in this script's form.
+    (tmp_path / "split").mkdir()
+    split = tmp_path / "split" / "subset.txt"
+    split.write_text("\n".join(str(i) for i in range(0, 64, 3)) + "\n")
+    finetune.main([*tune, "--subset-file", str(split), "--out-dir", str(tmp_path / "split")])
+    assert split.read_text() == "\n".join(str(i) for i in range(0, 64, 3)) + "\n"
+    written = (tmp_path / "ft" / "subset.txt")
+    finetune.main([*tune, "--label-fraction", "0.25", "--out-dir", str(tmp_path / "ft")])
+    assert written.read_text().startswith(finetune.SUBSET_HEADER)  # its own: known again by its first line
+    assert finetune.read_subset_file(written, [str(i) for i in range(64)]) == sorted(
+        finetune.class_balanced_subset([i % 10 for i in range(64)], 0.25, 0))
 
 
 @pytest.mark.parametrize("name", ["log.jsonl", "run.lock"])

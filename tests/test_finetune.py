@@ -49,7 +49,7 @@ def pretrained(tmp_path_factory):
     """A pretraining checkpoint from a real (tiny) mdra.py run, in this process (a process of its own would
     spend seconds importing torch)."""
     out = tmp_path_factory.mktemp("pretrain")
-    return mdra.main(["--data", "synthetic:64", "--img-size", "16", "--arch", ARCH, "--hidden-dim", "32",
+    return mdra.main(["--no-compile", "--warmup-epochs", "1", "--data", "synthetic:64", "--img-size", "16", "--arch", ARCH, "--hidden-dim", "32",
                       "--batch-size", "16", "--queue-size", "64", "--epochs", "1", "--workers", "0", "--out-dir", str(out)])
 
 

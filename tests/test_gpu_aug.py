@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 IMAGENET = data.DataInfo("imagenet", 1000, [], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False)
 SMALL = data.DataInfo("small", 10, [], 12, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), True)
 PLAIN = mdra.ViewAugmentation(size=(8, 8), scale=(1.0, 1.0), ratio=(1.0, 1.0))  # nothing but a whole-image crop
-TINY = ["--arch", "resnet10-w8", "--hidden-dim", "32", "--img-size", "16", "--workers", "0", "--log-every", "1",
+TINY = ["--no-compile", "--warmup-epochs", "1", "--arch", "resnet10-w8", "--hidden-dim", "32", "--img-size", "16", "--workers", "0", "--log-every", "1",
         "--device", "cpu", "--gpu-aug"]
 
 

@@ -156,7 +156,8 @@ def test_file_and_folder_names_that_are_not_utf8_pretrain_fine_tune_and_read_bac
     bad = root / "train" / "cat" / name(b"bad-\xff.png")
     bad.write_bytes(b"not a PNG")
     out = tmp_path / name(b"out-\xff")
-    mdra.main(["--data", str(root), "--out-dir", str(out), "--epochs", "1", "--arch", "resnet10-w8", "--hidden-dim",
+    mdra.main(["--data", str(root), "--out-dir", str(out), "--epochs", "1", "--warmup-epochs", "1", "--no-compile",
+               "--arch", "resnet10-w8", "--hidden-dim",
                "32", "--img-size", "8", "--batch-size", "8", "--accum-steps", "1", "--queue-size", "16", "--workers",
                "0", "--device", "cpu"])
     assert (out / "checkpoint.pth").is_file()
@@ -166,7 +167,8 @@ def test_file_and_folder_names_that_are_not_utf8_pretrain_fine_tune_and_read_bac
             "--epochs", "1", "--data", str(root), "--device", "cpu"]
     finetune.main([*tune, "--label-fraction", "0.5", "--out-dir", str(tmp_path / "half")])
     subset = (tmp_path / "half" / "subset.txt").read_bytes()
-    lines = subset.splitlines()  # 5 of the 9 labelled images, each as the file system's bytes name it
+    header, *lines = subset.splitlines()  # 5 of the 9 labelled images, each as the file system's bytes name it
+    assert header.decode() == finetune.SUBSET_HEADER.strip()
     assert len(lines) == 5 and all(os.path.isfile(os.fsencode(root / "train") + b"/" + line) for line in lines)
     classifier = finetune.main([*tune, "--subset-file", str(tmp_path / "half" / "subset.txt"),
                                 "--out-dir", str(tmp_path / "again")])

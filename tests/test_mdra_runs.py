@@ -25,7 +25,7 @@ import runtime
 REPO = Path(__file__).resolve().parents[1]
 # 64 synthetic images of 8 px, 16 per step: 4 optimizer steps per epoch of a narrow ResNet-10 with a narrow
 # projector and predictor, a few milliseconds each, and checkpoints of about a megabyte.
-TINY = ["--data", "synthetic:64", "--img-size", "8", "--arch", "resnet10-w8", "--hidden-dim", "32",
+TINY = ["--no-compile", "--warmup-epochs", "1", "--data", "synthetic:64", "--img-size", "8", "--arch", "resnet10-w8", "--hidden-dim", "32",
         "--batch-size", "16", "--queue-size", "64", "--workers", "0", "--log-every", "1", "--device", "cpu"]
 
 
@@ -123,6 +123,33 @@ def test_the_closing_lines_say_what_the_loss_and_rankme_show_and_how_to_see_whet
                         "maximum: the embedding is collapsing.") and len(stuck) == 3
     assert mdra.closing_lines(records([8], [40]), 64, Path("c.pth"), cpu) == [
         "1 log point(s), too few to compare the start with the end: log more often (--log-every)."]
+    # With the kNN monitor, the untrained network's (step 0) against the last one measured, in place of the advice.
+    monitored = [{"event": "knn", "epoch": 0, "step": 0, "knn": {"top1@20": 73.5, "top5@20": 97.0}},
+                 *records([12, 11, 10, 9], [50, 52, 54, 56]),
+                 {"event": "epoch", "epoch": 1, "step": 20, "loss": 9.5, "knn": {"top1@20": 76.25, "top5@20": 98.0}}]
+    assert mdra.closing_lines(monitored, 64, Path("c.pth"), cpu, bank=10000)[2:] == [
+        "kNN top-1 (k = 20, a bank of 10000 training images): 73.50% untrained, 76.25% after step 20: the features "
+        "are 2.75 points more useful than the same network's untrained."]
+    monitored[-1]["knn"] = {"top1@5": 70.0, "top5@5": 97.0}  # a bank smaller than 20: k is the bank's size
+    monitored[0]["knn"] = {"top1@5": 71.0, "top5@5": 97.0}
+    assert mdra.closing_lines(monitored, 64, Path("c.pth"), cpu)[2:] == [
+        "kNN top-1 (k = 5, all training images as the bank): 71.00% untrained, 70.00% after step 20: the features "
+        "are not (yet) more useful than the same network's untrained."]
+
+
+def test_the_knn_monitor_measures_the_untrained_network_first_and_the_end_of_a_run_stopped_inside_an_epoch(tmp_path):
+    run(tmp_path, "--epochs", "2", "--knn-every", "1", "--max-steps", "6")
+    knn = [(r.get("event"), r["epoch"], r["step"]) for r in log_records(tmp_path) if "knn" in r]
+    assert knn == [("knn", 0, 0), ("epoch", 1, 4), ("knn", 1.5, 6)]
+    torch.manual_seed(0)  # the network of step 0 is the untrained one, as eval_knn.py --random-init builds it
+    untrained = runtime.logged_records(tmp_path / "log.jsonl")[0]["knn"]
+    import eval_knn
+    baseline = eval_knn.main(["--random-init", "--arch", "resnet10-w8", "--data", "synthetic:64", "--img-size", "8",
+                              "--k", "20", "--workers", "0", "--out", str(tmp_path / "random.json")])
+    assert untrained == {"top1@20": pytest.approx(baseline[20][0]), "top5@20": pytest.approx(baseline[20][1])}
+    run(tmp_path, "--epochs", "2", "--knn-every", "1")  # resumed: no second untrained monitor, the epoch's
+    knn = [(r.get("event"), r["epoch"], r["step"]) for r in log_records(tmp_path) if "knn" in r]
+    assert knn[3:] == [("epoch", 2, 8)]
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights_and_the_same_closing_lines(tmp_path, capsys):
@@ -187,7 +214,7 @@ def test_kept_copies_and_max_steps_do_not_change_the_schedule(tmp_path):
     run(tmp_path, "--epochs", "3", "--keep-every", "1", "--max-steps", "6")
     assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch*.pth")) == ["checkpoint_epoch0001.pth"]
     lrs = [r["lr"] for r in log_records(tmp_path) if "pairs_per_s" in r]
-    expected = mdra.warmup_cosine(0.3 * 16 / 256, total_steps=12, warmup_steps=40)
+    expected = mdra.warmup_cosine(0.3 * 16 / 256, total_steps=12, warmup_steps=4)  # TINY's 1 warm-up epoch
     assert lrs == pytest.approx(list(expected[:6]))
 
 
@@ -229,14 +256,18 @@ def test_a_console_that_goes_away_neither_stops_the_run_nor_keeps_a_signal_from_
 def test_sigterm_to_the_process_group_during_the_knn_monitor_keeps_the_epoch_and_its_result(tmp_path):
     # The first image the monitor's worker reads signals the whole group, as a scheduler's time limit would.
     # (One worker: a sibling still starting up would die of it, before it can ignore the signal.)
+    # The monitor of the untrained network runs first, before any step: the signal comes in epoch 1's.
     signal_once = ("import os, signal, sys, data, mdra\n"
-                   "read = data.CentreCrops.__getitem__\n"
+                   "read, ema_update = data.CentreCrops.__getitem__, mdra.ema_update\n"
+                   "def trained(*args):\n"
+                   "    open(sys.argv[-1] + '/trained', 'w').close()\n"
+                   "    ema_update(*args)\n"
                    "def read_and_signal(self, i):\n"
-                   "    if not os.path.exists(sys.argv[-1] + '/signalled'):\n"
+                   "    if os.path.exists(sys.argv[-1] + '/trained') and not os.path.exists(sys.argv[-1] + '/signalled'):\n"
                    "        open(sys.argv[-1] + '/signalled', 'w').close()\n"
                    "        os.killpg(0, signal.SIGTERM)\n"
                    "    return read(self, i)\n"
-                   "data.CentreCrops.__getitem__ = read_and_signal\n"
+                   "data.CentreCrops.__getitem__, mdra.ema_update = read_and_signal, trained\n"
                    "mdra.main(sys.argv[1:])\n")
     result = subprocess.run([sys.executable, "-c", signal_once, *TINY, "--workers", "1", "--epochs", "3",
                              "--knn-every", "1", "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
@@ -506,6 +537,11 @@ def test_batch_not_divisible_by_world_size_is_refused():
     (["--data", "synthetic:-5"], "--data synthetic:-5 must give between 1 and 1000000000 images."),
     (["--data", f"synthetic:{10**10}"], "--data synthetic:10000000000 must give between 1 and 1000000000 images."),
     (["--hidden-dim", "0"], "--hidden-dim must be at least 1."),
+    (["--epochs", "5", "--warmup-epochs", "10"], "--warmup-epochs 10 does not fit in --epochs 5: the learning rate "
+                                                 "would never reach its peak; give fewer warm-up epochs."),
+    (["--epochs", "5", "--knn-every", "10"], "--knn-every 10 and --knn-subset 0 with --epochs 5: the kNN monitor "
+                                             "would never run."),
+    (["--knn-subset", "100"], "--knn-every 0 and --knn-subset 100 with --epochs 200: the kNN monitor would never run."),
     (["--arch", "resnet10-wide"], "--arch resnet10-wide is not a torchvision ResNet"),
     (["--compile", "--compile-backend", "bogus"], "--compile-backend 'bogus' is not a torch.compile backend"),
     (["--seed", str(2**32)], f"argument --seed: {2**32} is not between 0 and 2**32 - 1"),  # torch keeps 32 bits

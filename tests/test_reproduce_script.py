@@ -23,7 +23,7 @@ ROWS = ["mdra", "mdra-linear", *FINE_TUNED, *(f"lr-trials/{row}-lr{lr}" for row 
 def tiny_env(epochs=8):  # 32 steps, of which the first run is stopped after 2
     return {**os.environ, "DATA": "synthetic:64", "ARCH": "resnet10-w8", "EPOCHS": str(epochs), "FT_EPOCHS": "1",
             "LINEAR_EPOCHS": "1", "WORKERS": "0", "DEVICE": "cpu", "PARALLEL": "1", "OMP_NUM_THREADS": "1",
-            "FLAGS": "--img-size 8", "PRETRAIN_FLAGS": "--hidden-dim 32 --queue-size 32 --batch-size 16 --save-every 2",
+            "FLAGS": "--img-size 8", "PRETRAIN_FLAGS": "--hidden-dim 32 --queue-size 32 --batch-size 16 --save-every 2 --warmup-epochs 0 --no-compile",
             "FT_FLAGS": "--batch-size 8", "FT_LRS": " ".join(LRS), "LINEAR_LRS": "0.1", "HOLDOUT": "16",
             "KNN_FLAGS": "--k 10 20", "ROWS": CHOSEN}
 
