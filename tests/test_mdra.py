@@ -57,12 +57,14 @@ def random_inputs(B=12, D=256, N=48, seed=0):
     return q1, q2, k1, k2, queue
 
 
+@pytest.mark.parametrize("compiled", [False, True])  # --compile loss: the same loss as one traced graph
 @pytest.mark.parametrize("groups, iters, cross", [(1, 3, True), (4, 3, True), (8, 3, True),
                                                    (4, 0, True), (4, 3, False)])  # the method, then two ablations
-def test_loss_and_its_gradients_match_a_float64_reference(groups, iters, cross):
+def test_loss_and_its_gradients_match_a_float64_reference(groups, iters, cross, compiled):
     q1, q2, k1, k2, queue = random_inputs()
     q1.requires_grad_(), q2.requires_grad_()
-    loss = mdra.mdra_loss(q1, q2, k1, k2, queue, groups=groups, tau=0.04, mu=0.05, sinkhorn_iters=iters, cross=cross)
+    loss_fn = torch.compile(mdra.mdra_loss, backend="aot_eager", fullgraph=True) if compiled else mdra.mdra_loss
+    loss = loss_fn(q1, q2, k1, k2, queue, groups=groups, tau=0.04, mu=0.05, sinkhorn_iters=iters, cross=cross)
     loss.backward()
 
     r1, r2 = q1.detach().double().requires_grad_(), q2.detach().double().requires_grad_()
@@ -153,11 +155,15 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
         "x = torch.load(sys.argv[1], weights_only=True)\n"
         "b = x['q1'].shape[0] // w\n"
         "rows = slice(r * b, (r + 1) * b)\n"
-        "q1, q2 = (x[k][rows].clone().requires_grad_() for k in ('q1', 'q2'))\n"
-        "loss = mdra.mdra_loss(q1, q2, x['k1'][rows], x['k2'][rows], x['queue'])\n"
-        "loss.backward()\n"
-        "R = mdra.sinkhorn(x['k1'][rows] @ x['queue'].T / 100, 0.05, 3)\n"
-        "torch.save({'loss': loss.detach(), 'g1': q1.grad, 'g2': q2.grad, 'R': R}, f'{sys.argv[2]}/rank{r}.pt')\n"
+        "out = {}\n"
+        "for name, loss_fn in (('eager', mdra.mdra_loss),  # and --compile loss: Sinkhorn's all-reduces in its graph\n"
+        "                      ('compiled', torch.compile(mdra.mdra_loss, backend='aot_eager', fullgraph=True))):\n"
+        "    q1, q2 = (x[k][rows].clone().requires_grad_() for k in ('q1', 'q2'))\n"
+        "    loss = loss_fn(q1, q2, x['k1'][rows], x['k2'][rows], x['queue'])\n"
+        "    loss.backward()\n"
+        "    out[name] = {'loss': loss.detach(), 'g1': q1.grad, 'g2': q2.grad}\n"
+        "out['R'] = mdra.sinkhorn(x['k1'][rows] @ x['queue'].T / 100, 0.05, 3)\n"
+        "torch.save(out, f'{sys.argv[2]}/rank{r}.pt')\n"
         "dist.destroy_process_group()\n")
     gloo_ranks([worker, tmp_path / "inputs.pt", tmp_path], 2).wait()
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -167,9 +173,11 @@ def test_loss_of_a_batch_split_over_two_gloo_ranks_equals_the_single_process_los
     loss.backward()
     # The global loss is the mean of the rank-local means; DDP averages gradients over ranks, so a
     # rank's row gradient divided by the world size equals the single-process row gradient.
-    assert ((parts[0]["loss"] + parts[1]["loss"]) / 2).item() == pytest.approx(loss.item(), rel=1e-6)
-    torch.testing.assert_close(torch.cat([p["g1"] for p in parts]) / 2, q1.grad, rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(torch.cat([p["g2"] for p in parts]) / 2, q2.grad, rtol=1e-5, atol=1e-9)
+    for name in ("eager", "compiled"):
+        ranks = [p[name] for p in parts]
+        assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(loss.item(), rel=1e-6), name
+        torch.testing.assert_close(torch.cat([p["g1"] for p in ranks]) / 2, q1.grad, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(torch.cat([p["g2"] for p in ranks]) / 2, q2.grad, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(torch.cat([p["R"] for p in parts]), mdra.sinkhorn(k1 @ queue.T / 100, 0.05, 3))
 
 
