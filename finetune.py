@@ -678,7 +678,7 @@ def run(args):
     else:
         if start is not None:  # what fine-tuning reads of a pretraining checkpoint
             runtime.require_keys(start, args.ckpt, runtime.BACKBONE_KEYS, "mdra.py")
-        runtime.take_out_dir(args.out_dir, env, data=data.image_folder_root(args.data))
+        runtime.take_out_dir(args.out_dir, env, data.image_folder_root(args.data))
         resumed = resumed_checkpoint(args.out_dir)
         args = resolve_sources(args, start, resumed.get("args", {}) if resumed else {})
         classifier_path, classifier = FineTuning(args, env, start, resumed).run(), None

@@ -250,12 +250,19 @@ def monitor(backbone, args, env):
     {"top1@20": %, "top5@20": %}.
 
     args: mdra.py's resolved arguments (data, data_dir, img_size, knn_subset, batch_size, workers, amp,
-    channels_last, seed); env: its runtime.DistEnv. Every rank must call it. The bank is --knn-subset
-    train images (a subset seeded by --seed, or all) kept in host memory, so it never competes with
-    training for GPU memory. The backbone runs in eval mode (BatchNorm running statistics, which it
-    therefore does not update) and gets its modes back; nothing here draws from the global random
-    generators, so training continues exactly as without the monitor.
+    channels_last, seed); env: its runtime.DistEnv. Every rank must call it, and every rank evaluates rank
+    0's network. The bank is --knn-subset train images (a subset seeded by --seed, or all) kept in host
+    memory, so it never competes with training for GPU memory. The backbone runs in eval mode (BatchNorm
+    running statistics, which it therefore does not update) and gets its modes back; the random generators
+    are left as they were, so training continues exactly as without the monitor.
     """
+    if env.world_size > 1:  # rank 0's BatchNorm statistics, as it saves them, everywhere
+        runtime.broadcast_buffers(backbone)
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # training's untouched
+        return monitor_votes(backbone, args, env)
+
+
+def monitor_votes(backbone, args, env):
     bank_images, query_images, info = monitor_datasets(args.data, args.data_dir, args.img_size)
     bank_indices = bank_subset(len(bank_images), args.knn_subset, args.seed)
     k = min(MONITOR_K, len(bank_indices))  # a monitor must not end a training run over a tiny bank

@@ -407,10 +407,7 @@ def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler
 
 def train(args):
     env = runtime.setup_distributed(args.device)
-    out_dir = runtime.take_out_dir(args.out_dir, env, data=data.image_folder_root(args.data))
-    for kept in out_dir.glob("checkpoint_epoch*.pth"):  # --keep-every's copies are written over only if ours
-        runtime.require_replaceable(kept, "--out-dir's", lambda path: runtime.is_checkpoint(path, ("mdra",)),
-                                    "a checkpoint of mdra.py")
+    out_dir = runtime.take_out_dir(args.out_dir, env, data.image_folder_root(args.data), copies=("mdra",))
     images, info = data.build_dataset(args.data, args.data_dir, "pretrain", args.img_size or 32)
     args = resolve_args(args, info, env)
     if args.knn_every:  # the monitor needs labelled train and val images: fail now, not after an epoch
@@ -425,7 +422,6 @@ def train(args):
     last_step = min(total_steps, args.max_steps or total_steps)
 
     online, offline, width, queue, memory_format = networks(args, env)
-    queue_ptr = 0
     lr_schedule = warmup_cosine(args.lr * batch_images / 256, total_steps, int(args.warmup_epochs * steps_per_epoch))
     optimizer = LARS(lars_param_groups(online, args.weight_decay), momentum=0.9)
     autocast = runtime.autocast(device, args.amp)
@@ -438,16 +434,7 @@ def train(args):
                                            batchnorm_batch, {"online": (online, "the online network"),
                                             "offline": (offline, "the offline network")}, optimizer,
                                            scaler, env, log, needs=("queue", "queue_ptr"), retired=RETIRED_SETTINGS)
-    step = ckpt["step"] if ckpt else 0
-    if ckpt:
-        if ckpt["queue"].shape != queue.shape:  # copy_ would broadcast a single row over the whole queue
-            raise UsageError(f"{ckpt_path}: queue is shaped {list(ckpt['queue'].shape)}, not {list(queue.shape)} "
-                             "as this run's.")
-        if ckpt["queue_ptr"] % args.batch_size:  # enqueue writes whole batches, which never wrap
-            raise UsageError(f"{ckpt_path}: queue_ptr is {ckpt['queue_ptr']}, not a multiple of the batch of "
-                             f"{args.batch_size} keys that enqueue writes.")
-        queue.copy_(ckpt["queue"])
-        queue_ptr = int(ckpt["queue_ptr"])
+    step, queue_ptr = (ckpt["step"], restore_queue(ckpt, ckpt_path, queue, args)) if ckpt else (0, 0)
     progress = runtime.Progress(device, step, ckpt)
     torch.manual_seed(args.seed + env.rank + step)
     trained, loss_fn = compiled(online, offline, args, env)
@@ -513,10 +500,21 @@ def train(args):
                   "knn": monitor(backbone, args, env, log, progress, f"step {step}")})
     log.print(f"done: {step} optimizer steps; checkpoint: {ckpt_path.resolve()}")
     if env.is_main:  # from log.jsonl, so that the steps before a resume count too
-        for line in closing_lines(runtime.logged_records(log.path), min(EMBED_DIM, args.batch_size), ckpt_path,
-                                  device, args.knn_subset):
-            log.print(line)
+        log.print("\n".join(closing_lines(runtime.logged_records(log.path), min(EMBED_DIM, args.batch_size),
+                                        ckpt_path, device, args.knn_subset)))
     return ckpt_path
+
+
+def restore_queue(ckpt, ckpt_path, queue, args):
+    """The queue of a resumed run, put back; returns its pointer."""
+    if ckpt["queue"].shape != queue.shape:  # copy_ would broadcast a single row over the whole queue
+        raise UsageError(f"{ckpt_path}: queue is shaped {list(ckpt['queue'].shape)}, not {list(queue.shape)} as this "
+                         "run's.")
+    if ckpt["queue_ptr"] % args.batch_size:  # enqueue writes whole batches, which never wrap
+        raise UsageError(f"{ckpt_path}: queue_ptr is {ckpt['queue_ptr']}, not a multiple of the batch of "
+                         f"{args.batch_size} keys that enqueue writes.")
+    queue.copy_(ckpt["queue"])
+    return int(ckpt["queue_ptr"])
 
 
 def networks(args, env):
@@ -578,13 +576,9 @@ def log_step(log, progress, step, epoch, args, env, lr_schedule, keys, last_step
 
 
 def monitor(backbone, args, env, log, progress, when):
-    """The kNN monitor (knn.monitor) on the backbone as rank 0 saves it; its time is left out of the
-    next log line's speed, and training's randomness is left untouched."""
-    if env.world_size > 1:
-        runtime.broadcast_buffers(backbone)
+    """The kNN monitor (knn.monitor), its time left out of the next log line's speed."""
     tic = time.perf_counter()
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        result = knn.monitor(backbone, args, env)
+    result = knn.monitor(backbone, args, env)
     progress.tic += time.perf_counter() - tic
     log.print(f"{when} kNN " + " ".join(f"{k} {v:.2f}" for k, v in result.items()))
     return result

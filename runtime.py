@@ -877,16 +877,19 @@ LOCK_RECORD = re.compile(r"pid \d+ on .*, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d
 TEMPORARY = re.compile(r"\.(?:(?P<host>[^/]+)@)?(?P<pid>\d+)\.tmp(\.[^.]+)?$")  # atomic_file's; no host before
 
 
-def take_out_dir(path, env, flag="--out-dir", data=None):
+def take_out_dir(path, env, data=None, copies=(), flag="--out-dir"):
     """A training run's output folder, made if needed, proven writable and locked by rank 0 (lock_folder),
     which then removes the temporary files of runs killed while they wrote there. data: the ImageFolder
-    the run reads (None for a named data set), inside which it writes nothing."""
+    the run reads (None for a named data set), inside which it writes nothing; copies: the formats of the
+    checkpoint_epochNNNN.pth copies it may write over (mdra.py --keep-every), only checkpoints of its own."""
     path = Path(path)
     require_outside(path, data, flag)
     made = require_folder(path, flag)
     on_main_rank(env, f"take {flag} {path}", lock_folder, path, flag, made)
     if env.is_main:
         remove_debris(path)
+    for kept in path.glob("checkpoint_epoch*.pth") if copies else ():
+        require_replaceable(kept, f"{flag}'s", lambda p: is_checkpoint(p, copies), f"a checkpoint of {copies[0]}.py")
     return path
 
 
