@@ -51,8 +51,8 @@ CLASSIFIER_FORMAT = "mdra-classifier"
 RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("eval_every", "export", "predict")
 # What --export and --predict of a fine-tuned classifier use; any other flag would have no effect there.
 CLASSIFY_USES = ("ckpt", "export", "predict", "device", "batch_size", "workers")
-# The patent's rate is for ImageNet's 1000 classes; on 10 it diverges (README, "Choosing the learning
-# rate"), and held-out trials on Fashion-MNIST chose 0.03, the default for the named small data sets.
+# The patent's rate is for ImageNet's 1000 classes; on 10 it diverges (docs/finetuning.md, "Choosing the
+# learning rate"), and held-out trials on Fashion-MNIST chose 0.03, the default for the named small data sets.
 PATENT_LR, SMALL_DATA_LR = 0.3, 0.03
 
 

@@ -3,18 +3,15 @@
 Two augmented views of each image go through an online encoder (backbone f, projector g, predictor h),
 trained by back-propagation, and an offline encoder (f', g'), its moving average. Against a queue of
 past offline embeddings, the online encoder's relations (softmax similarities) of one view are pulled
-towards the offline encoder's Sinkhorn-balanced relations of the other view, in G subspaces of the
-embedding. Read top to bottom: the method, the networks, the optimizer, the augmentation, the data,
-the training loop, the command line. What is not the method (processes, signals, checkpoints, logging)
-is runtime.py's; the data sets are data.py's; the weighted kNN of the monitor is knn.py's.
+towards the offline encoder's Sinkhorn-balanced relations of the other view, in G subspaces. Read top to
+bottom: the method, the networks, the optimizer, the augmentation, the data, the loop, the command line.
+Processes, signals, checkpoints and logging are runtime.py's, the data sets data.py's, the kNN knn.py's.
 
-Launch:
     python mdra.py --data fashion-mnist --arch resnet18 --epochs 1          # one process, CPU or GPU
     torchrun --nproc_per_node=8 mdra.py --data /path/to/imagenet            # the patent's recipe
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 mdra.py --data /path/to/imagenet                 # node 0 of 2 (node 1: --node_rank=1)
-
-Starting again with the same --out-dir resumes from <out-dir>/checkpoint.pth.
+    (the same command again, with the same --out-dir, resumes from <out-dir>/checkpoint.pth)
 """
 import argparse
 import contextlib
@@ -429,7 +426,7 @@ def train(args):
 
     # ---- resume, then the per-rank randomness, a function of the step (no generator state to restore)
     ckpt_path, fingerprint = out_dir / "checkpoint.pth", runtime.data_fingerprint(images.names)
-    batchnorm_batch = args.batch_size // (1 if sync_bn(env) else env.world_size)
+    batchnorm_batch = args.batch_size // (1 if runtime.sync_bn(env) else env.world_size)
     ckpt = runtime.restart_from_checkpoint(ckpt_path, args, get_parser(), RESUME_MAY_CHANGE, fingerprint,
                                            batchnorm_batch, {"online": (online, "the online network"),
                                             "offline": (offline, "the offline network")}, optimizer,
@@ -522,7 +519,7 @@ def networks(args, env):
     memory format."""
     torch.manual_seed(args.seed)
     online, offline, width = build_model(args.arch, args.small_stem, args.predictor, args.hidden_dim)
-    if sync_bn(env):  # BatchNorm over the global micro-batch of each view (spec section 2)
+    if runtime.sync_bn(env):  # BatchNorm over the global micro-batch of each view (spec section 2)
         online, offline = map(nn.SyncBatchNorm.convert_sync_batchnorm, (online, offline))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     online, offline = (net.to(env.device, memory_format=memory_format) for net in (online, offline))
@@ -553,11 +550,6 @@ def end_epoch(epoch, step, args, env, log, progress, save, backbone, skips, ckpt
         record["knn"] = monitor(backbone, args, env, log, progress, f"epoch {epoch + 1}")
     log.json(record)
     runtime.exit_if_stop_requested(env.control, save, log, step, ckpt_path)
-
-
-def sync_bn(env):
-    """SyncBatchNorm with more than one CUDA rank; on the CPU, gloo cannot synchronise it."""
-    return env.device.type == "cuda" and env.world_size > 1
 
 
 def log_step(log, progress, step, epoch, args, env, lr_schedule, keys, last_step, total_steps, skips, ckpt_path):
@@ -632,9 +624,7 @@ def closing_lines(records, rank_max, ckpt_path, device, bank=0):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-# The sentence of every script's --img-size help that names the minimum.
-IMG_SIZE_MINIMUM = (f"At least {min_img_size(small_stem=True)} px ({min_img_size(small_stem=False)} with the ImageNet "
-                    "stem, above 64 px), the factor by which the network downsamples.")
+IMG_SIZE_MINIMUM = "At least 8 px (32 with the ImageNet stem), the factor by which the network downsamples."
 
 
 def crop_size(text):
@@ -650,16 +640,15 @@ def crop_size(text):
 def add_network_flags(parser, from_checkpoint=False):
     """--arch and --img-size, as every script takes them; from_checkpoint: they default to the checkpoint's
     (the downstream scripts), else to the pretraining defaults."""
-    parser.add_argument(
-        "--arch", default=None if from_checkpoint else "resnet50",
-        help="any torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2, or resnet10/18/34-wW, W channels "
-             "wide after the stem (64 in torchvision's), e.g. resnet10-w16" + ("; default: the checkpoint's, else "
-                                                                            "resnet50" if from_checkpoint else ""))
-    parser.add_argument(
-        "--img-size", type=crop_size, default=None,
-        help="crop size; default: " + ("the checkpoint's, else " if from_checkpoint else "") + "the data set's native "
-             "size (224 for an ImageFolder). Images of small data sets or up to 64 px get the small stem (3x3 "
-             "stride-1 first conv, no max-pool). " + IMG_SIZE_MINIMUM)
+    theirs = "the checkpoint's, else " if from_checkpoint else ""
+    parser.add_argument("--arch", default=None if from_checkpoint else "resnet50",
+                        help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...) or resnet10/18/34-wW, "
+                             "W channels wide after the stem (torchvision's 64), e.g. resnet10-w16"
+                             + ("; default: the checkpoint's, else resnet50" if from_checkpoint else ""))
+    parser.add_argument("--img-size", type=crop_size, default=None,
+                        help=f"crop size; default: {theirs}the data set's native size (224 for an ImageFolder). Small "
+                             "data sets and crops up to 64 px get the small stem (a 3x3 stride-1 first conv, no "
+                             "max-pool). " + IMG_SIZE_MINIMUM)
 
 
 def get_parser():
@@ -715,7 +704,8 @@ def get_parser():
                                        "steps)")
     a = run.add_argument
     a("--keep-every", type=int, default=50, help="keep a copy checkpoint_epochNNNN.pth every this many epochs (0: never)")
-    a("--knn-every", type=int, default=0, help="weighted-kNN evaluation every this many epochs (0: never)")
+    a("--knn-every", type=int, default=0,
+      help="weighted-kNN evaluation every this many epochs, of the untrained network first (0: never)")
     a("--knn-subset", type=int, default=0, help="number of training images in the kNN bank (0: all)")
     return p
 
@@ -734,12 +724,10 @@ def resolve_args(args, info, env):
                              "log_every", "save_every")
     runtime.require_at_least(0, args, "max_steps", "workers", "keep_every", "knn_every", "knn_subset", "warmup_epochs",
                              "lr", "weight_decay", "sinkhorn_iters")
-    for name in ("tau", "mu"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} {getattr(args, name)} must be positive.")
-    for name in ("momentum", "solarize"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UsageError(f"--{name} {getattr(args, name)} is not in [0, 1].")
+    for name in ("tau", "mu", "momentum", "solarize"):
+        value, unit = getattr(args, name), name in ("momentum", "solarize")
+        if not (0 <= value <= 1 if unit else value > 0):
+            raise UsageError(f"--{name} {value} " + ("is not in [0, 1]." if unit else "must be positive."))
     if args.warmup_epochs > args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} does not fit in --epochs {args.epochs}: the learning "
                          "rate would never reach its peak; give fewer warm-up epochs.")

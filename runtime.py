@@ -211,6 +211,11 @@ def ddp(module, env, buffers=True):
                gradient_as_bucket_view=True, **({} if buffers else NO_FORWARD_BUFFER_SYNC))
 
 
+def sync_bn(env):
+    """SyncBatchNorm with more than one CUDA rank; on the CPU, gloo cannot synchronise it."""
+    return env.device.type == "cuda" and env.world_size > 1
+
+
 def broadcast_buffers(module):
     """Rank 0's buffers everywhere, so that every rank evaluates the network that rank 0 saves (without
     SyncBatchNorm, each rank's BatchNorm running statistics are its own)."""
@@ -987,7 +992,8 @@ def add_data_flags(group, data_names, from_checkpoint=False):
            + " (synthetic:N for N images, default 1024)" + fallback.format(DATA_DEFAULTS["data"]))
     a("--data-dir", default=default("data_dir"),
       help="where named data sets are read from or downloaded to" + fallback.format(DATA_DEFAULTS["data_dir"]))
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1),
+      help="data-loading processes per rank; default: one per CPU core, at most 8 (here %(default)s)")
 
 
 def add_run_flags(group, out_dir=None, compile_choices=("none", "all"), compile_help=""):
