@@ -3,20 +3,23 @@
 One run prints one table (and writes it, a JSON line per row and the full log under --out):
 - step: mdra.py's training step (mdra.micro_step, then the LARS step and the EMA update, on the networks of
   mdra.networks as mdra.compiled leaves them) on synthetic device-resident images, for each architecture and
-  configuration {eager, compiled} x {fp32, bf16} x {nchw, cl (channels_last)}: image pairs/s, peak memory,
-  model FLOPs per pair (counted with FlopCounterMode) and, on CUDA, the achieved fraction of a bf16 matmul
-  peak measured in the same run;
-- loss: mdra_loss forward and backward, and its Sinkhorn part, at --loss-batch x --loss-queue x --groups,
-  as a fraction of a step;
+  configuration {eager, compiled (--compile=all)} x {fp32, bf16} x {nchw, cl (channels_last)}: image
+  pairs/s, peak memory, model FLOPs per pair (counted with FlopCounterMode) and, on CUDA, the achieved
+  fraction of a bf16 matmul peak measured in the same run;
+- loss: mdra_loss forward and backward at each B x N x G of --loss-cases, eager (with its Sinkhorn part)
+  against torch.compile(mdra_loss) (--compile=loss): ms, the compiled speed-up, the compile time, whether
+  the compiled loss and gradients are the eager ones (their largest differences), and the share of a step;
+- parts: the same eager against compiled for the rest of the step: the LARS step over the first
+  architecture's networks, the EMA update, the queue write;
 - data: mdra.py's loader (mdra.pretrain_loader: the real two-view augmentation and DataLoader settings)
   on an ImageFolder of JPEGs at ImageNet-like sizes that it generates (or --data), with --workers; with
   --gpu-aug also the views made on the device (an in-memory data set: --data fashion-mnist, synthetic, ...);
   against the step, to show which one is the bottleneck;
 - e2e: the step of the first architecture fed by each loader, against the same step on synthetic data;
 - paths (only when named): mdra.py itself, run by its own command line (a process of its own per run
-  on CUDA), on each path of PATHS (the views made on the device, compiled, both) against the reference
-  (eager, the CPU loader): pairs/s and the share of the time waited for data, read from its log.jsonl
-  over the log windows after the first, end to end on Fashion-MNIST (seconds per epoch too) and on
+  on CUDA), on each path of PATHS (each --compile choice; the views made on the device; both) against the
+  reference (eager, the CPU loader): pairs/s and the share of the time waited for data, read from its
+  log.jsonl over the log windows after the first, end to end on Fashion-MNIST (seconds per epoch too) and on
   synthetic images for each --path-cases; and the host operations per optimizer step (mdra.py's loop
   set up in this process, counted with the PyTorch profiler).
 
@@ -24,7 +27,8 @@ Timing: warm-up, then the median over --repeats of --steps steps (CUDA events on
 and end-to-end rates are taken in the steady state, after the workers' first round of batches (e2e:
 after as many as the loader prefetches, then the median of --repeats windows of --e2e-steps steps, the
 range in the vs column), and wait for the device only at both ends of the timed batches, as the
-training loop does not wait for it.
+training loop does not wait for it. Compile times are with what the machine's compile caches hold from
+earlier runs (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: without them, as a first compilation).
 A measurement that fails becomes a row saying why; --time-limit skips compilations that would not fit.
 
     python benchmarks/bench_train.py                                  # CPU, small sizes
@@ -32,6 +36,8 @@ A measurement that fails becomes a row saying why; --time-limit skips compilatio
     python benchmarks/bench_train.py --device cuda --archs resnet50 --configs compiled-bf16-cl \\
         --batch-size 128 --sections step e2e --data /path/to/imagenet/train
     python benchmarks/bench_train.py --preset h100 --sections paths --time-limit 300   # mdra.py's paths on one GPU
+    python benchmarks/bench_train.py --sections loss --loss-cases 64:65536 512:65536 256:4096 --device cpu \\
+        --out runs/bench-loss                                         # the loss, eager against compiled, on the CPU
 """
 import argparse
 import contextlib
@@ -71,27 +77,35 @@ import runtime  # noqa: E402
 # The paths of mdra.py that the paths section compares, each as the mdra.py flags that select it. The
 # reference comes first: the CPU loader, eager.
 PATHS = {
-    "reference": ["--no-gpu-aug", "--no-compile"],
-    "device-data": ["--gpu-aug", "--no-compile"],  # the views made on the device (gpu_aug.py)
-    "compiled": ["--no-gpu-aug", "--compile"],     # torch.compile
-    "all": ["--gpu-aug", "--compile"],
+    "reference": ["--no-gpu-aug", "--compile=none"],
+    "compiled-loss": ["--no-gpu-aug", "--compile=loss"],          # torch.compile of the relation alignment
+    "compiled-networks": ["--no-gpu-aug", "--compile=networks"],  # ... of the encoders
+    "compiled-all": ["--no-gpu-aug", "--compile=all"],
+    "device-data": ["--gpu-aug", "--compile=none"],               # the views made on the device (gpu_aug.py)
+    "all": ["--gpu-aug", "--compile=all"],
 }
+
+
+def compile_choice(flags):
+    """What a path's flags have torch.compile cover: none, loss, networks or all."""
+    return next(flag.split("=", 1)[1] for flag in flags if flag.startswith("--compile="))
+
 
 PRESETS = {
     "cpu": dict(device="cpu", archs=["resnet18", "resnet50"], img_size=96, batch_size=16, queue_size=4096,
                 configs=["eager-fp32-nchw", "eager-bf16-nchw", "eager-fp32-cl"], warmup=1, steps=2, repeats=3,
-                data_images=640, workers=os.cpu_count(), loss_batch=128, loss_queue=8192, e2e_steps=8,
-                paths=[name for name in PATHS if "--compile" not in PATHS[name]],  # inductor compiles for minutes here
+                data_images=640, workers=os.cpu_count(), e2e_steps=8,
+                paths=[name for name in PATHS if compile_choice(PATHS[name]) == "none"],  # inductor takes minutes here
                 path_cases=["resnet18:16:8:1", "resnet50:32:4:1"], path_windows=1,
                 fmnist_case="resnet18:16:4:1", fmnist_steps=2, host_ops_case="resnet18:16:8", host_ops_steps=1),
     "h100": dict(device="cuda", archs=["resnet50", "resnet18"], img_size=224, batch_size=64, queue_size=65536,
                  configs=["eager-fp32-nchw", "eager-fp32-cl", "eager-bf16-nchw", "eager-bf16-cl", "compiled-bf16-cl"],
                  warmup=5, steps=10, repeats=3, data_images=16384, workers=16,
-                 loss_batch=512, loss_queue=65536, e2e_steps=60, time_limit=420,
+                 e2e_steps=60, time_limit=420,
                  path_cases=["resnet18:28:256:40", "resnet50:32:256:20", "resnet50:96:128:10"], path_windows=3,
                  fmnist_case="resnet18:28:256:39", fmnist_steps=312, host_ops_case="resnet18:28:256", host_ops_steps=5),
 }
-SECTIONS = ("step", "loss", "data", "e2e", "paths")
+SECTIONS = ("step", "loss", "parts", "data", "e2e", "paths")
 
 
 def get_parser():
@@ -99,20 +113,20 @@ def get_parser():
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the flags below; explicit flags win")
     a("--device", choices=["cpu", "cuda"])
-    a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:4]),
+    a("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:-1]),
       help="paths runs only when named: its runs of mdra.py take minutes on a GPU")
     a("--archs", nargs="+", help="mdra.py --arch names; the first one is the reference of the data and e2e rows "
-                                 "(the loss rows are related to each)")
+                                 "and the network of the parts rows (the loss rows are related to each)")
     a("--img-size", type=mdra.crop_size,
       help="crop size (a small stem at <= 64 px, as in mdra.py for an ImageFolder). " + mdra.IMG_SIZE_MINIMUM)
     a("--batch-size", type=int, help="micro-batch of one GPU (the ImageNet recipe: 512 over 8 GPUs = 64)")
     a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
-    a("--queue-size", type=int, help="N of the step's loss")
-    a("--groups", type=int, default=4)
+    a("--queue-size", type=int, help="N of the step's loss and of the parts' queue write")
+    a("--groups", type=int, default=4, help="G of the step, the queue write and the loss cases that give none")
     a("--hidden-dim", type=int, default=4096, help="mdra.py --hidden-dim, of the steps and the paths' runs")
     a("--configs", nargs="+", help="MODE-DTYPE-LAYOUT with MODE eager|compiled, DTYPE fp32|bf16 and LAYOUT "
                                    "nchw|cl; the first is the baseline of the speed-up column")
-    a("--compile-backend", default="inductor")
+    a("--compile-backend", default="inductor", help="of the compiled configurations, loss and parts rows")
     a("--warmup", type=int, help="untimed steps after the first (which compiles, and is never timed)")
     a("--steps", type=int, help="steps per timed repeat")
     a("--repeats", type=int, help="timed repeats; the median is reported")
@@ -123,12 +137,13 @@ def get_parser():
     a("--workers", type=int)
     a("--gpu-aug", action=argparse.BooleanOptionalAction, default=False,
       help="also measure mdra.py --gpu-aug's views, made on the device (needs an in-memory --data)")
-    a("--loss-batch", type=int)
-    a("--loss-queue", type=int)
+    a("--loss-cases", nargs="+", default=["64:65536", "512:65536", "256:4096"],
+      help="B:N[:G] of each pair of loss rows (eager, compiled): micro-batch, queue and groups (default --groups)")
     a("--e2e-steps", type=int)
     a("--e2e-config", help="configuration of the e2e rows (default: the last of --configs)")
-    a("--time-limit", type=float, default=0, help="seconds; later compiled configurations are skipped when "
-                                                   "less than --compile-allowance would be left (0: no limit)")
+    a("--time-limit", type=float, default=0, help="seconds; later compilations (configurations, rows, "
+                                                   "paths) are skipped when less than --compile-allowance would be "
+                                                   "left (0: no limit)")
     a("--compile-allowance", type=float, default=150)
     a("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
       help="paths of the paths section (PATHS; the cpu preset leaves the compiled ones out: inductor takes "
@@ -169,6 +184,7 @@ def parse_args(argv=None):
     if loaders and args.gpu_aug and (args.data or "").partition(":")[0] not in data.SMALL_DATASETS:
         parser.error("--gpu-aug makes the views of an in-memory data set on the device: give --data one of "
                      + ", ".join(data.SMALL_DATASETS) + " (JPEGs are read by the loader)")
+    args.loss_cases = [parse_loss_case(text, args.groups, parser) for text in args.loss_cases]
     args.paths = list(dict.fromkeys(["reference", *args.paths]))
     args.path_cases = [parse_case(text, args.path_log_every, parser) for text in args.path_cases]
     args.fmnist_case = parse_case(args.fmnist_case, args.path_log_every, parser)
@@ -225,6 +241,19 @@ def parse_case(text, log_every, parser):
                      "crop of the small stem")
     if PATH_QUEUE % case.batch_size:
         parser.error(f"case {text!r}: its queue of {PATH_QUEUE} is not a multiple of {case.batch_size} pairs")
+    return case
+
+
+def parse_loss_case(text, groups, parser):
+    """B:N[:G] -> (B, N, G)."""
+    try:
+        batch, queue_size, *rest = map(int, text.split(":"))
+        case = (batch, queue_size, *(rest or [groups]))
+    except ValueError:
+        case = ()
+    if len(case) != 3 or min(case) < 1 or mdra.EMBED_DIM % case[2]:
+        parser.error(f"loss case {text!r} is not B:N[:G] with positive sizes and G dividing {mdra.EMBED_DIM}, "
+                     "e.g. 512:65536 or 256:4096:8")
     return case
 
 
@@ -326,8 +355,9 @@ def peak_memory_gb(device):
 
 
 def free_memory(device):
-    gc.collect()
+    """On CUDA, before a measurement of peak memory; on the CPU the collector's pass costs more than it frees."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -346,7 +376,7 @@ def step_args(arch, config, args):
             "--accum-steps", str(args.accum_steps), "--queue-size", str(args.queue_size), "--groups", str(args.groups),
             "--hidden-dim", str(args.hidden_dim), "--amp", "bf16" if config.bf16 else "off",
             "--channels-last" if config.channels_last else "--no-channels-last",
-            "--compile" if config.compiled else "--no-compile", "--compile-backend", args.compile_backend]
+            "--compile=all" if config.compiled else "--compile=none", "--compile-backend", args.compile_backend]
     margs = mdra.get_parser().parse_args(argv)
     margs.small_stem = args.img_size <= 64  # as mdra.py chooses it for an ImageFolder
     return margs
@@ -359,7 +389,7 @@ class TrainStep:
 
     def __init__(self, margs, env):
         self.online, self.offline, _, self.queue, self.memory_format = mdra.networks(margs, env)
-        self.trained = mdra.compiled(self.online, self.offline, margs, env)
+        self.trained, self.loss_fn = mdra.compiled(self.online, self.offline, margs, env)
         lr = margs.lr * margs.batch_size * margs.accum_steps / 256
         self.optimizer = mdra.LARS(mdra.lars_param_groups(self.online, margs.weight_decay), lr=lr, momentum=0.9)
         self.autocast = runtime.autocast(env.device, margs.amp)
@@ -370,7 +400,7 @@ class TrainStep:
     def micro_step(self, v1, v2, sync_grads=True):
         v1, v2 = (v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in (v1, v2))
         loss, _, self.queue_ptr = mdra.micro_step(self.trained, self.offline, self.queue, self.queue_ptr, v1, v2,
-                                                  self.args, self.autocast, self.scaler, sync_grads)
+                                                  self.args, self.autocast, self.scaler, sync_grads, self.loss_fn)
         self.progress.add(loss / self.args.accum_steps)
 
     def __call__(self, batches):
@@ -539,30 +569,130 @@ def measure_step(report, arch, name, flops, args, device, keep):
     return step if keep else None
 
 
-def measure_loss(report, batch, queue_size, args, device):
-    """mdra_loss forward + backward at batch x queue_size x groups, and its two Sinkhorn calls."""
+def differences(got, expected, tolerance=1e-4):
+    """The largest absolute difference of each named list of tensors from the expected one, and whether each
+    is within tolerance of the largest expected magnitude (float rounding, not a different result)."""
+    diffs = {name: max((a - b).abs().max().item() for a, b in zip(got[name], tensors))
+             for name, tensors in expected.items()}
+    return diffs, all(diff <= tolerance * max(t.abs().max().item() for t in expected[name])
+                      for name, diff in diffs.items())
+
+
+def measure_eager_and_compiled(report, section, case, setup, args, device, started, eager_note=None, **values):
+    """Rows `case eager` and `case compiled`, each on a fresh setup(compile) -> (call, results): call runs
+    what is measured once, through compile (the identity, or torch.compile with --compile-backend) of
+    the function compiled; results() names the tensors it has computed, which after the first two calls
+    must be the eager ones to float tolerance. compile_s: the time the first two calls took beyond two
+    timed ones, the compilation and the recompilation that a changed input brings (LARS's new momentum
+    buffers, the queue's pointer)."""
+    expected = None
+    for mode in ("eager", "compiled"):
+        what, ids = f"{case} {mode}", dict(case=case, mode=mode, **values)
+        left = args.time_limit - (time.perf_counter() - started)
+        if mode == "compiled" and args.time_limit and left < args.compile_allowance:
+            report.add(section, what, **ids, note=f"skipped: {left:.0f} s of --time-limit left")
+            continue
+        with failure_reported(report, section, what, **ids):
+            torch._dynamo.reset()  # each compilation timed from the start
+            compiled = mode == "compiled"
+            call, results = setup(lambda fn: torch.compile(fn, backend=args.compile_backend) if compiled else fn)
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+            call()
+            call()
+            synchronize(device)
+            first_s = time.perf_counter() - t0
+            got = {name: [t.detach().clone() for t in tensors] for name, tensors in results().items()}
+            seconds = median_step_time(call, device, warmup=1, steps=max(2, args.steps), repeats=args.repeats)
+            row = dict(ms=seconds * 1e3, peak_gb=peak_memory_gb(device), note=eager_note)
+            if not compiled:
+                expected = got
+            else:
+                row["compile_s"] = max(first_s - 2 * seconds, 0.0)
+                row["note"] = f"compile {row['compile_s']:.1f} s"
+                if expected:
+                    row["max_abs_diff"], row["matches_eager"] = differences(got, expected)
+                    row["note"] += (f"; {'matches' if row['matches_eager'] else 'DIFFERS from'} eager, max abs diff "
+                                    + ", ".join(f"{name} {diff:.1g}" for name, diff in row["max_abs_diff"].items()))
+            report.add(section, what, **ids, **row)
+        free_memory(device)
+
+
+def sinkhorn_ms(batch, queue_size, groups, args, device):
+    """Milliseconds of mdra_loss's two Sinkhorn calls (R_1 and R_2) at batch x queue_size x groups."""
     g = torch.Generator(device=device).manual_seed(0)
-    q1, q2 = (torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g, requires_grad=True) for _ in range(2))
-    k1, k2 = (torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g) for _ in range(2))
-    queue = mdra.init_queue(queue_size, args.groups, 0).to(device)
+    keys = mdra.normalize_subspaces(torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g), groups)
+    scores = torch.einsum("bgd,ngd->gbn", keys,
+                          mdra.normalize_subspaces(mdra.init_queue(queue_size, groups, 0).to(device), groups))
 
-    def loss_step():
-        mdra.mdra_loss(q1, q2, k1, k2, queue, args.groups).backward()
-
-    reset_peak_memory(device)
-    timing = dict(warmup=2, steps=max(2, args.steps), repeats=args.repeats)
-    seconds = median_step_time(loss_step, device, **timing)
-    peak = peak_memory_gb(device)
-    scores = torch.einsum("bgd,ngd->gbn", mdra.normalize_subspaces(k1, args.groups),
-                          mdra.normalize_subspaces(queue, args.groups))
-
-    def sinkhorn_step():  # R_1 and R_2
+    def sinkhorn_step():
         mdra.sinkhorn(scores)
         mdra.sinkhorn(scores)
 
-    sinkhorn_ms = median_step_time(sinkhorn_step, device, **timing) * 1e3
-    report.add("loss", f"mdra_loss fwd+bwd B{batch} N{queue_size} G{args.groups}", batch=batch,
-               ms=seconds * 1e3, peak_gb=peak, note=f"of which Sinkhorn {sinkhorn_ms:.3g} ms")
+    return median_step_time(sinkhorn_step, device, 1, max(2, args.steps), args.repeats) * 1e3
+
+
+def measure_loss(report, batch, queue_size, groups, args, device, started):
+    """mdra_loss forward + backward at batch x queue_size x groups, eager (with its Sinkhorn calls' share)
+    and compiled."""
+    def setup(compile):
+        g = torch.Generator(device=device).manual_seed(0)
+        q1, q2 = (torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g, requires_grad=True) for _ in range(2))
+        k1, k2 = (torch.randn(batch, mdra.EMBED_DIM, device=device, generator=g) for _ in range(2))
+        queue, loss_fn, out = mdra.init_queue(queue_size, groups, 0).to(device), compile(mdra.mdra_loss), {}
+
+        def call():
+            out["loss"] = loss_fn(q1, q2, k1, k2, queue, groups)
+            out["loss"].backward()
+        return call, lambda: dict(loss=[out["loss"]], grads=[q1.grad, q2.grad])
+
+    note = f"of which Sinkhorn {sinkhorn_ms(batch, queue_size, groups, args, device):.3g} ms"
+    measure_eager_and_compiled(report, "loss", f"mdra_loss fwd+bwd B{batch} N{queue_size} G{groups}", setup, args,
+                               device, started, eager_note=note, batch=batch)
+
+
+def queue_write(queue, ptr, k1, groups):
+    """mdra.micro_step's queue update (on one process)."""
+    return mdra.enqueue(queue, ptr, mdra.normalize_subspaces(k1.to(queue.dtype), groups).flatten(1))
+
+
+def measure_parts(report, args, device, started):
+    """The rest of a step that could be compiled, eager and compiled: the LARS step (gradients of the first
+    architecture's online network set), the EMA update of its offline one, and the queue update at the
+    step's size."""
+    arch, cuda = args.archs[0], device.type == "cuda"
+    margs = step_args(arch, StepConfig(False, cuda, cuda), args)  # mdra.py's defaults on the device
+
+    def noise(shapes):  # the same in each setup
+        g = torch.Generator(device=device).manual_seed(0)
+        return [torch.randn(shape, device=device, generator=g) for shape in shapes]
+
+    def lars(compile):
+        online, _, _, _, _ = mdra.networks(margs, one_process(device))
+        for p, grad in zip(online.parameters(), noise([p.shape for p in online.parameters()])):
+            p.grad = grad
+        optimizer = mdra.LARS(mdra.lars_param_groups(online, margs.weight_decay), lr=margs.lr, momentum=0.9)
+        return compile(optimizer.step), lambda: dict(parameters=list(online.parameters()))
+
+    def ema(compile):
+        online, offline, _, _, _ = mdra.networks(margs, one_process(device))
+        with torch.no_grad():  # the online network a step away from the offline one
+            torch._foreach_add_(list(online.parameters()), noise([p.shape for p in online.parameters()]), alpha=1e-2)
+        update = compile(mdra.ema_update)
+        return lambda: update(online, offline, margs.momentum), lambda: dict(offline=list(offline.parameters()))
+
+    def write(compile):
+        queue = mdra.init_queue(args.queue_size, args.groups, 0).to(device)
+        keys = noise([(args.batch_size, mdra.EMBED_DIM)])[0].to(torch.bfloat16 if cuda else queue.dtype)
+        update, ptr = compile(queue_write), [0]
+
+        def call():
+            ptr[0] = update(queue, ptr[0], keys, args.groups)
+        return call, lambda: dict(queue=[queue])
+
+    for case, setup in ((f"LARS step {arch}", lars), (f"EMA update {arch}", ema),
+                        (f"queue write B{args.batch_size} N{args.queue_size} G{args.groups}", write)):
+        measure_eager_and_compiled(report, "parts", case, setup, args, device, started)
 
 
 def measure_data(report, loaders, args, device):
@@ -618,13 +748,15 @@ def measure_paths(report, args, device, started):
 
     def run_order(entry):  # eager first, and the quick ones first
         _, (_, kind, _, name) = entry
-        return "--compile" in PATHS[name], kind != "host ops"
+        return compile_choice(PATHS[name]) != "none", kind != "host ops"
 
     with tempfile.TemporaryDirectory(prefix="mdra_bench_paths_") as tmp:
         for index, (group, kind, case, name) in sorted(enumerate(table), key=run_order):
-            what, ids, flags = f"{group} {name}", dict(group=group, path=name), PATHS[name]
+            flags = PATHS[name]
+            what, ids = f"{group} {name}", dict(group=group, path=name, compile=compile_choice(flags),
+                                                gpu_aug="--gpu-aug" in flags)
             left = args.time_limit - (time.perf_counter() - started)
-            if args.time_limit and left < (args.compile_allowance if "--compile" in flags else 0):
+            if args.time_limit and left < (args.compile_allowance if ids["compile"] != "none" else 0):
                 report.add("paths", what, **ids, note=f"skipped: {max(left, 0):.0f} s of --time-limit left")
                 continue
             out_dir = Path(tmp) / f"run{index}"
@@ -638,8 +770,7 @@ def measure_paths(report, args, device, started):
                     measure_path_run(report, what, ids, case, kind, flags, args, out_dir,
                                      left if args.time_limit else None, images)
             shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoint: hundreds of MB
-            if device.type == "cuda":  # (on the CPU the collector's pass costs more than it frees)
-                free_memory(device)
+            free_memory(device)
     order = [(group, name) for group, _, _, name in table]
     rows = sorted((row for row in report.rows if row["section"] == "paths"),
                   key=lambda row: order.index((row["group"], row["path"])))
@@ -804,14 +935,21 @@ def compare(rows, args):
     for row in rows:
         if "ms" not in row:  # failed or skipped
             continue
-        if row["section"] == "loss":
-            parts = []
-            for arch in args.archs:
+        if row["section"] in ("loss", "parts"):
+            eager = next((r for r in rows if (r["section"], r.get("case"), r.get("mode")) ==
+                          (row["section"], row["case"], "eager") and "ms" in r), None)
+            relations = []
+            if eager:  # the compiled speed-up
+                speedup = eager["ms"] / row["ms"]
+                relations.append(f"{speedup:.2f}x eager")
+                if row["mode"] == "compiled":
+                    row["speedup"] = speedup
+            for arch in args.archs if row["section"] == "loss" else ():
                 step = fastest(arch)
                 if step:  # a step at the loss's batch, at the fastest measured rate
-                    parts.append(f"{100 * row['ms'] / 1e3 * step['pairs_per_s'] / row['batch']:.1f}% of a "
-                                 f"{arch} {step['config']} step at B{row['batch']}")
-            row["vs"] = "; ".join(parts) or None
+                    relations.append(f"{100 * row['ms'] / 1e3 * step['pairs_per_s'] / row['batch']:.1f}% of a "
+                                     f"{arch} {step['config']} step at B{row['batch']}")
+            row["vs"] = "; ".join(relations) or None
         elif row["section"] == "data" and reference:
             ratio = reference["pairs_per_s"] / row["pairs_per_s"]
             bound = "the loader is the bottleneck" if ratio > 1 else "the step is the bottleneck"
@@ -830,7 +968,8 @@ class Report:
     """Rows logged as they are measured, then one table; the log, the rows (JSON lines) and the
     table also go under --out."""
 
-    COLUMNS = {"section": "section", "what": "what", "pairs/s": "pairs_per_s", "ms": "ms", "peak GB": "peak_gb",
+    COLUMNS = {"section": "section", "what": "what", "pairs/s": "pairs_per_s", "ms": "ms", "compile s": "compile_s",
+               "peak GB": "peak_gb",
                "GFLOP/pair": "gflop_per_pair", "TFLOPS": "tflops", "% bf16 peak": "pct_peak", "host ops": "host_ops", "vs": "vs",
                "note": "note"}
 
@@ -863,7 +1002,7 @@ class Report:
         return "\n".join(lines)
 
     def finish(self, header):
-        order = ("peak", "step", "loss", "data", "e2e", "paths")
+        order = ("peak", "step", "loss", "parts", "data", "e2e", "paths")
         self.rows.sort(key=lambda row: order.index(row["section"]))  # stable: measuring order within a section
         table = f"{header}\n\n{self.table()}\n"
         self.log("\n" + table)
@@ -911,11 +1050,12 @@ def main(argv=None):
                     loaders[name] = Loader(root, args, device, gpu_aug)
         if "data" in args.sections:
             measure_data(report, loaders, args, device)
-        if "loss" in args.sections:
-            for batch, queue in dict.fromkeys([(args.loss_batch, args.loss_queue), (args.batch_size, args.queue_size)]):
-                with failure_reported(report, "loss", f"mdra_loss B{batch} N{queue}"):
-                    measure_loss(report, batch, queue, args, device)
-                free_memory(device)
+        for batch, queue, groups in args.loss_cases if "loss" in args.sections else ():
+            with failure_reported(report, "loss", f"mdra_loss B{batch} N{queue} G{groups}"):
+                measure_loss(report, batch, queue, groups, args, device, started)
+            free_memory(device)
+        if "parts" in args.sections:
+            measure_parts(report, args, device, started)
         kept = None
         if {"step", "e2e"} & set(args.sections):
             kept = measure_steps(report, args, device, started)

@@ -7,15 +7,20 @@ On a machine with a GPU, from the repository root:
 runs, each part as its own process under its own time budget (stopped when it runs past it):
 - the device augmentation's tests on this machine's torch and torchvision (tests/test_gpu_aug.py), then
   the tests that need CUDA (tests/test_cuda.py, skipped on a CPU), in at most --tests-time seconds;
-- bench_train.py's paths section with its h100 preset: mdra.py on each of its paths (the views made on
-  the device, compiled, both) against the reference (eager, the CPU loader), end to end on Fashion-MNIST
-  and on synthetic images at three sizes, and the host operations per optimizer step, in what is left of
-  --time-limit, its own --time-limit (40 s less) skipping what would not fit: the compilations first.
+- bench_train.py with its h100 preset, in what is left of --time-limit, its own --time-limit (40 s less)
+  skipping what would not fit, the compilations first: its loss section (mdra_loss forward and backward,
+  eager against compiled, at B 64 and B 512 x N 65536 and at the small-data B 256 x N 4096, G 4), its
+  parts section (the LARS step, the EMA update and the queue write, eager against compiled) and its paths
+  section: mdra.py on each of its paths (each --compile choice, the views made on the device, both)
+  against the reference (eager, the CPU loader), end to end on Fashion-MNIST and on synthetic images at
+  three sizes, and the host operations per optimizer step.
 The file holds the environment, the tests' summary and the table, or how a part ended, and a verdict:
-each group's fastest path. Beside it: each part's output (tests.txt, paths.txt) and bench_train.py's
-folder, bench/ (its full log, results.jsonl, each run's log.jsonl).
+the compiled speed-up of the loss and of each part, each group's fastest path and fastest --compile
+choice. Beside it: each part's output (tests.txt, bench.txt) and bench_train.py's folder, bench/ (its
+full log, results.jsonl, each run's log.jsonl).
 
-    python benchmarks/device_check.py --toy    # the same on the CPU at toy sizes, in seconds
+    python benchmarks/device_check.py --toy    # the same on the CPU at toy sizes, in seconds (its time
+                                               # limit leaves the compilations out)
 
 is what tests/test_bench_train.py runs. Fashion-MNIST is read as mdra.py reads it: from --data-dir
 (default data/), else the system's copy; a machine without either gets a row saying so.
@@ -35,11 +40,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_gpu_aug.py", "tests/test_cuda.py"]  # the quick ones first: a run past its budget keeps them
-PATHS = ["--preset", "h100", "--sections", "paths"]
+BENCH = ["--preset", "h100", "--sections", "loss", "parts", "paths"]
 TOY_TESTS = ["tests/test_bench_train.py", "-k", "host_ops_counts"]
-TOY_PATHS = ["--preset", "cpu", "--sections", "paths", "--path-cases", "resnet10-w8:8:2:1", "--fmnist-case",
-             "resnet10-w8:8:2:1", "--host-ops-case", "resnet10-w8:8:2", "--host-ops-steps", "1", "--workers", "0",
-             "--hidden-dim", "32"]
+TOY_BENCH = ["--preset", "cpu", "--sections", "loss", "parts", "paths", "--loss-cases", "8:32", "--archs",
+             "resnet10-w8", "--path-cases", "resnet10-w8:8:2:1", "--fmnist-case", "resnet10-w8:8:2:1",
+             "--host-ops-case", "resnet10-w8:8:2", "--host-ops-steps", "1", "--workers", "0", "--hidden-dim", "32"]
 MARGIN_S = 40  # between bench_train.py's own --time-limit and its part's budget: its last row and table
 
 
@@ -72,23 +77,41 @@ def run_part(command, budget, log):
 
 
 def verdict(rows):
-    """The fastest path of each group of the paths rows (bench_train.py's results.jsonl), against the
-    reference, with the share of its time it waited for data: what the CUDA defaults are chosen from."""
-    rows = [row for row in rows if row.get("section") == "paths"]
+    """What the CUDA defaults are chosen from, out of bench_train.py's results.jsonl: the compiled speed-up of
+    the loss and of each part of the step; the fastest path of each group of the paths rows, against the
+    reference, with the share of its time it waited for data, and the fastest --compile choice (of the
+    paths that differ in nothing else: the CPU loader's)."""
     lines = []
+    for row in rows:
+        if row.get("section") not in ("loss", "parts") or row.get("mode") != "compiled":
+            continue
+        if "speedup" not in row:  # skipped or failed, or its eager row failed
+            lines.append(f"- {row['case']}: compiled: {row.get('note')}")
+            continue
+        match = {True: "matches eager", False: "DIFFERS from eager"}.get(row.get("matches_eager"), "not compared")
+        lines.append(f"- {row['case']}: compiled {row['speedup']:.2f}x eager, compile {row['compile_s']:.0f} s, "
+                     f"{match}")
+    rows = [row for row in rows if row.get("section") == "paths"]
     for group in dict.fromkeys(row["group"] for row in rows):
         key = "host_ops" if group.startswith("host ops") else "pairs_per_s"
         measured = {row["path"]: row for row in rows if row["group"] == group and key in row}
         if not measured:
             lines.append(f"- {group}: nothing measured")
             continue
-        best = (min if key == "host_ops" else max)(measured.values(), key=lambda row: row[key])
+        ops = key == "host_ops"
+        pick, best_word = (min, "fewest operations") if ops else (max, "fastest")
+        best = pick(measured.values(), key=lambda row: row[key])
         reference = measured.get("reference")
-        lines.append(f"- {group}: {'fewest operations' if key == 'host_ops' else 'fastest'}: {best['path']}, "
-                     f"{best[key]:.4g} {'per step' if key == 'host_ops' else 'pairs/s'}, "
-                     + (f"{best[key] / reference[key]:.2f}x the reference" if reference else "no reference measured")
-                     + (f", waited for data {100 * best['data_wait']:.0f}%" if "data_wait" in best else ""))
-    return lines or ["- no path measured"]
+        line = (f"- {group}: {best_word}: {best['path']}, {best[key]:.4g} {'per step' if ops else 'pairs/s'}, "
+                + (f"{best[key] / reference[key]:.2f}x the reference" if reference else "no reference measured")
+                + (f", waited for data {100 * best['data_wait']:.0f}%" if "data_wait" in best else ""))
+        choices = [row for row in measured.values() if not row.get("gpu_aug")]
+        if len(choices) > 1:
+            choice = pick(choices, key=lambda row: row[key])
+            line += (f"; {best_word} --compile: {choice['compile']}"
+                     + (f", {choice[key] / reference[key]:.2f}x the reference" if reference else ""))
+        lines.append(line)
+    return lines or ["- nothing measured"]
 
 
 def tail(path, lines):
@@ -112,7 +135,7 @@ def main(argv=None):
     out = Path(args.out).resolve()  # the parts run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     tests = args.tests or (TOY_TESTS if args.toy else TESTS)
-    bench = (TOY_PATHS if args.toy else PATHS) + ["--out", str(out / "bench")]
+    bench = (TOY_BENCH if args.toy else BENCH) + ["--out", str(out / "bench")]
     bench += ["--data-dir", args.data_dir] if args.data_dir else []
     shutil.rmtree(out / "bench", ignore_errors=True)  # no table of an earlier call passes for this one's
     started = time.perf_counter()
@@ -126,11 +149,11 @@ def main(argv=None):
 
     budget = max(round(total - (time.perf_counter() - started)), MARGIN_S + 1)
     command = [sys.executable, "benchmarks/bench_train.py", *bench, "--time-limit", str(budget - MARGIN_S)]
-    ended = run_part(command, budget, out / "paths.txt")
-    lines += ["", "## Paths", "", f"`{shlex.join(command[1:])}`: {ended}", ""]
+    ended = run_part(command, budget, out / "bench.txt")
+    lines += ["", "## Loss, parts and paths", "", f"`{shlex.join(command[1:])}`: {ended}", ""]
     table = out / "bench" / "table.md"
     lines += [table.read_text().strip()] if table.exists() else ["no table; the end of its output:", "", "```",
-                                                                  tail(out / "paths.txt", 40), "```"]
+                                                                  tail(out / "bench.txt", 40), "```"]
     results = out / "bench" / "results.jsonl"
     if results.exists():
         lines += ["", "## Verdict", ""] + verdict([json.loads(line) for line in results.read_text().splitlines()])

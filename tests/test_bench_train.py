@@ -50,17 +50,28 @@ def results(out):
 
 def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, tmp_path):
     bench_train.main([*TINY, "--configs", "eager-fp32-nchw", "eager-bf16-nchw", "--e2e-config", "eager-fp32-cl",
-                      "--repeats", "2", "--data", "synthetic:32", "--workers", "0", "--gpu-aug", "--loss-batch", "16",
-                      "--loss-queue", "64", "--e2e-steps", "3", "--out", str(tmp_path)])
+                      "--repeats", "2", "--data", "synthetic:32", "--workers", "0", "--gpu-aug", "--e2e-steps", "3",
+                      "--loss-cases", "16:64", "--compile-backend", "aot_eager", "--out", str(tmp_path)])
     rows = results(tmp_path)
     # The e2e rows' configuration is measured as their reference, although not among --configs.
-    assert [row["section"] for row in rows] == ["step"] * 3 + ["loss"] * 2 + ["data"] * 2 + ["e2e"] * 2
+    assert [row["section"] for row in rows] == (["step"] * 3 + ["loss"] * 2 + ["parts"] * 6 + ["data"] * 2
+                                                + ["e2e"] * 2)
     assert all(row["pairs_per_s"] > 0 for row in rows if "pairs_per_s" in row)
     assert all(row["vs"] for row in rows)
     assert rows[0]["vs"] == "1.00x eager-fp32-nchw" and rows[0]["gflop_per_pair"] > 0
     assert rows[1]["config"] == "eager-bf16-nchw" and rows[1]["vs"].endswith("x eager-fp32-nchw")
-    assert [row["what"] for row in rows[5:7]] == ["loader cpu-aug, 0 workers, 16px b8",
-                                                  "loader gpu-aug, held on the device, 16px b8"]
+    # Each loss case and part of the step eager, then compiled against it: speed-up, compile time, same results.
+    cases = ["mdra_loss fwd+bwd B16 N64 G4", "LARS step resnet10-w8", "EMA update resnet10-w8", "queue write B8 N32 G4"]
+    assert [(row["case"], row["mode"]) for row in rows[3:11]] == [(case, mode) for case in cases
+                                                                  for mode in ("eager", "compiled")]
+    for eager, compiled in zip(rows[3:11:2], rows[4:11:2]):
+        assert eager["vs"].startswith("1.00x eager") and "compile_s" not in eager
+        assert compiled["vs"].startswith(f"{eager['ms'] / compiled['ms']:.2f}x eager") and compiled["compile_s"] > 0
+        assert compiled["matches_eager"] and all(diff < 1e-5 for diff in compiled["max_abs_diff"].values())
+    assert list(rows[4]["max_abs_diff"]) == ["loss", "grads"] and "of which Sinkhorn" in rows[3]["note"]
+    assert "% of a resnet10-w8 eager-" in rows[4]["vs"]  # the loss as a share of a step at its batch
+    assert [row["what"] for row in rows[11:13]] == ["loader cpu-aug, 0 workers, 16px b8",
+                                                    "loader gpu-aug, held on the device, 16px b8"]
     assert "| step | resnet10-w8 16px b8 eager-fp32-cl |" in (tmp_path / "table.md").read_text()
     assert "generated" not in (tmp_path / "log.txt").read_text()  # mdra.py's synthetic images, no JPEGs written
     for row in rows[-2:]:  # two windows of 3 steps after the 1 micro-batch a worker-less loader prefetches: 7 of 4
@@ -69,6 +80,19 @@ def test_every_section_is_measured_and_compared_with_its_baseline(bench_train, t
         assert 0 <= row["data_wait"] < 1
         assert len(row["window_rates"]) == 2 and row["pairs_per_s"] == statistics.median(row["window_rates"])
         assert "(windows " in row["vs"]
+
+
+def test_a_compiled_result_matches_eager_only_to_float_rounding_of_its_largest_magnitude(bench_train):
+    expected = {"loss": [torch.tensor(2.0)], "grads": [torch.tensor([1e-3, -1e-5]), torch.tensor([-4e-3, 0.0])]}
+
+    def off_by(loss, grads):
+        return {"loss": [expected["loss"][0] + loss], "grads": [expected["grads"][0] + grads, expected["grads"][1]]}
+
+    assert bench_train.differences(expected, expected) == ({"loss": 0.0, "grads": 0.0}, True)
+    diffs, matches = bench_train.differences(off_by(1e-4, 1e-8), expected)  # within 1e-4 of 2 and of 4e-3
+    assert diffs == {"loss": pytest.approx(1e-4, rel=0.1), "grads": pytest.approx(1e-8, rel=0.1)} and matches
+    assert not bench_train.differences(off_by(0.0, 1e-6), expected)[1]
+    assert not bench_train.differences(off_by(1e-3, 0.0), expected)[1]
 
 
 def test_steady_rates_leave_out_the_skipped_calls_and_time_each_window(bench_train):
@@ -115,11 +139,13 @@ def test_a_malformed_configuration_is_one_clear_error(bench_train, config):
 
 def test_a_failing_measurement_becomes_a_row_and_the_run_goes_on(bench_train, tmp_path):
     bench_train.main([*TINY, "--configs", "eager-fp32-nchw", "compiled-fp32-nchw", "--compile-backend", "no_such_backend",
-                      "--repeats", "1", "--sections", "step", "loss", "--loss-batch", "8", "--loss-queue", "32",
+                      "--repeats", "1", "--sections", "step", "loss", "--loss-cases", "8:32", "8:64",
                       "--out", str(tmp_path)])
     rows = results(tmp_path)
     assert rows[1]["what"] == "resnet10-w8 16px b8 compiled-fp32-nchw" and rows[1]["note"].startswith("failed: ")
-    assert rows[2]["section"] == "loss" and rows[2]["ms"] > 0
+    assert [(row["section"], row["mode"], "ms" in row) for row in rows[2:]] == [("loss", "eager", True),
+                                                                                ("loss", "compiled", False)] * 2
+    assert rows[3]["note"].startswith("failed: ")
 
 
 def test_a_loaders_workers_stop_when_its_row_is_measured(bench_train):
@@ -141,7 +167,9 @@ def test_a_loaders_workers_stop_when_its_row_is_measured(bench_train):
                                            (["--gpu-aug"], "--gpu-aug makes the views of an in-memory data set"),
                                            (["--path-cases", "resnet18:28"], "is not ARCH:PX:PAIRS[:STEPS]"),
                                            (["--host-ops-case", "resnet18:4:8"], "4 px is below 8"),
-                                           (["--path-cases", "resnet18:28:3000"], "is not a multiple of 3000 pairs")])
+                                           (["--path-cases", "resnet18:28:3000"], "is not a multiple of 3000 pairs"),
+                                           (["--loss-cases", "512"], "loss case '512' is not B:N[:G]"),
+                                           (["--loss-cases", "512:4096:3"], "G dividing 256")])
 def test_sizes_that_cannot_work_are_refused_before_anything_runs(bench_train, argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_train.parse_args(argv)
@@ -160,7 +188,10 @@ def test_every_path_is_selected_by_mdra_pys_own_flags(bench_train):
     assert list(bench_train.PATHS)[0] == "reference"
     chosen = {name: mdra.get_parser().parse_args(flags) for name, flags in bench_train.PATHS.items()}
     assert {name: (args.gpu_aug, args.compile) for name, args in chosen.items()} == {
-        "reference": (False, False), "device-data": (True, False), "compiled": (False, True), "all": (True, True)}
+        "reference": (False, "none"), "compiled-loss": (False, "loss"), "compiled-networks": (False, "networks"),
+        "compiled-all": (False, "all"), "device-data": (True, "none"), "all": (True, "all")}
+    assert {name: bench_train.compile_choice(flags) for name, flags in bench_train.PATHS.items()} == {
+        name: args.compile for name, args in chosen.items()}
 
 
 def test_a_runs_steady_rate_leaves_out_its_first_window_and_weighs_the_wait_by_time(bench_train):
@@ -207,7 +238,9 @@ def test_the_device_check_writes_each_part_and_a_row_per_path_to_one_file(bench_
                     "--tests", str(tmp_path / "test_ok.py")], cwd=REPO, check=True, timeout=240)
     text = (out / "device_check.md").read_text()
     assert " | GPU: " in text.splitlines()[2]  # the environment, then each part in its place
-    assert text.index("## Tests") < text.index("1 passed") < text.index("## Paths") < text.index("| paths | ")
+    assert (text.index("## Tests") < text.index("1 passed") < text.index("## Loss, parts and paths")
+            < text.index("| loss | mdra_loss fwd+bwd B8 N32 G4 eager |") < text.index("| parts | ")
+            < text.index("| paths | "))
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| paths | ")}
     paths = bench_train.PRESETS["cpu"]["paths"]
     assert paths == ["reference", "device-data"]  # the CPU preset leaves the compilations out
@@ -217,29 +250,54 @@ def test_the_device_check_writes_each_part_and_a_row_per_path_to_one_file(bench_
         assert "x reference |" in row, row
     assert "1.00x reference" in rows["synthetic resnet10-w8 8px b2 reference"]
     assert "s per epoch of 8 images at that rate" in rows["fashion-mnist resnet10-w8 8px b2 reference"]
-    verdict = text[text.index("## Verdict"):].splitlines()
-    assert [line.split(":")[0] for line in verdict if line.startswith("- ")] == [f"- {group}" for group in groups]
-    assert {path.name for path in out.iterdir()} == {"device_check.md", "tests.txt", "paths.txt", "bench"}
+    verdict = [line for line in text[text.index("## Verdict"):].splitlines() if line.startswith("- ")]
+    # Under the toy's time limit the compilations are the ones skipped, and the verdict says so.
+    parts = ["mdra_loss fwd+bwd B8 N32 G4", "LARS step resnet10-w8", "EMA update resnet10-w8",
+             "queue write B16 N4096 G4"]
+    assert [line.partition(": compiled: skipped: ")[0] for line in verdict[:4]] == [f"- {part}" for part in parts]
+    assert [line.split(":")[0] for line in verdict[4:]] == [f"- {group}" for group in groups]
+    assert {path.name for path in out.iterdir()} == {"device_check.md", "tests.txt", "bench.txt", "bench"}
     assert {"results.jsonl", "table.md", "log.txt"} <= {path.name for path in (out / "bench").iterdir()}
     assert len(list((out / "bench" / "paths").glob("*/log.jsonl"))) == 4  # each mdra.py run's own record
 
 
-def test_the_device_checks_verdict_names_each_groups_fastest_path_against_the_reference(device_check):
-    def row(group, path, **values):
-        return {"section": "paths", "group": group, "path": path, **values}
+def test_the_device_check_measures_the_loss_at_the_three_sizes_and_the_parts_with_mdra_pys_paths(bench_train,
+                                                                                                  device_check):
+    args = bench_train.parse_args([*device_check.BENCH, "--device", "cpu"])  # the h100 preset, parsed without a GPU
+    assert args.sections == ["loss", "parts", "paths"] and args.paths == list(bench_train.PATHS)
+    assert args.loss_cases == [(64, 65536, 4), (512, 65536, 4), (256, 4096, 4)]
 
+
+def test_the_device_checks_verdict_names_the_compiled_speed_ups_and_each_groups_fastest_path_and_compile_choice(
+        bench_train, device_check):
+    def row(group, path, **values):
+        flags = bench_train.PATHS[path]
+        return {"section": "paths", "group": group, "path": path, "compile": bench_train.compile_choice(flags),
+                "gpu_aug": "--gpu-aug" in flags, **values}
+
+    loss, lars = "mdra_loss fwd+bwd B512 N65536 G4", "LARS step resnet50"
     fmnist, r50, ops = "fashion-mnist resnet18 28px b256", "synthetic resnet50 96px b128", "host ops resnet18 28px b256"
-    rows = [row(fmnist, "reference", pairs_per_s=8000.0, data_wait=0.0, s_per_epoch=7.5),
+    rows = [{"section": "loss", "case": loss, "mode": "eager", "ms": 30.0},
+            {"section": "loss", "case": loss, "mode": "compiled", "ms": 10.0, "speedup": 3.0, "compile_s": 41.3,
+             "matches_eager": True},
+            {"section": "parts", "case": lars, "mode": "compiled", "note": "skipped: 10 s of --time-limit left"},
+            row(fmnist, "reference", pairs_per_s=8000.0, data_wait=0.0, s_per_epoch=7.5),
+            row(fmnist, "compiled-loss", pairs_per_s=9000.0, data_wait=0.0),
+            row(fmnist, "compiled-networks", pairs_per_s=8800.0, data_wait=0.0),
             row(fmnist, "all", pairs_per_s=25000.0, data_wait=0.06, s_per_epoch=2.4),
             row(r50, "reference", note="failed: OutOfMemoryError"), row(r50, "device-data", pairs_per_s=1400.0),
-            row(r50, "compiled", note="skipped: 10 s of --time-limit left"),
-            row(ops, "reference", host_ops=4742), row(ops, "compiled", host_ops=40), {"section": "step"}]
+            row(r50, "compiled-all", note="skipped: 10 s of --time-limit left"),
+            row(ops, "reference", host_ops=4742), row(ops, "compiled-networks", host_ops=40), {"section": "step"}]
     assert device_check.verdict(rows) == [
-        "- fashion-mnist resnet18 28px b256: fastest: all, 2.5e+04 pairs/s, 3.12x the reference, waited for data 6%",
+        "- mdra_loss fwd+bwd B512 N65536 G4: compiled 3.00x eager, compile 41 s, matches eager",
+        "- LARS step resnet50: compiled: skipped: 10 s of --time-limit left",
+        "- fashion-mnist resnet18 28px b256: fastest: all, 2.5e+04 pairs/s, 3.12x the reference, waited for data 6%; "
+        "fastest --compile: loss, 1.12x the reference",
         "- synthetic resnet50 96px b128: fastest: device-data, 1400 pairs/s, no reference measured",
-        "- host ops resnet18 28px b256: fewest operations: compiled, 40 per step, 0.01x the reference"]
-    assert device_check.verdict([row(r50, "compiled", note="skipped")]) == [f"- {r50}: nothing measured"]
-    assert device_check.verdict([]) == ["- no path measured"]
+        "- host ops resnet18 28px b256: fewest operations: compiled-networks, 40 per step, 0.01x the reference; "
+        "fewest operations --compile: networks, 0.01x the reference"]
+    assert device_check.verdict([row(r50, "compiled-all", note="skipped")]) == [f"- {r50}: nothing measured"]
+    assert device_check.verdict([]) == ["- nothing measured"]
 
 
 def test_a_run_in_its_own_process_as_on_cuda_gives_the_records_of_one_in_this_process(bench_train, tmp_path):
