@@ -583,7 +583,7 @@ def test_the_classifier_and_its_exports_refuse_images_that_are_not_float32_rgb_b
 
 def test_the_readmes_loading_snippet_classifies_an_image_file_as_predict_does(classifier, exported, tmp_path,
                                                                             monkeypatch, capsys):
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "finetuning.md").read_text()  # the snippet the README points to
     snippet, = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "classifier.json" in block]
     g = np.random.default_rng(0)
     Image.fromarray(g.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.png")  # resized and cropped
