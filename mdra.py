@@ -122,9 +122,7 @@ def effective_rank(z):
 BASIC_BLOCK_LAYOUTS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 
 
-def resnet_names():
-    return sorted(n for n in torchvision.models.list_models(module=torchvision.models)
-                  if "resnet" in n or "resnext" in n)
+RESNETS = sorted(n for n in torchvision.models.list_models(module=torchvision.models) if "resnet" in n or "resnext" in n)
 
 
 class NarrowResNet(torchvision.models.ResNet):
@@ -148,12 +146,12 @@ class NarrowResNet(torchvision.models.ResNet):
 def build_backbone(arch, small_stem):
     """A torchvision ResNet (or a NarrowResNet) without its fc; returns (module, feature width)."""
     name, _, width = arch.partition("-w")
-    if arch in resnet_names():
+    if arch in RESNETS:
         net = torchvision.models.get_model(arch, weights=None)
     elif name in BASIC_BLOCK_LAYOUTS and width.isdigit() and 1 <= int(width) <= 1024:
         net = NarrowResNet(BASIC_BLOCK_LAYOUTS[name], int(width))
     else:
-        raise UsageError(f"--arch {arch} is not a torchvision ResNet ({', '.join(resnet_names())}) nor one of "
+        raise UsageError(f"--arch {arch} is not a torchvision ResNet ({', '.join(RESNETS)}) nor one of "
                          f"{', '.join(BASIC_BLOCK_LAYOUTS)} with a width, e.g. resnet10-w16.")
     if small_stem:  # 3x3 stride-1 first conv and no max-pool keep small images from shrinking to 1 px
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
@@ -164,9 +162,8 @@ def build_backbone(arch, small_stem):
 
 
 def min_img_size(small_stem):
-    """The smallest crop a backbone processes meaningfully: one that its last stage still sees as one
-    pixel of its own, not one made of padding. layer2, layer3 and layer4 each halve the resolution
-    (8x, all the small stem does); the ImageNet stem's stride-2 conv and max-pool add 4x (32x)."""
+    """The smallest crop whose last stage still sees a pixel of its own, not padding: layer2, layer3 and
+    layer4 each halve the resolution (8x, all the small stem does); the ImageNet stem adds 4x (32x)."""
     return 8 if small_stem else 32
 
 
@@ -244,9 +241,8 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=1e-3):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                        trust_coefficient=trust_coefficient, lars_exclude=False)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -344,9 +340,8 @@ def view_transform(view):
 # ------------------------------------------------------------------------------------------------
 
 class TwoViews(Dataset):
-    """Pretraining samples: indexed by (epoch, index), each seeds its own augmentation, so the views
-    depend only on (seed, epoch, index): not on workers, ranks, or whether the run was resumed.
-    Yields (v1, v2, the number of unreadable files passed over, their "path: why" lines)."""
+    """Pretraining samples (v1, v2, the number of unreadable files passed over, their "path: why" lines),
+    keyed by (epoch, index), which seeds the views: not workers, ranks, or whether the run was resumed."""
 
     def __init__(self, images, view1, view2, seed):
         self.images, self.view1, self.view2, self.seed = images, view1, view2, seed
@@ -379,11 +374,10 @@ def pretrain_loader(images, info, args, env, num_batches):
 # Training
 # ------------------------------------------------------------------------------------------------
 
-# What a resumed run may change besides the shared runtime.RUN_FLAGS: how often it keeps copies and runs
-# the kNN monitor. The rest (the method, the data, the schedule, the seed) must be the interrupted run's.
+# What a resumed run may change besides runtime.RUN_FLAGS; the method, data, schedule and seed are the run's.
 RESUME_MAY_CHANGE = runtime.RUN_FLAGS + ("keep_every", "knn_every", "knn_subset")
-# Settings of earlier versions: a checkpoint made with another value than these trained another way.
-RETIRED_SETTINGS = {"offline_view": "same"}
+RETIRED_SETTINGS = {"offline_view": "same"}  # of earlier versions: another value than these trained another way
+
 
 def micro_step(online, offline, queue, queue_ptr, v1, v2, args, autocast, scaler, sync_grads=True, loss_fn=None):
     """One micro-batch: both branches, the loss (mdra_loss, or loss_fn: it compiled), its backward (scaled for
@@ -593,11 +587,7 @@ def closing_lines(records, rank_max, ckpt_path, device, bank=0):
     if n == 0:
         return [f"{len(steps)} log point(s), too few to compare the start with the end: log more often (--log-every)."]
     first, last = steps[:n], steps[-n:]
-
-    def mean(part, key):
-        return sum(r[key] for r in part) / n
-
-    loss, rank = (mean(first, "loss"), mean(last, "loss")), (mean(first, "rankme"), mean(last, "rankme"))
+    loss, rank = ([sum(r[key] for r in part) / n for part in (first, last)] for key in ("loss", "rankme"))
     lines = [f"steps {first[0]['step']}-{first[-1]['step']} against {last[0]['step']}-{last[-1]['step']} "
              f"(means of {n} log points): loss {loss[0]:.4f} -> {loss[1]:.4f}, "
              f"RankMe {rank[0]:.1f} -> {rank[1]:.1f} of {rank_max}",
@@ -624,9 +614,6 @@ def closing_lines(records, rank_max, ckpt_path, device, bank=0):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-IMG_SIZE_MINIMUM = "At least 8 px (32 with the ImageNet stem), the factor by which the network downsamples."
-
-
 def crop_size(text):
     """argparse type of --img-size: at least the small stem's minimum; the ImageNet stem's is checked
     once the stem is known (require_img_size)."""
@@ -648,7 +635,8 @@ def add_network_flags(parser, from_checkpoint=False):
     parser.add_argument("--img-size", type=crop_size, default=None,
                         help=f"crop size; default: {theirs}the data set's native size (224 for an ImageFolder). Small "
                              "data sets and crops up to 64 px get the small stem (a 3x3 stride-1 first conv, no "
-                             "max-pool). " + IMG_SIZE_MINIMUM)
+                             "max-pool). At least 8 px (32 with the ImageNet stem), the factor by which the network "
+                             "downsamples.")
 
 
 def get_parser():

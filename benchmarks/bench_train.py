@@ -118,7 +118,7 @@ def get_parser():
     a("--archs", nargs="+", help="mdra.py --arch names; the first one is the reference of the data and e2e rows "
                                  "and the network of the parts rows (the loss rows are related to each)")
     a("--img-size", type=mdra.crop_size,
-      help="crop size (a small stem at <= 64 px, as in mdra.py for an ImageFolder). " + mdra.IMG_SIZE_MINIMUM)
+      help="crop size (a small stem at <= 64 px, as in mdra.py for an ImageFolder); at least 8 px")
     a("--batch-size", type=int, help="micro-batch of one GPU (the ImageNet recipe: 512 over 8 GPUs = 64)")
     a("--accum-steps", type=int, default=1, help="micro-batches per timed optimizer step")
     a("--queue-size", type=int, help="N of the step's loss and of the parts' queue write")
