@@ -418,12 +418,6 @@ def logged_records(path):
     return records
 
 
-def logged_steps(path):
-    """The step records (logged_records without an event) in step order, the last of each step."""
-    steps = {record["step"]: record for record in logged_records(path) if "event" not in record}
-    return [steps[step] for step in sorted(steps)]
-
-
 def git_sha():
     """The commit of this code, "-dirty" added when tracked files differ from it; "unknown" outside git."""
     try:

@@ -63,7 +63,7 @@ def accuracy(folder):
 
 
 def read_log(path):
-    """The records of a log.jsonl behind the weights its run ended with, as runtime.logged_steps keeps them: a
+    """The records of a log.jsonl behind the weights its run ended with, as runtime.logged_records keeps them: a
     start record names the step its run began at, so a fresh run (step 0) drops what an earlier one left
     in the folder and a resumed one what was logged after its checkpoint; a line cut short when a run was
     killed is skipped."""
